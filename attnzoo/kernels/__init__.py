@@ -1,0 +1,30 @@
+"""Fused attention kernels with NATTEN-shaped functional APIs.
+
+Public ops (each an autograd.Function with a fused Triton forward and backward on CUDA, a vectorised
+PyTorch path on the CPU, and a FlexAttention path for comparison; see :func:`set_backend`):
+
+- :func:`na1d`, :func:`na2d`, :func:`na3d`: neighborhood attention (NAT/DiNAT), NATTEN semantics.
+- :func:`routed_attention`: BiFormer's bi-level routing attention (token-to-token stage).
+- :func:`halo_attention`: HaloNet's blocked local attention, timm ``HaloAttn`` semantics.
+
+Importing this package imports neither triton nor FlexAttention; they load on first use.
+"""
+
+from __future__ import annotations
+
+from ._backend import BACKENDS, get_backend_override, resolve_backend, set_backend, use_backend
+from ._checks import list_checks, register_check
+
+__all__ = [
+    "BACKENDS",
+    "get_backend_override",
+    "list_checks",
+    "register_check",
+    "resolve_backend",
+    "set_backend",
+    "use_backend",
+]
+
+# --- neighborhood attention (na.py) ---
+# --- routed attention (routed.py) ---
+# --- halo attention (halo.py) ---

@@ -1,0 +1,1 @@
+"""attnzoo.mitigation"""

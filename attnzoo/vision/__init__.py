@@ -1,0 +1,16 @@
+"""timm-registered vision backbones. Importing this package registers every model with timm.
+
+Each architecture family lives in its own module (timm's layout: blocks, stages, model, default cfgs,
+``checkpoint_filter_fn``, ``@register_model`` functions at the bottom).
+"""
+
+from __future__ import annotations
+
+from ._registry import list_models, register_model
+
+__all__ = ["list_models", "register_model"]
+
+# Model families (each import registers its models with timm):
+# --- nat.py (NAT, DiNAT) ---
+# --- biformer.py ---
+# --- agent attention, ela, pyramid tnt, halonet ---
