@@ -26,5 +26,8 @@ __all__ = [
 ]
 
 # --- neighborhood attention (na.py) ---
+from .na import na1d, na2d, na3d  # noqa: E402
+
+__all__ += ["na1d", "na2d", "na3d"]
 # --- routed attention (routed.py) ---
 # --- halo attention (halo.py) ---

@@ -1,0 +1,250 @@
+"""Neighborhood attention (NAT / DiNAT): ``na1d``, ``na2d``, ``na3d`` with NATTEN's functional API.
+
+Semantics are NATTEN's (https://natten.org): every query attends to the ``prod(kernel_size)`` keys of its
+window; windows are shifted inside the map at borders (never zero-padded); ``dilation`` splits each axis
+into interleaved sub-grids; ``stride`` makes groups of queries share one window; ``is_causal`` (per axis)
+keeps keys at or before the query. On top of NATTEN's current API we keep NAT/DiNAT's relative positional
+bias ``rpb`` (old NATTEN semantics), fused into the kernels with its gradient.
+
+Backends (see :func:`attnzoo.kernels.set_backend`): fused Triton kernels on CUDA, a vectorised PyTorch
+gather on the CPU, FlexAttention with a block mask for comparison.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ._backend import resolve_backend
+from ._checks import register_check
+
+__all__ = ["na1d", "na2d", "na3d"]
+
+_AXIS_ARG = int | Sequence[int]
+_CAUSAL_ARG = bool | Sequence[bool]
+
+
+def _per_axis_ints(name: str, value, na_dim: int, minimum: int) -> tuple[int, ...]:
+    """Normalise an int-or-tuple argument to a tuple of ``na_dim`` ints >= ``minimum``."""
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * na_dim
+    if len(values) != na_dim or not all(isinstance(x, int) and not isinstance(x, bool) for x in values):
+        raise ValueError(f"{name} must be an int or a tuple of {na_dim} ints, got {value!r}")
+    for axis, x in enumerate(values):
+        if x < minimum:
+            raise ValueError(f"{name} must be >= {minimum} on every axis, got {x} on axis {axis}")
+    return values
+
+
+def _per_axis_bools(value, na_dim: int) -> tuple[bool, ...]:
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * na_dim
+    if len(values) != na_dim or not all(isinstance(x, bool) for x in values):
+        raise ValueError(f"is_causal must be a bool or a tuple of {na_dim} bools, got {value!r}")
+    return values
+
+
+def _validate(na_dim: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size, stride, dilation,
+              is_causal, scale, rpb, additional_keys, additional_values):
+    """Check every argument the way NATTEN does; return the normalised per-axis tuples and the scale."""
+    fn = f"na{na_dim}d"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != na_dim + 3:
+            raise ValueError(f"{fn}: {name} must be {na_dim + 3}-D (batch, {na_dim} spatial axes, heads, head_dim), "
+                             f"got shape {tuple(t.shape)}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{fn}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"{fn}: q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.dtype.is_floating_point:
+        raise ValueError(f"{fn}: q, k, v must be floating point, got {q.dtype}")
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(f"{fn}: q, k, v batch sizes differ: {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
+    spatial = tuple(q.shape[1:1 + na_dim])
+    for name, t in (("k", k), ("v", v)):
+        if tuple(t.shape[1:1 + na_dim]) != spatial:
+            raise ValueError(f"{fn}: {name} spatial shape {tuple(t.shape[1:1 + na_dim])} != q's {spatial}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"{fn}: q and k head_dim differ: {q.shape[-1]} != {k.shape[-1]}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"{fn}: k and v must have the same number of heads, got {k.shape[-2]} and {v.shape[-2]}")
+    heads, kv_heads = q.shape[-2], k.shape[-2]
+    if heads % kv_heads != 0:
+        raise ValueError(f"{fn}: kv heads ({kv_heads}) must divide q heads ({heads}) for GQA/MQA")
+
+    kernel_size = _per_axis_ints("kernel_size", kernel_size, na_dim, 2)
+    stride = _per_axis_ints("stride", stride, na_dim, 1)
+    dilation = _per_axis_ints("dilation", dilation, na_dim, 1)
+    is_causal = _per_axis_bools(is_causal, na_dim)
+    for axis in range(na_dim):
+        ks, d, s, length = kernel_size[axis], dilation[axis], stride[axis], spatial[axis]
+        if ks * d > length:
+            raise ValueError(f"{fn}: kernel_size {ks} * dilation {d} = {ks * d} > feature map size {length} "
+                             f"on axis {axis} (spatial shape {spatial}); use a smaller kernel_size or dilation")
+        if s > ks:
+            raise ValueError(f"{fn}: stride {s} > kernel_size {ks} on axis {axis}; stride must not exceed the "
+                             "kernel size")
+
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise ValueError(f"{fn}: scale must be a float or None, got {scale!r}")
+
+    if rpb is not None:
+        expected = (heads, *(2 * ks - 1 for ks in kernel_size))
+        if not isinstance(rpb, torch.Tensor) or tuple(rpb.shape) != expected:
+            got = tuple(rpb.shape) if isinstance(rpb, torch.Tensor) else type(rpb).__name__
+            raise ValueError(f"{fn}: rpb must have shape (heads, 2*kernel_size-1 per axis) = {expected}, got {got}")
+        if any(is_causal):
+            raise ValueError(f"{fn}: rpb cannot be combined with causal masking (is_causal={is_causal}); "
+                             "NAT/DiNAT's relative positional bias is defined for full windows only")
+        if rpb.device != q.device or not rpb.dtype.is_floating_point:
+            raise ValueError(f"{fn}: rpb must be a floating tensor on {q.device}, got {rpb.dtype} on {rpb.device}")
+
+    if (additional_keys is None) != (additional_values is None):
+        raise ValueError(f"{fn}: pass additional_keys and additional_values together (or neither)")
+    if additional_keys is not None:
+        ak, av = additional_keys, additional_values
+        for name, t, dim in (("additional_keys", ak, k.shape[-1]), ("additional_values", av, v.shape[-1])):
+            if t.dim() != 4 or t.shape[0] != q.shape[0] or t.shape[2] != kv_heads or t.shape[3] != dim:
+                raise ValueError(f"{fn}: {name} must have shape (batch={q.shape[0]}, n_extra, kv_heads={kv_heads}, "
+                                 f"head_dim={dim}), got {tuple(t.shape)}")
+            if t.device != q.device or t.dtype != q.dtype:
+                raise ValueError(f"{fn}: {name} must be {q.dtype} on {q.device}, got {t.dtype} on {t.device}")
+        if ak.shape[1] != av.shape[1]:
+            raise ValueError(f"{fn}: additional_keys and additional_values token counts differ: "
+                             f"{ak.shape[1]} != {av.shape[1]}")
+        if ak.shape[1] == 0:
+            raise ValueError(f"{fn}: additional_keys has no tokens; pass None instead")
+    return kernel_size, stride, dilation, is_causal, float(scale)
+
+
+class _NATriton(torch.autograd.Function):
+    """Fused Triton forward and backward; saves only the output and the logsumexp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, rpb, additional_keys, additional_values, kernel_size, stride, dilation, is_causal,
+                scale):
+        from . import _na_triton
+
+        out, lse = _na_triton.na_forward(q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb,
+                                         additional_keys, additional_values)
+        ctx.save_for_backward(q, k, v, rpb, additional_keys, additional_values, out, lse)
+        ctx.args = (kernel_size, stride, dilation, is_causal, scale)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        from . import _na_triton
+
+        q, k, v, rpb, additional_keys, additional_values, out, lse = ctx.saved_tensors
+        grads = _na_triton.na_backward(grad_out, q, k, v, out, lse, *ctx.args, rpb, additional_keys,
+                                       additional_values, need_rpb_grad=ctx.needs_input_grad[3])
+        dq, dk, dv, drpb, dak, dav = grads
+        return dq, dk, dv, drpb, dak, dav, None, None, None, None, None
+
+
+def _na(na_dim: int, q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb, additional_keys,
+        additional_values, return_lse):
+    kernel_size, stride, dilation, is_causal, scale = _validate(
+        na_dim, q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb, additional_keys, additional_values)
+    backend = resolve_backend(q.device, f"na{na_dim}d")
+    if backend == "triton":
+        out, lse = _NATriton.apply(q, k, v, rpb, additional_keys, additional_values, kernel_size, stride, dilation,
+                                   is_causal, scale)
+    elif backend == "flex":
+        from ._na_flex import na_flex
+
+        out, lse = na_flex(q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb, additional_keys,
+                           additional_values)
+    else:
+        from ._na_torch import na_torch
+
+        out, lse = na_torch(q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb, additional_keys,
+                            additional_values)
+    return (out, lse) if return_lse else out
+
+
+_DOC = """Neighborhood attention over a {n}-D feature map, with NATTEN's semantics.
+
+Args:
+    q: (batch, {spatial}, heads, head_dim) queries, float16/bfloat16/float32 (float64 on the torch backend).
+    k: (batch, {spatial}, kv_heads, head_dim) keys; ``heads % kv_heads == 0`` (GQA/MQA).
+    v: (batch, {spatial}, kv_heads, head_dim_v) values.
+    kernel_size: window size, int or one int per axis, >= 2; ``kernel_size * dilation <= size`` per axis.
+    stride: queries grouped ``stride`` at a time share one window (int or per axis, 1 <= stride <= kernel_size).
+    dilation: sub-grid spacing of the window (int or per axis, >= 1).
+    is_causal: bool or per-axis bools; a causal axis keeps keys at or before the query.
+    scale: softmax scale applied to q.k; default ``head_dim ** -0.5``.
+    rpb: ({rpb}) relative positional bias (NAT/DiNAT), added to the score of each neighbour at its offset
+        ``(key - query) / dilation + kernel_size - 1`` per axis; not with causal masking. Gradient flows to it.
+    additional_keys, additional_values: (batch, n_extra, kv_heads, head_dim[_v]) extra tokens every query
+        also attends to (one softmax over neighbours and extras), e.g. registers or a class token.
+    return_lse: also return the logsumexp of the scores.
+
+Returns:
+    the output (batch, {spatial}, heads, head_dim_v) in q's dtype; with ``return_lse`` also the logsumexp
+    (batch, {spatial}, heads) in float32 (float64 for float64 inputs).
+
+Raises:
+    ValueError: on inconsistent shapes, dtypes or devices, or an invalid kernel_size / stride / dilation
+        for the feature map (the message names the axis and the sizes).
+"""
+
+
+def na1d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: _AXIS_ARG, stride: _AXIS_ARG = 1,
+         dilation: _AXIS_ARG = 1, is_causal: _CAUSAL_ARG = False, scale: float | None = None,
+         rpb: torch.Tensor | None = None, additional_keys: torch.Tensor | None = None,
+         additional_values: torch.Tensor | None = None, return_lse: bool = False,
+         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    return _na(1, q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb, additional_keys,
+               additional_values, return_lse)
+
+
+def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: _AXIS_ARG, stride: _AXIS_ARG = 1,
+         dilation: _AXIS_ARG = 1, is_causal: _CAUSAL_ARG = False, scale: float | None = None,
+         rpb: torch.Tensor | None = None, additional_keys: torch.Tensor | None = None,
+         additional_values: torch.Tensor | None = None, return_lse: bool = False,
+         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    return _na(2, q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb, additional_keys,
+               additional_values, return_lse)
+
+
+def na3d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: _AXIS_ARG, stride: _AXIS_ARG = 1,
+         dilation: _AXIS_ARG = 1, is_causal: _CAUSAL_ARG = False, scale: float | None = None,
+         rpb: torch.Tensor | None = None, additional_keys: torch.Tensor | None = None,
+         additional_values: torch.Tensor | None = None, return_lse: bool = False,
+         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    return _na(3, q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb, additional_keys,
+               additional_values, return_lse)
+
+
+na1d.__doc__ = _DOC.format(n=1, spatial="length", rpb="heads, 2k-1")
+na2d.__doc__ = _DOC.format(n=2, spatial="height, width", rpb="heads, 2k-1, 2k-1")
+na3d.__doc__ = _DOC.format(n=3, spatial="depth, height, width", rpb="heads, 2k-1, 2k-1, 2k-1")
+
+
+def _make_check(na_dim: int, spatial: tuple[int, ...], kernel_size, dilation):
+    def check(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, str]:
+        from .reference import na_reference
+
+        gen = torch.Generator().manual_seed(na_dim)
+        dtype = torch.float32
+        q = torch.randn(2, *spatial, 4, 16, generator=gen, dtype=dtype)
+        k = torch.randn(2, *spatial, 2, 16, generator=gen, dtype=dtype)
+        v = torch.randn(2, *spatial, 2, 16, generator=gen, dtype=dtype)
+        ks = (kernel_size,) * na_dim
+        rpb = torch.randn(4, *(2 * x - 1 for x in ks), generator=gen, dtype=dtype)
+        fn = {1: na1d, 2: na2d, 3: na3d}[na_dim]
+        args = [t.to(device) for t in (q, k, v, rpb)]
+        out = fn(*args[:3], kernel_size, dilation=dilation, rpb=args[3])
+        ref, _ = na_reference(q, k, v, kernel_size, dilation=dilation, rpb=rpb)
+        return out, ref, resolve_backend(device, f"na{na_dim}d")
+
+    return check
+
+
+register_check("na1d")(_make_check(1, (37,), 7, 2))
+register_check("na2d")(_make_check(2, (11, 9), 3, (2, 1)))
+register_check("na3d")(_make_check(3, (5, 6, 7), 3, 1))
