@@ -1,0 +1,210 @@
+"""ELA: Efficient Local Attention (Xu & Wan, 2024, arXiv:2403.01123) in timm's ResNet and MobileNetV2.
+
+The module is the paper's (Sec. 3, Fig. 3 pseudo-code), not timm's ``EfficientLocalAttn`` (which uses two
+separate convolutions, one GroupNorm per axis and a SiLU):
+
+- strip pooling: ``z_h = mean_W(x)`` of shape (B, C, H) and ``z_w = mean_H(x)`` of shape (B, C, W);
+- ONE 1-D convolution ``F`` (no bias, "same" padding) shared by both axes, then ONE GroupNorm ``GN``
+  shared by both axes, then a sigmoid: ``y_h = sigmoid(GN(F(z_h)))``, ``y_w = sigmoid(GN(F(z_w)))``;
+- ``out = x * y_h[..., :, None] * y_w[..., None, :]``.
+
+Its three hyper-parameters give the paper's four versions (Sec. 3.3):
+
+======  ===========  ======================  ================
+version kernel size  conv groups             GroupNorm groups
+======  ===========  ======================  ================
+ELA-T   5            channels (depthwise)    32
+ELA-B   7            channels (depthwise)    16
+ELA-S   5            channels // 8           16
+ELA-L   7            channels // 8           16
+======  ===========  ======================  ================
+
+No official code or weights were released, so the models below have no checkpoint URL.
+
+Hosts are timm's own classes, built through timm's own builders, with ELA passed through timm's hooks
+(placement as in the paper's Fig. 4, which follows Coordinate Attention's placements):
+
+- ResNet (``block_args=dict(attn_layer=...)``): ELA on the residual branch after the block's last
+  conv + BN and before the shortcut addition (BasicBlock: after ``bn2``; Bottleneck: after ``bn3``).
+- MobileNetV2 (EfficientNet builder, ``se_layer=...``): ELA in every inverted-residual block after the
+  3x3 depthwise conv + BN + ReLU6 and before the linear 1x1 projection, i.e. on the expanded channels.
+
+ELA version per host: ResNet-18/34 use ELA-B, ResNet-50/101 and MobileNetV2 use ELA-S, following the
+paper's guidance (Sec. 3.3: T/B for shallow or light networks, B/S for deeper ones; its MobileNetV2
+gain is reported with ELA-S, and ELA-T's 32 GroupNorm groups do not divide MobileNetV2's 144 expanded
+channels). ``ela_version=`` overrides the version per model.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import generate_default_cfgs
+from timm.models._efficientnet_builder import decode_arch_def, resolve_act_layer, resolve_bn_args, round_channels
+from timm.models.efficientnet import EfficientNet, _create_effnet
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet, _create_resnet
+from torch import nn
+
+from ._registry import register_model
+
+__all__ = ["ELA_VERSIONS", "EfficientLocalAttention", "ela_param_count"]
+
+# version -> (kernel_size, channels per conv group (1 = depthwise), GroupNorm groups); paper Sec. 3.3.
+ELA_VERSIONS: dict[str, tuple[int, int, int]] = {
+    "T": (5, 1, 32),
+    "B": (7, 1, 16),
+    "S": (5, 8, 16),
+    "L": (7, 8, 16),
+}
+
+
+def _resolve_version(version: str) -> tuple[int, int, int]:
+    key = version.upper().removeprefix("ELA-")
+    if key not in ELA_VERSIONS:
+        raise ValueError(f"unknown ELA version {version!r}; choose one of T, B, S, L (or 'ELA-T', ...)")
+    return ELA_VERSIONS[key]
+
+
+def ela_param_count(channels: int, version: str = "B") -> int:
+    """Number of parameters of one ELA module: 1-D conv weight ``C * (C / groups) * k`` + GroupNorm ``2C``."""
+    kernel_size, chs_per_group, _ = _resolve_version(version)
+    return channels * chs_per_group * kernel_size + 2 * channels
+
+
+class EfficientLocalAttention(nn.Module):
+    """The paper's ELA module (one shared 1-D conv + one shared GroupNorm + sigmoid over both axes).
+
+    Args:
+        channels: C, the input channels (output has the same shape as the input).
+        version: "T", "B", "S" or "L" (the paper's ELA-T/B/S/L), fixing kernel size, conv groups and
+            GroupNorm groups; see ``ELA_VERSIONS``.
+        device, dtype: factory kwargs for the parameters (timm passes them to attention layers).
+
+    Input and output: (B, C, H, W), any float dtype; the gates are computed in the input dtype.
+
+    Raises:
+        ValueError: if ``channels`` does not divide by the version's conv group size or GroupNorm groups.
+    """
+
+    def __init__(self, channels: int, version: str = "B", device: Any = None, dtype: Any = None) -> None:
+        super().__init__()
+        kernel_size, chs_per_group, norm_groups = _resolve_version(version)
+        name = f"ELA-{version.upper().removeprefix('ELA-')}"
+        if channels % chs_per_group:
+            raise ValueError(
+                f"{name} needs channels divisible by {chs_per_group} (its 1-D conv uses channels // "
+                f"{chs_per_group} groups), got {channels}; pick a depthwise version (ELA-T/ELA-B) or change channels")
+        if channels % norm_groups:
+            raise ValueError(
+                f"{name} needs channels divisible by its {norm_groups} GroupNorm groups, got {channels}; "
+                f"pick another version (ELA-T uses 32 groups, ELA-B/S/L use 16) or change channels")
+        self.version = name
+        self.conv = nn.Conv1d(channels, channels, kernel_size, padding=kernel_size // 2,
+                              groups=channels // chs_per_group, bias=False, device=device, dtype=dtype)
+        self.gn = nn.GroupNorm(norm_groups, channels, device=device, dtype=dtype)
+
+    def _gate(self, z: torch.Tensor) -> torch.Tensor:
+        # (B, C, L) -> (B, C, L); the same conv and GroupNorm serve both axes (the paper shares them).
+        return torch.sigmoid(self.gn(self.conv(z)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, C, H, W)."""
+        y_h = self._gate(x.mean(dim=3))  # (B, C, H)
+        y_w = self._gate(x.mean(dim=2))  # (B, C, W)
+        return x * y_h.unsqueeze(-1) * y_w.unsqueeze(-2)
+
+
+def _ela_as_se_layer(channels: int, act_layer: Any = None, version: str = "S", device: Any = None,
+                     dtype: Any = None) -> EfficientLocalAttention:
+    # timm's EfficientNet blocks call se_layer(mid_chs, act_layer=..., device=..., dtype=...); ELA has
+    # no activation besides its sigmoid gate, so act_layer is dropped here. No rd_ratio argument on
+    # purpose: timm's builder then passes none (ELA does not reduce channels).
+    return EfficientLocalAttention(channels, version=version, device=device, dtype=dtype)
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    return {
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
+        "crop_pct": 0.875, "interpolation": "bilinear", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "paper_ids": "arXiv:2403.01123", "paper_name": "ELA: Efficient Local Attention for Deep CNNs",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "resnet18_ela": _cfg(first_conv="conv1", classifier="fc"),
+    "resnet34_ela": _cfg(first_conv="conv1", classifier="fc"),
+    "resnet50_ela": _cfg(first_conv="conv1", classifier="fc"),
+    "resnet101_ela": _cfg(first_conv="conv1", classifier="fc"),
+    "mobilenetv2_100_ela": _cfg(first_conv="conv_stem", classifier="classifier", interpolation="bicubic"),
+})
+
+
+def _create_resnet_ela(variant: str, pretrained: bool, block: type[nn.Module], layers: tuple[int, ...],
+                       version: str, **kwargs: Any) -> ResNet:
+    version = kwargs.pop("ela_version", version)
+    block_args = dict(kwargs.pop("block_args", None) or {})
+    block_args["attn_layer"] = partial(EfficientLocalAttention, version=version)
+    return _create_resnet(variant, pretrained, block=block, layers=layers, block_args=block_args, **kwargs)
+
+
+# timm's MobileNetV2 arch (timm.models.efficientnet._gen_mobilenet_v2) with an attention slot ("_se0.25":
+# any non-zero ratio switches timm's se_layer on; ELA ignores the ratio) in every block.
+_MOBILENETV2_ELA_ARCH = [
+    ["ds_r1_k3_s1_c16_se0.25"],
+    ["ir_r2_k3_s2_e6_c24_se0.25"],
+    ["ir_r3_k3_s2_e6_c32_se0.25"],
+    ["ir_r4_k3_s2_e6_c64_se0.25"],
+    ["ir_r3_k3_s1_e6_c96_se0.25"],
+    ["ir_r3_k3_s2_e6_c160_se0.25"],
+    ["ir_r1_k3_s1_e6_c320_se0.25"],
+]
+
+
+def _create_mobilenetv2_ela(variant: str, pretrained: bool, version: str, **kwargs: Any) -> EfficientNet:
+    version = kwargs.pop("ela_version", version)
+    model_kwargs = dict(
+        block_args=decode_arch_def(_MOBILENETV2_ELA_ARCH),
+        num_features=1280,
+        stem_size=32,
+        round_chs_fn=partial(round_channels, multiplier=1.0),
+        norm_layer=kwargs.pop("norm_layer", None) or partial(nn.BatchNorm2d, **resolve_bn_args(kwargs)),
+        act_layer=resolve_act_layer(kwargs, "relu6"),
+        se_layer=partial(_ela_as_se_layer, version=version),
+        **kwargs,
+    )
+    return _create_effnet(variant, pretrained, **model_kwargs)
+
+
+@register_model
+def resnet18_ela(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """ResNet-18 (timm's) with ELA-B after each BasicBlock's second conv + BN."""
+    return _create_resnet_ela("resnet18_ela", pretrained, BasicBlock, (2, 2, 2, 2), "B", **kwargs)
+
+
+@register_model
+def resnet34_ela(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """ResNet-34 (timm's) with ELA-B after each BasicBlock's second conv + BN."""
+    return _create_resnet_ela("resnet34_ela", pretrained, BasicBlock, (3, 4, 6, 3), "B", **kwargs)
+
+
+@register_model
+def resnet50_ela(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """ResNet-50 (timm's) with ELA-S after each Bottleneck's third conv + BN."""
+    return _create_resnet_ela("resnet50_ela", pretrained, Bottleneck, (3, 4, 6, 3), "S", **kwargs)
+
+
+@register_model
+def resnet101_ela(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """ResNet-101 (timm's) with ELA-S after each Bottleneck's third conv + BN."""
+    return _create_resnet_ela("resnet101_ela", pretrained, Bottleneck, (3, 4, 23, 3), "S", **kwargs)
+
+
+@register_model
+def mobilenetv2_100_ela(pretrained: bool = False, **kwargs: Any) -> EfficientNet:
+    """MobileNetV2 1.0 (timm's EfficientNet builder) with ELA-S after each block's depthwise conv."""
+    return _create_mobilenetv2_ela("mobilenetv2_100_ela", pretrained, "S", **kwargs)
+
