@@ -1,0 +1,391 @@
+"""The one attention function every wrapped LVLM runs through, and the protocol passes implement.
+
+``register()`` adds ``attnzoo_attention`` to ``transformers.AttentionInterface`` under the name "attnzoo" and
+registers the SDPA mask builder for that name in ``AttentionMaskInterface`` (without it a custom name gets
+``attention_mask=None``, i.e. no causal or padding mask). :func:`attnzoo.mllm.load` sets "attnzoo" on the
+whole model (decoder and vision tower) and tags each attention module with its site and layer.
+
+When no pass is attached the function forwards its arguments unchanged to transformers' SDPA function (or
+to an eager implementation with ``attn_backend="eager"``), so outputs are bit-identical to the plain model.
+When passes are attached, each is asked for a :class:`Plan` for the call (site, layer, step); calls no pass
+plans for stay on SDPA. Otherwise:
+
+1. ``edit_mask``: passes may change the boolean mask ``(B, 1 or H, q, kv)``, True = attend.
+2. Heads that some pass reads or edits scores/weights of are computed explicitly (float32 softmax, as the
+   models' eager code); all other heads go through SDPA with the (edited) mask.
+   ``edit_scores`` sees pre-softmax scores ``(B, h, q, kv)`` float32 (scaled, masked with the dtype minimum);
+   ``edit_weights`` sees post-softmax weights ``(B, h, q, kv)`` float32; ``h`` = the pass's planned heads.
+3. ``edit_outputs`` sees per-head outputs ``(B, q, H, D)`` before ``o_proj`` (all heads).
+
+A pass may instead ``replace`` the whole computation (``attend``), e.g. with a fused kernel.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .._logging import get_logger
+
+if TYPE_CHECKING:
+    from .layout import TokenLayout
+
+logger = get_logger("attnzoo.mllm")
+
+ATTN_NAME = "attnzoo"
+SITES = ("text", "vision")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a pass does in one attention call.
+
+    Attributes:
+        heads: query-head indices whose scores/weights the pass reads or edits; ``None`` = all heads. Heads
+            outside every pass's plan run on SDPA, so a narrow plan is cheap.
+        mask, scores, weights, outputs: call ``edit_mask`` / ``edit_scores`` / ``edit_weights`` /
+            ``edit_outputs`` in this call.
+        replace: call ``attend`` to compute the whole attention (no other pass may plan scores/weights/replace
+            in the same call).
+    """
+
+    heads: Sequence[int] | torch.Tensor | None = None
+    mask: bool = False
+    scores: bool = False
+    weights: bool = False
+    outputs: bool = False
+    replace: bool = False
+
+    @property
+    def explicit(self) -> bool:
+        """True when the call needs explicit scores or weights for ``heads``."""
+        return self.scores or self.weights
+
+
+@dataclass
+class AttentionContext:
+    """What a pass knows about one attention call (one layer, one forward step).
+
+    Attributes:
+        site: "text" (language-model decoder) or "vision" (vision tower encoder).
+        layer: layer index within the site (0-based).
+        num_layers: number of layers at the site.
+        num_heads, num_kv_heads, head_dim: attention shape of the module.
+        batch_size, q_length, kv_length: this call's shapes.
+        query_positions: ``(q_length,)`` long, positions of the queries in the padded sequence
+            (``kv_length - q_length + i``); keys are positions ``0 .. kv_length - 1``.
+        is_prefill: True for the first forward of a sequence (no cached keys before it).
+        step: decode step: 0 at prefill, ``t`` when the query is generated token ``t``'s successor input.
+        layout: the :class:`TokenLayout` of the batch (text site; ``None`` at the vision site or when the
+            model is called outside :meth:`LVLM.use_layout`).
+        image_free: True during the image-free forward (:meth:`LVLM.image_free_forward`).
+        module: the attention module (``q_proj`` ... ``o_proj`` live here).
+        heads: the query heads the tensors handed to the pass cover (set per pass; ``None`` = all heads).
+        scaling: the softmax scale.
+    """
+
+    site: str
+    layer: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    batch_size: int
+    q_length: int
+    kv_length: int
+    is_prefill: bool
+    step: int
+    layout: TokenLayout | None
+    image_free: bool
+    module: torch.nn.Module
+    scaling: float
+    causal: bool
+    device: torch.device
+    base_mask: torch.Tensor | None = None
+    heads: torch.Tensor | None = None
+
+    @cached_property
+    def query_positions(self) -> torch.Tensor:
+        return torch.arange(self.kv_length - self.q_length, self.kv_length, device=self.device)
+
+    @cached_property
+    def mask(self) -> torch.Tensor:
+        """``(B, 1, q, kv)`` bool, True where a query may attend to a key (causal + padding), before edits."""
+        m = self.base_mask
+        if m is not None and m.dtype != torch.bool:
+            m = m > torch.finfo(m.dtype).min / 2  # additive float mask (0 / dtype min) -> keep-mask
+        if m is None:
+            if self.causal:
+                m = self.query_positions[:, None] >= torch.arange(self.kv_length, device=self.device)[None, :]
+            else:
+                m = torch.ones(self.q_length, self.kv_length, dtype=torch.bool, device=self.device)
+            m = m[None, None]
+        return m.expand(self.batch_size, -1, -1, -1)
+
+    def with_heads(self, heads: torch.Tensor | None) -> AttentionContext:
+        """A copy whose ``heads`` names the query heads of the tensors handed to a pass."""
+        c = copy.copy(self)  # shallow: shares the cached mask
+        c.heads = heads
+        return c
+
+
+class AttentionPass:
+    """Base class of everything that changes an LVLM's attention; override what you need.
+
+    ``site`` selects the decoder ("text") or the vision tower ("vision"). ``plan(ctx)`` decides per call
+    whether and how the pass acts; the default plan runs every overridden ``edit_*`` hook on all heads of
+    every layer at the pass's site. Override ``plan`` to touch only some layers/heads/steps (everything
+    else stays on SDPA). Attach with ``handle = lvlm.attach(pass_obj)`` (a context manager; ``remove()``
+    detaches). Hooks must not change tensor shapes; they may edit in place or return new tensors.
+    """
+
+    site: str = "text"
+
+    def plan(self, ctx: AttentionContext) -> Plan | None:
+        """The pass's plan for this call, or None to leave it alone."""
+        if ctx.site != self.site:
+            return None
+        cls = type(self)
+        base = AttentionPass
+        return Plan(
+            heads=None,
+            mask=cls.edit_mask is not base.edit_mask,
+            scores=cls.edit_scores is not base.edit_scores,
+            weights=cls.edit_weights is not base.edit_weights,
+            outputs=cls.edit_outputs is not base.edit_outputs,
+            replace=cls.attend is not base.attend,
+        )
+
+    def edit_mask(self, ctx: AttentionContext, mask: torch.Tensor) -> torch.Tensor:
+        """Return the keep-mask to use: bool ``(B, 1 or H, q, kv)``, True = attend."""
+        return mask
+
+    def edit_scores(self, ctx: AttentionContext, scores: torch.Tensor) -> torch.Tensor:
+        """Return pre-softmax scores ``(B, h, q, kv)`` float32 for the heads ``ctx.heads`` (masked entries hold
+        the float32 minimum; keep them there unless you mean to unmask)."""
+        return scores
+
+    def edit_weights(self, ctx: AttentionContext, weights: torch.Tensor) -> torch.Tensor:
+        """Return post-softmax weights ``(B, h, q, kv)`` float32 for the heads ``ctx.heads``."""
+        return weights
+
+    def edit_outputs(self, ctx: AttentionContext, outputs: torch.Tensor) -> torch.Tensor:
+        """Return per-head outputs ``(B, q, H, D)`` (all heads, before ``o_proj``), in the model dtype."""
+        return outputs
+
+    def attend(self, ctx: AttentionContext, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+        """Compute the attention yourself: q ``(B, H, q, D)``, k/v ``(B, Hkv, kv, D)`` (not repeated for GQA),
+        mask bool ``(B, 1 or H, q, kv)``; return ``(B, H, q, D)`` in the input dtype."""
+        raise NotImplementedError
+
+    def edit_residual(self, ctx: AttentionContext, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Text site only: called with the residual stream ``(B, q, hidden)`` entering decoder layer
+        ``ctx.layer`` (before its attention); return a replacement or None to keep it. ``ctx.kv_length`` is
+        the length the keys will have after this step."""
+        return None
+
+    def on_layout(self, layout: TokenLayout | None) -> None:
+        """Called when a batch's layout becomes active (start of a forward/generation) and when it ends
+        (``None``): reset per-generation state here."""
+
+    def on_attach(self, lvlm: Any) -> None:
+        """Called by ``lvlm.attach``; validate against the model here (raise ValueError if inapplicable)."""
+
+    def on_detach(self, lvlm: Any) -> None:
+        """Called when the handle is removed."""
+
+
+@dataclass
+class _Site:
+    """Tag set on each attention module by the LVLM wrapper."""
+
+    runtime: Any  # the LVLM's _Runtime
+    site: str
+    layer: int
+    num_layers: int
+
+
+def eager_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
+                    causal: bool = True) -> torch.Tensor:
+    """Plain attention as the models' eager code computes it; returns ``(B, q, H, D)``.
+
+    q ``(B, H, q, D)``, k/v ``(B, Hkv, kv, D)``; ``mask`` bool keep-mask ``(B, 1|H, q, kv)``, additive float, or
+    None (then causal, lower-right aligned, when ``causal``). Softmax in float32, cast back to the input dtype.
+    """
+    n_rep = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(n_rep, dim=1) if n_rep > 1 else key
+    value = value.repeat_interleave(n_rep, dim=1) if n_rep > 1 else value
+    w = torch.matmul(query, key.transpose(2, 3)) * scaling
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if mask is None and causal and q_len > 1:
+        mask = (torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
+                >= torch.arange(kv_len, device=query.device)[None, :])
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            mask = torch.zeros((), dtype=w.dtype, device=w.device).masked_fill(~mask, torch.finfo(w.dtype).min)
+        w = w + mask
+    w = torch.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
+    w = torch.nn.functional.dropout(w, p=dropout, training=module.training)
+    return torch.matmul(w, value).transpose(1, 2).contiguous()
+
+
+def _default_attention(backend: str, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                       value: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None,
+                       dropout: float, kwargs: dict[str, Any]) -> tuple[torch.Tensor, None]:
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    if backend == "eager":
+        causal = kwargs.get("is_causal")
+        causal = getattr(module, "is_causal", True) if causal is None else causal
+        return eager_attention(module, query, key, value, attention_mask, scaling, dropout, causal), None
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+def attnzoo_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                      **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """``AttentionInterface`` function "attnzoo": q ``(B, H, q, D)``, k/v ``(B, Hkv, kv, D)`` -> ``(B, q, H, D)``.
+
+    Routes to the attached passes of the module's LVLM (see the module docstring), else to SDPA/eager.
+    """
+    site: _Site | None = getattr(module, "_attnzoo_site", None)
+    if site is None:
+        return _default_attention("sdpa", module, query, key, value, attention_mask, scaling, dropout, kwargs)
+    runtime = site.runtime
+    if not runtime.passes:
+        return _default_attention(runtime.backend, module, query, key, value, attention_mask, scaling, dropout,
+                                  kwargs)
+    return runtime.run_attention(site, module, query, key, value, attention_mask, scaling, dropout, kwargs)
+
+
+def _as_head_index(heads: Sequence[int] | torch.Tensor | None, num_heads: int, device: torch.device) -> torch.Tensor:
+    if heads is None:
+        return torch.arange(num_heads, device=device)
+    idx = torch.as_tensor(heads, dtype=torch.long, device=device).flatten()
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= num_heads):
+        raise ValueError(f"plan heads {idx.tolist()} out of range for {num_heads} heads")
+    return idx
+
+
+def run_passes(passes: Sequence[AttentionPass], ctx: AttentionContext, backend: str, module: torch.nn.Module,
+               query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+               scaling: float, dropout: float, kwargs: dict[str, Any]) -> tuple[torch.Tensor, None]:
+    """Run one attention call with ``passes`` (each already asked for its plan). See the module docstring."""
+    plans = [(p, p.plan(ctx)) for p in passes]
+    plans = [(p, pl) for p, pl in plans if pl is not None and (pl.mask or pl.explicit or pl.outputs or pl.replace)]
+    if not plans:
+        return _default_attention(backend, module, query, key, value, attention_mask, scaling, dropout, kwargs)
+
+    num_heads, num_kv = query.shape[1], key.shape[1]
+    n_rep = num_heads // num_kv
+    mask = ctx.mask
+    for p, pl in plans:
+        if pl.mask:
+            mask = p.edit_mask(ctx, mask)
+            if mask.dtype != torch.bool or mask.dim() != 4:
+                raise ValueError(f"{type(p).__name__}.edit_mask must return a 4-D bool mask, got "
+                                 f"{mask.dtype} of shape {tuple(mask.shape)}")
+
+    replacers = [(p, pl) for p, pl in plans if pl.replace]
+    explicit = [(p, pl) for p, pl in plans if pl.explicit]
+    if not replacers and not explicit and not any(pl.mask for _, pl in plans):
+        # only per-head outputs change: the attention itself is the plain one
+        out, _ = _default_attention(backend, module, query, key, value, attention_mask, scaling, dropout, kwargs)
+    elif replacers:
+        if len(replacers) > 1 or explicit:
+            names = [type(p).__name__ for p, _ in replacers + explicit]
+            raise ValueError(f"passes {names} both take over attention weights at {ctx.site} layer {ctx.layer}; "
+                             "attach only one of them")
+        p, _ = replacers[0]
+        out = p.attend(ctx, query, key, value, mask).transpose(1, 2)
+    elif explicit:
+        device = query.device
+        idx_per_pass = [_as_head_index(pl.heads, num_heads, device) for _, pl in explicit]
+        chosen = torch.zeros(num_heads, dtype=torch.bool, device=device)
+        for idx in idx_per_pass:
+            chosen[idx] = True
+        sel = chosen.nonzero().flatten()  # heads computed explicitly
+        # position of each head inside the explicit sub-tensor
+        slot = torch.full((num_heads,), -1, dtype=torch.long, device=device)
+        slot[sel] = torch.arange(sel.numel(), device=device)
+        kv_sel = sel // n_rep
+        q_s = query[:, sel]
+        k_s, v_s = key[:, kv_sel], value[:, kv_sel]
+        m_s = mask if mask.shape[1] == 1 else mask[:, sel]
+        scores = torch.matmul(q_s, k_s.transpose(2, 3)).mul_(scaling).float()
+        scores = scores.masked_fill(~m_s, torch.finfo(torch.float32).min)
+        for (p, pl), idx in zip(explicit, idx_per_pass):
+            if pl.scores:
+                sub = scores[:, slot[idx]]
+                scores[:, slot[idx]] = p.edit_scores(ctx.with_heads(idx), sub)
+        weights = torch.softmax(scores, dim=-1)
+        for (p, pl), idx in zip(explicit, idx_per_pass):
+            if pl.weights:
+                sub = weights[:, slot[idx]]
+                weights[:, slot[idx]] = p.edit_weights(ctx.with_heads(idx), sub)
+        weights = torch.nn.functional.dropout(weights.to(query.dtype), p=dropout, training=module.training)
+        out_s = torch.matmul(weights, v_s)  # (B, h, q, D)
+        if sel.numel() == num_heads:
+            out = out_s
+        else:
+            rest = (~chosen).nonzero().flatten()
+            out_r = _sdpa_heads(query[:, rest], key[:, rest // n_rep], value[:, rest // n_rep],
+                                mask if mask.shape[1] == 1 else mask[:, rest], scaling, dropout, module)
+            out = query.new_empty(query.shape[0], num_heads, query.shape[2], value.shape[-1])
+            out[:, sel] = out_s
+            out[:, rest] = out_r
+        out = out.transpose(1, 2)
+    else:
+        out = _sdpa_heads(query, key.repeat_interleave(n_rep, 1) if n_rep > 1 else key,
+                          value.repeat_interleave(n_rep, 1) if n_rep > 1 else value,
+                          mask, scaling, dropout, module).transpose(1, 2)
+
+    out = out.contiguous()
+    for p, pl in plans:
+        if pl.outputs:
+            out = p.edit_outputs(ctx.with_heads(None), out)
+    return out, None
+
+
+def _sdpa_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float,
+                dropout: float, module: torch.nn.Module) -> torch.Tensor:
+    """SDPA on already head-aligned q/k/v ``(B, h, *, D)`` with a bool keep-mask; returns ``(B, h, q, D)``.
+
+    Query rows whose keys are all masked (left-padding positions) would be NaN in SDPA; they are given a
+    uniform row instead, as the models' eager code does (their outputs are never attended to)."""
+    dead = ~mask.any(-1, keepdim=True)
+    if bool(dead.any()):
+        mask = mask | dead
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout if module.training else 0.0, scale=scaling)
+
+
+_registered = False
+
+
+def register() -> None:
+    """Register "attnzoo" with transformers' ``AttentionInterface`` and ``AttentionMaskInterface`` (idempotent).
+
+    The mask function is transformers' SDPA mask builder (bool keep-mask, or None for a plain causal /
+    unpadded call), so the no-pass path hands SDPA exactly what the "sdpa" implementation would.
+    """
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_NAME, attnzoo_attention)
+    AttentionMaskInterface.register(ATTN_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    _registered = True
+
