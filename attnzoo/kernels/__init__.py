@@ -30,4 +30,10 @@ from .na import na1d, na2d, na3d  # noqa: E402
 
 __all__ += ["na1d", "na2d", "na3d"]
 # --- routed attention (routed.py) ---
+from .routed import region_routing, routed_attention  # noqa: E402
+
+__all__ += ["region_routing", "routed_attention"]
 # --- halo attention (halo.py) ---
+from .halo import halo_attention  # noqa: E402
+
+__all__ += ["halo_attention"]

@@ -164,22 +164,23 @@ def halo_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     pad = [0, 0, 0, 0, halo_size, halo_size, halo_size, halo_size]
     kp, vp = torch.nn.functional.pad(k, pad), torch.nn.functional.pad(v, pad)  # zero keys around the map
     offs = torch.arange(win)
+    inblock = torch.arange(bs)
+    rel_index = offs[None, :] - inblock[:, None] + win - 1  # (in-block offset, window offset) -> table row
     out = torch.zeros(b, hq, wq, heads, v.shape[-1], dtype=torch.float64)
-    for y in range(hq):
-        for x in range(wq):
-            by, iy, bx, ix = y // bs, y % bs, x // bs, x % bs
-            # window rows/cols in padded coordinates: block origin - halo + halo
+    for by in range(hq // bs):
+        for bx in range(wq // bs):
+            # the block's window in padded coordinates starts at block origin - halo + halo
             kw = kp[:, by * block_size:by * block_size + win, bx * block_size:bx * block_size + win]
             vw = vp[:, by * block_size:by * block_size + win, bx * block_size:bx * block_size + win]
-            qy = q[:, y, x]  # (b, heads, d_qk)
-            logits = scale * torch.einsum("bhd,byxhd->bhyx", qy, kw)
+            qb = q[:, by * bs:(by + 1) * bs, bx * bs:(bx + 1) * bs]  # (b, bs, bs, heads, d_qk)
+            logits = scale * torch.einsum("bijhd,byxhd->bijhyx", qb, kw)
             if rel_height is not None:
-                pos_h = qy @ rel_height.double()[offs - iy + win - 1].T  # (b, heads, win) over key rows
-                pos_w = qy @ rel_width.double()[offs - ix + win - 1].T  # over key columns
+                pos_h = torch.einsum("bijhd,iyd->bijhy", qb, rel_height.double()[rel_index])
+                pos_w = torch.einsum("bijhd,jxd->bijhx", qb, rel_width.double()[rel_index])
                 pos = pos_h[..., :, None] + pos_w[..., None, :]
                 logits = scale * (logits / scale + pos) if scale_pos_embed else logits + pos
-            attn = logits.flatten(2).softmax(-1).reshape(logits.shape)
-            out[:, y, x] = torch.einsum("bhyx,byxhd->bhd", attn, vw)
+            attn = logits.flatten(-2).softmax(-1).reshape(logits.shape)
+            out[:, by * bs:(by + 1) * bs, bx * bs:(bx + 1) * bs] = torch.einsum("bijhyx,byxhd->bijhd", attn, vw)
     return out
 
 

@@ -1,0 +1,124 @@
+"""routed_attention / region_routing against the float64 reference and BiFormer's official semantics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close
+
+from attnzoo.kernels import region_routing, routed_attention, use_backend
+from attnzoo.kernels.reference import routed_attention_reference
+
+BACKENDS = ["torch", "flex", "triton"]
+
+
+def _inputs(rng, b, h, w, heads, dqk, dv, dtype=torch.float32):
+    q = torch.randn(b, h, w, heads, dqk, generator=rng).to(dtype).requires_grad_()
+    k = torch.randn(b, h, w, heads, dqk, generator=rng).to(dtype).requires_grad_()
+    v = torch.randn(b, h, w, heads, dv, generator=rng).to(dtype).requires_grad_()
+    return q, k, v
+
+
+def _random_index(rng, b, regions, topk):
+    """Distinct regions per row, in random order (as torch.topk gives distinct indices)."""
+    return torch.stack([torch.stack([torch.randperm(regions, generator=rng)[:topk] for _ in range(regions)])
+                        for _ in range(b)])
+
+
+def _check_against_reference(q, k, v, index, num_regions, backend, scale=None, grad_scale=4.0):
+    ref = routed_attention_reference(q, k, v, index, num_regions, scale=scale)
+    if backend == "flex":  # FlexAttention has no backward on the CPU; its backward is checked on the GPU
+        with use_backend(backend):
+            out = routed_attention(q.detach(), k.detach(), v.detach(), index, num_regions, scale=scale)
+        assert_close(out, ref, dtype=q.dtype)
+        return
+    with use_backend(backend):
+        out = routed_attention(q, k, v, index, num_regions, scale=scale)
+    assert_close(out, ref, dtype=q.dtype, msg=f"forward, {backend}")
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (q, k, v), grad.to(out.dtype))
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    # gradients go through two more rounded matmuls than the output: a few ulps more
+    for name, g, r in zip("qkv", got, want):
+        assert_close(g, r, dtype=q.dtype, scale=grad_scale, msg=f"d{name}, {backend}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("h", "w", "nreg", "topk", "dqk", "dv"), [
+    (8, 12, (2, 3), 2, 16, 16),    # non-square map and region grid
+    (4, 6, (2, 3), 1, 8, 24),      # topk = 1, d_v != d_qk
+    (6, 6, 3, 4, 16, 8),           # 2x2-token regions, several regions per key tile
+])
+def test_routed_matches_reference(rng, backend, h, w, nreg, topk, dqk, dv):
+    nh, nw = (nreg, nreg) if isinstance(nreg, int) else nreg
+    q, k, v = _inputs(rng, 2, h, w, 2, dqk, dv)
+    index = _random_index(rng, 2, nh * nw, topk)
+    _check_against_reference(q, k, v, index, nreg, backend, scale=0.3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_all_regions_is_full_attention(rng, backend):
+    q, k, v = _inputs(rng, 1, 4, 8, 2, 16, 16)
+    index = _random_index(rng, 1, 4, 4)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    with use_backend(backend):
+        out = routed_attention(q, k, v, index, (2, 2))
+    flat = [t.double().flatten(1, 2).transpose(1, 2) for t in (q, k, v)]
+    full = torch.nn.functional.scaled_dot_product_attention(*flat).transpose(1, 2).reshape(out.shape)
+    assert_close(out, full, msg=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_repeated_region_counts_twice(rng, backend):
+    """A region named twice weighs twice, exactly as the official gather does."""
+    q, k, v = _inputs(rng, 1, 4, 4, 1, 16, 16)
+    index = torch.tensor([[[0, 0, 1], [3, 2, 3], [1, 1, 1], [2, 3, 0]]])
+    _check_against_reference(q, k, v, index, 2, backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_routed_triton_half(rng, dtype):
+    q, k, v = _inputs(rng, 1, 8, 8, 2, 16, 16, dtype)
+    index = _random_index(rng, 1, 4, 2)
+    _check_against_reference(q, k, v, index, 2, "triton")
+
+
+def test_region_routing_matches_official_semantics(rng):
+    """TopkRouting of bra_legacy.py restated: region means, (q * scale) @ k^T, top-k, softmax of kept logits."""
+    q = torch.randn(2, 6, 8, 12, generator=rng, dtype=torch.float64)
+    k = torch.randn(2, 6, 8, 12, generator=rng, dtype=torch.float64)
+    weight, index = region_routing(q, k, (3, 2), topk=3)
+    for b in range(2):
+        regions_q, regions_k = [], []
+        for ry in range(3):
+            for rx in range(2):
+                regions_q.append(q[b, ry * 2:ry * 2 + 2, rx * 4:rx * 4 + 4].reshape(-1, 12).mean(0))
+                regions_k.append(k[b, ry * 2:ry * 2 + 2, rx * 4:rx * 4 + 4].reshape(-1, 12).mean(0))
+        logits = torch.stack(regions_q) * 12 ** -0.5 @ torch.stack(regions_k).T
+        top = logits.sort(-1, descending=True)
+        torch.testing.assert_close(index[b], top.indices[:, :3])
+        torch.testing.assert_close(weight[b], top.values[:, :3].softmax(-1))
+    assert index.dtype == torch.int64
+
+
+def test_routing_then_attention_gradients_flow(rng):
+    q, k, v = _inputs(rng, 1, 4, 4, 2, 8, 8)
+    weight, index = region_routing(q.flatten(3), k.flatten(3), 2, topk=2)
+    assert weight.requires_grad and not index.requires_grad
+    out = routed_attention(q, k, v, index, 2, scale=16 ** -0.5)
+    out.sum().backward()
+    assert q.grad is not None and k.grad is not None and v.grad is not None
+
+
+def test_routed_errors_name_the_fix(rng):
+    q = torch.randn(1, 6, 8, 2, 8)
+    with pytest.raises(ValueError, match=r"height 6 is not divisible by 4 regions; pad it by 2"):
+        routed_attention(q, q, q, torch.zeros(1, 16, 1, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match=r"region_index must be \(batch, nh\*nw, topk\)"):
+        routed_attention(q, q, q, torch.zeros(1, 5, 1, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match=r"values must lie in \[0, 4\)"):
+        routed_attention(q, q, q, torch.full((1, 4, 1), 4), 2)
+    with pytest.raises(ValueError, match=r"topk 5 must lie in \[1, 4\]"):
+        region_routing(q.flatten(3), q.flatten(3), 2, topk=5)
+    with pytest.raises(ValueError, match=r"width 8 is not divisible by 3 regions; pad it by 1"):
+        region_routing(q.flatten(3)[:, :3], q.flatten(3)[:, :3], 3, topk=1)
