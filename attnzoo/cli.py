@@ -25,6 +25,7 @@ DEMO_IMAGE = DATA_DIR / "demo.png"
 # Subcommands whose code lives in a subpackage: name -> (help, "module:add_arguments", "module:run").
 # The module must import only light things at top level; it is imported when the parser is built.
 _EXTRA_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "eval": ("POPE and CHAIR evaluation", "attnzoo.eval._cli:add_arguments", "attnzoo.eval._cli:run"),
 }
 
 
