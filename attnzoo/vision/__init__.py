@@ -12,5 +12,7 @@ __all__ = ["list_models", "register_model"]
 
 # Model families (each import registers its models with timm):
 # --- nat.py (NAT, DiNAT) ---
+from . import nat  # noqa: E402,F401,I001
 # --- biformer.py ---
 # --- agent attention, ela, pyramid tnt, halonet ---
+from . import ela  # noqa: E402,F401
