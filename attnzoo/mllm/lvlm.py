@@ -313,17 +313,20 @@ class LVLM:
                 p.on_layout(previous)
 
     @contextlib.contextmanager
-    def capture_vision_attention(self, layers: Sequence[int] | None = None) -> Iterator[dict[int, torch.Tensor]]:
+    def capture_vision_attention(self, layers: Sequence[int] | None = None
+                                 ) -> Iterator[dict[int, list[torch.Tensor]]]:
         """Record the vision tower's post-softmax attention maps while the block runs.
 
-        Yields a dict filled as the model runs: vision layer index -> ``(N, H, P, P)`` float32 weights
-        (N = images or tiles; Qwen2-VL: one entry per image, concatenated along N when several). ``layers``
-        defaults to the feature layer the projector reads (:attr:`vision_feature_layer`), or all layers.
+        Yields a dict filled as the model runs: vision layer index -> list of float32 weights, one per
+        attention call: CLIP towers (LLaVA, LLaVA-NeXT) make one call per forward, ``(N, H, P, P)`` with N
+        images or tiles; Qwen2-VL makes one call per image, ``(1, H, P_i, P_i)``. ``layers`` defaults to the
+        feature layer the projector reads (:attr:`vision_feature_layer`), or all layers. To *change* these
+        maps (CausalMM), attach an :class:`AttentionPass` with ``site = "vision"`` instead.
         """
         if layers is None:
             fl = self.vision_feature_layer
             layers = [fl] if fl is not None else list(range(len(self.vision_layers)))
-        store: dict[int, torch.Tensor] = {}
+        store: dict[int, list[torch.Tensor]] = {}
         with self.attach(_VisionRecorder(set(layers), store)):
             yield store
 
@@ -537,7 +540,7 @@ class _VisionRecorder(AttentionPass):
 
     site = "vision"
 
-    def __init__(self, layers: set[int], store: dict[int, torch.Tensor]) -> None:
+    def __init__(self, layers: set[int], store: dict[int, list[torch.Tensor]]) -> None:
         self.layers, self.store = layers, store
 
     def plan(self, ctx: AttentionContext) -> Any:
@@ -546,9 +549,7 @@ class _VisionRecorder(AttentionPass):
         return Plan(weights=True) if ctx.site == "vision" and ctx.layer in self.layers else None
 
     def edit_weights(self, ctx: AttentionContext, weights: torch.Tensor) -> torch.Tensor:
-        prev = self.store.get(ctx.layer)
-        w = weights.detach().clone()
-        self.store[ctx.layer] = w if prev is None else torch.cat([prev, w], 0)
+        self.store.setdefault(ctx.layer, []).append(weights.detach().clone())
         return weights
 
 
