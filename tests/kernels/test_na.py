@@ -71,15 +71,15 @@ CASES = [
 ]
 
 
-def _inputs(case, dtype, rng, requires_grad=False):
+def _inputs(case, dtype, rng, requires_grad=False, batch=2):
     na_dim, spatial, ks, stride, dil, causal, heads, kv_heads, dim, with_rpb, n_extra = case
-    q = torch.randn(2, *spatial, heads, dim, generator=rng, dtype=dtype)
-    k = torch.randn(2, *spatial, kv_heads, dim, generator=rng, dtype=dtype)
-    v = torch.randn(2, *spatial, kv_heads, dim, generator=rng, dtype=dtype)
+    q = torch.randn(batch, *spatial, heads, dim, generator=rng, dtype=dtype)
+    k = torch.randn(batch, *spatial, kv_heads, dim, generator=rng, dtype=dtype)
+    v = torch.randn(batch, *spatial, kv_heads, dim, generator=rng, dtype=dtype)
     kst = ks if isinstance(ks, tuple) else (ks,) * na_dim
     rpb = torch.randn(heads, *(2 * x - 1 for x in kst), generator=rng, dtype=torch.float32) if with_rpb else None
-    ak = torch.randn(2, n_extra, kv_heads, dim, generator=rng, dtype=dtype) if n_extra else None
-    av = torch.randn(2, n_extra, kv_heads, dim, generator=rng, dtype=dtype) if n_extra else None
+    ak = torch.randn(batch, n_extra, kv_heads, dim, generator=rng, dtype=dtype) if n_extra else None
+    av = torch.randn(batch, n_extra, kv_heads, dim, generator=rng, dtype=dtype) if n_extra else None
     tensors = dict(q=q, k=k, v=v, rpb=rpb, additional_keys=ak, additional_values=av)
     if requires_grad:
         for t in tensors.values():
@@ -89,9 +89,9 @@ def _inputs(case, dtype, rng, requires_grad=False):
     return tensors, kwargs
 
 
-def _check_backend(backend, case, dtype, rng, grad_scale=4.0, backward=True):
+def _check_backend(backend, case, dtype, rng, grad_scale=4.0, backward=True, batch=2):
     """Forward output + lse and (with ``backward``) the gradients of every input against the float64 reference."""
-    tensors, kwargs = _inputs(case, dtype, rng, requires_grad=backward)
+    tensors, kwargs = _inputs(case, dtype, rng, requires_grad=backward, batch=batch)
     fn = NA[case[0]]
     with K.use_backend(backend):
         out, lse = fn(**tensors, **kwargs, return_lse=True)

@@ -1,0 +1,44 @@
+"""Neighborhood attention: the fused Triton kernels (forward and backward) against the float64 reference,
+under the Triton CPU interpreter (``TRITON_INTERPRET=1``, set by conftest). Shapes are tiny because the
+interpreter costs milliseconds per program and per block dot."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_na import _check_backend
+
+import attnzoo.kernels as K
+from attnzoo.kernels import na2d
+
+TRITON_CASES = [
+    # na_dim, spatial, kernel, stride, dilation, causal, heads, kv_heads, head_dim, rpb, n_extra
+    (1, (19,), 5, 1, 3, False, 2, 1, 16, True, 0),  # dilation with uneven sub-grids, rpb, GQA
+    (1, (13,), 6, 2, 1, True, 2, 2, 16, False, 3),  # causal, even kernel, stride, extra tokens
+    (2, (7, 9), (3, 5), 1, (2, 1), False, 2, 1, 16, True, 0),  # per-axis dilation, borders, rpb, GQA
+    (2, (6, 5), 3, (2, 3), 1, (True, False), 1, 1, 24, False, 2),  # per-axis causal, stride, head_dim 24, extras
+    (3, (3, 4, 6), (3, 3, 2), (1, 2, 1), (1, 1, 2), (False, True, False), 2, 1, 16, False, 0),
+    (3, (3, 4, 5), 3, 1, 1, False, 1, 1, 16, True, 1),  # rpb + extra token
+]
+
+
+@pytest.mark.parametrize("case", TRITON_CASES, ids=[f"{c[0]}d-{i}" for i, c in enumerate(TRITON_CASES)])
+def test_triton_matches_reference(case, rng):
+    _check_backend("triton", case, torch.float32, rng, batch=1)
+
+
+HALF_CASE = (2, (5, 6), 3, 1, (1, 2), False, 2, 1, 16, True, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_half(dtype, rng):
+    _check_backend("triton", HALF_CASE, dtype, rng, batch=1)
+
+
+def test_triton_rejects_what_it_cannot_run():
+    q = torch.randn(1, 5, 5, 1, 16, dtype=torch.float64)
+    with K.use_backend("triton"), pytest.raises(ValueError, match=r"float64"):
+        na2d(q, q, q, 3)
+    q = torch.randn(1, 5, 5, 1, 16)
+    with K.use_backend("triton"), pytest.raises(ValueError, match=r"head_dim_v == head_dim"):
+        na2d(q, q, torch.randn(1, 5, 5, 1, 8), 3)
