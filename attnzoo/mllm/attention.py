@@ -245,10 +245,7 @@ def _default_attention(backend: str, module: torch.nn.Module, query: torch.Tenso
         causal = kwargs.get("is_causal")
         causal = getattr(module, "is_causal", True) if causal is None else causal
         return eager_attention(module, query, key, value, attention_mask, scaling, dropout, causal), None
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  **kwargs)
+    return _SDPA[0](module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 def attnzoo_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -371,6 +368,7 @@ def _sdpa_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mas
 
 
 _registered = False
+_SDPA: list = []  # transformers' sdpa_attention_forward, looked up once by register()
 
 
 def register() -> None:
@@ -383,8 +381,10 @@ def register() -> None:
     if _registered:
         return
     from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
+    _SDPA.append(sdpa_attention_forward)
     AttentionInterface.register(ATTN_NAME, attnzoo_attention)
     AttentionMaskInterface.register(ATTN_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
     _registered = True
