@@ -40,6 +40,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import PatchMerging
 
+from ..kernels import na2d
 from ._registry import register_model
 
 __all__ = ["NAT", "NATBlock", "NATStage", "NeighborhoodAttention2d", "checkpoint_filter_fn"]
@@ -78,8 +79,6 @@ class NeighborhoodAttention2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, dim) -> (B, H, W, dim), same dtype."""
-        from ..kernels import na2d
-
         B, H, W, C = x.shape
         # Maps smaller than the dilated window are zero-padded at the bottom/right (NATTEN 0.14 semantics,
         # which the official checkpoints were trained with); the padded tokens act as keys only.
