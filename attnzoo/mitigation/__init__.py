@@ -1,1 +1,22 @@
-"""attnzoo.mitigation"""
+"""Training-free hallucination-mitigation passes for the LVLMs wrapped by :mod:`attnzoo.mllm`.
+
+Each pass is a dataclass of the paper's hyper-parameters (defaults = the paper's) with ``apply(lvlm)``
+returning a handle that is a context manager::
+
+    import attnzoo.mitigation as mitigation
+    lvlm = attnzoo.mllm.load("llava-hf/llava-1.5-7b-hf")
+    with mitigation.get("var").apply(lvlm):          # or mitigation.VAR(p=0.6).apply(lvlm)
+        answers = lvlm.generate(images, prompts)
+
+Registry: :func:`available` lists the names, :func:`get` builds a pass by name. Passes so far:
+``var`` (:class:`VAR`) and ``cca`` (:class:`CCA`). See docs/mitigation.md.
+"""
+
+from __future__ import annotations
+
+from .base import Pass, available, check_range, get, register_pass
+from .cca import CCA, concentric_rings
+from .var import VAR, find_sink_dims, known_sink_dims
+
+__all__ = ["CCA", "VAR", "Pass", "available", "check_range", "concentric_rings", "find_sink_dims", "get",
+           "known_sink_dims", "register_pass"]
