@@ -15,4 +15,5 @@ __all__ = ["list_models", "register_model"]
 from . import nat  # noqa: E402,F401,I001
 # --- biformer.py ---
 # --- agent attention, ela, pyramid tnt, halonet ---
+from . import agent_deit, agent_pvt, agent_swin  # noqa: E402,F401
 from . import ela  # noqa: E402,F401
