@@ -333,6 +333,62 @@ def build_tiny_qwen2_vl(
     return _finish(model, processor, seed, save_dir)
 
 
+# Published shapes: CLIP ViT-L/14-336 + Vicuna (LLaMA) 7B / 13B, as in LLaVA-1.5.
+LLAVA15_SHAPES: dict[str, dict[str, int]] = {
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+}
+
+
+def build_random_llava(
+    shape: str = "7b",
+    *,
+    device: str | torch.device = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    vocab_size: int | None = 32064,
+) -> tuple[Any, Any]:
+    """A LLaVA-1.5-shaped model (``shape`` "7b" or "13b") with random weights, for benchmarks: no download.
+
+    Vision tower CLIP ViT-L/14 at 336 px (576 image tokens, features of layer -2), 2-layer GELU projector,
+    LLaMA decoder of the published shape; the processor is the tiny builder's (in-process tokenizer, CLIP
+    preprocessing at 336 px, LLaVA-1.5 chat template). ``vocab_size`` sets the LM head rows (the real
+    32064 by default, so the head costs what it does in the real model; ids the small tokenizer does not
+    know decode to nothing). Weights are initialised on ``device`` directly in ``dtype`` (transformers'
+    normal(0, 0.02) init) after ``torch.manual_seed(seed)``.
+    """
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    if shape not in LLAVA15_SHAPES:
+        raise ValueError(f"unknown LLaVA-1.5 shape {shape!r}; choose one of {sorted(LLAVA15_SHAPES)}")
+    _, processor = build_tiny_llava(image_size=336, patch_size=14, num_layers=1, vision_layers=1)
+    tok = processor.tokenizer
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+    dims = LLAVA15_SHAPES[shape]
+    text = LlamaConfig(
+        vocab_size=max(vocab_size or 0, len(tok)), num_key_value_heads=dims["num_attention_heads"],
+        max_position_embeddings=4096, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id, **dims,
+    )
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.image_token_id,
+                         vision_feature_layer=-2, vision_feature_select_strategy="default",
+                         projector_hidden_act="gelu")
+    config.pad_token_id = tok.pad_token_id
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise in the target dtype, on the device: no fp32 copy of 7B weights
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.eval()
+    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        setattr(model.generation_config, key, getattr(tok, key))
+    return model, processor
+
+
 TINY_BUILDERS = {
     "llava": build_tiny_llava,
     "llava_next": build_tiny_llava_next,

@@ -1,0 +1,183 @@
+"""Cost of the attnzoo attention routing: generate() tokens/s of a wrapped LVLM vs the plain model.
+
+LLaVA-1.5-7B-shaped model with random weights (attnzoo.mllm.build_random_llava: CLIP ViT-L/14-336, 576
+image tokens, LLaMA-7B decoder, bf16), one set of weights, variants switched in place:
+
+- ``plain sdpa``: the unwrapped model (``attn_implementation="sdpa"``), transformers' generate;
+- ``attnzoo, no pass``: the same weights routed through the "attnzoo" attention function (bar: < 3%);
+- ``attnzoo, idle pass``: a pass attached that plans nothing (the per-call dispatch cost passes pay
+  on layers they do not touch);
+- ``attnzoo, explicit weights``: a pass that asks for the post-softmax weights of every head of every
+  decoder layer and returns them unchanged (the worst case of the explicit path, about eager attention).
+
+Correctness first, on the GPU: the wrapped model's prompt logits must equal the plain model's exactly, greedy
+generation must be token-identical, and the explicit-weights pass must match within bf16 rounding. Random
+weights never stop early; every run is forced to ``--new-tokens`` tokens (min_new_tokens = max_new_tokens).
+Method: one warm-up generate per variant (the first generate after building is several times slower), then
+``--repeats`` rounds, variants interleaved within each round; wall time with torch.cuda.synchronize; medians.
+Results: ``$OUT/mllm_generate.json`` (or ``--out``), rewritten after every measurement.
+
+    python benchmarks/mllm.py                      # H100: 7B shape, bf16, batch 1 and 8, 64 new tokens
+    python benchmarks/mllm.py --tiny               # CPU smoke run on the tiny LLaVA
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from attnzoo.mllm import AttentionPass, Plan, build_random_llava, build_tiny_llava, wrap  # noqa: E402
+
+PROMPTS = ["Is there a dog in the image? Answer the question using a single word or phrase.",
+           "Please describe this image in detail.", "What color is the car?", "Is there a person on the street?"]
+
+
+class IdlePass(AttentionPass):
+    """Attached but never acts: measures the dispatch cost of having a pass."""
+
+    def plan(self, ctx):
+        return None
+
+
+class IdentityWeights(AttentionPass):
+    """Reads the weights of every head of every decoder layer and returns them unchanged."""
+
+    def plan(self, ctx):
+        return Plan(weights=True) if ctx.site == "text" else None
+
+    def edit_weights(self, ctx, weights):
+        return weights
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed_generate(lvlm, batch, new_tokens: int, plain: bool, device: str) -> tuple[torch.Tensor, float]:
+    lvlm.model.set_attn_implementation("sdpa" if plain else "attnzoo")
+    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+               pad_token_id=lvlm.tokenizer.pad_token_id)
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        if plain:
+            out = lvlm.model.generate(**batch.inputs, **gen)[:, batch.layout.prompt_length:]
+        else:
+            out = lvlm.generate_ids(batch, **gen)
+    sync(device)
+    return out, time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny LLaVA on the CPU (smoke run)")
+    ap.add_argument("--batch-sizes", default=None, help="comma list (default 1,8; tiny: 1,2)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="tokens per answer (default 64; tiny: 8)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5; tiny: 2)")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+
+    device = "cpu" if args.tiny else "cuda"
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    batch_sizes = [int(b) for b in (args.batch_sizes or ("1,2" if args.tiny else "1,8")).split(",")]
+    new_tokens = args.new_tokens or (8 if args.tiny else 64)
+    repeats = args.repeats or (2 if args.tiny else 5)
+    out_path = Path(args.out) / "mllm_generate.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    if args.tiny:
+        model, processor = build_tiny_llava(seed=0)
+    else:
+        model, processor = build_random_llava("7b", device=device, dtype=dtype)
+    lvlm = wrap(model, processor)
+    import transformers
+
+    results: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                     "torch": torch.__version__, "transformers": transformers.__version__,
+                     "dtype": str(dtype), "new_tokens": new_tokens, "repeats": repeats, "checks": {}, "rows": []}
+
+    def save() -> None:
+        out_path.write_text(json.dumps(results, indent=1))
+
+    rng = np.random.default_rng(0)
+    size = 336 if not args.tiny else 32
+    images = [Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")) for _ in range(max(batch_sizes))]
+
+    # ---- correctness on this device
+    batch = lvlm.prepare(images[:2], PROMPTS[:2])
+    real = batch.layout.attention_mask.bool()
+    with torch.no_grad():
+        lvlm.model.set_attn_implementation("sdpa")
+        ref = lvlm.model(**batch.inputs).logits
+        lvlm.model.set_attn_implementation("attnzoo")
+        ours = lvlm.forward(batch).logits
+        with lvlm.attach(IdentityWeights()):
+            explicit = lvlm.forward(batch).logits
+    diff = (ours[real] - ref[real]).abs().max().item()
+    diff_explicit = (explicit[real].float() - ref[real].float()).abs().max().item()
+    scale = ref[real].float().abs().max().item()
+    t_ref, _ = timed_generate(lvlm, batch, 8, True, device)
+    t_ours, _ = timed_generate(lvlm, batch, 8, False, device)
+    with lvlm.attach(IdentityWeights()):
+        t_expl, _ = timed_generate(lvlm, batch, 8, False, device)
+    results["checks"] = {"no_pass_max_abs_logit_diff": diff, "explicit_max_abs_logit_diff": diff_explicit,
+                         "logit_scale": scale, "greedy_identical": bool(torch.equal(t_ref, t_ours)),
+                         "explicit_greedy_identical": bool(torch.equal(t_ref, t_expl))}
+    save()
+    print(f"check: no-pass max |dlogit| = {diff:.3g} (must be 0), explicit-weights max |dlogit| = "
+          f"{diff_explicit:.3g} of max |logit| {scale:.3g}; greedy identical: {torch.equal(t_ref, t_ours)}",
+          flush=True)
+    if diff != 0.0 or not torch.equal(t_ref, t_ours):
+        print("CORRECTNESS CHECK FAILED: the wrapped model differs from the plain one", flush=True)
+        return 1
+
+    variants = [("plain sdpa", True, None), ("attnzoo, no pass", False, None),
+                ("attnzoo, idle pass", False, IdlePass), ("attnzoo, explicit weights", False, IdentityWeights)]
+    for bs in batch_sizes:
+        batch = lvlm.prepare(images[:bs], [PROMPTS[i % len(PROMPTS)] for i in range(bs)])
+        times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+
+        def run(name: str, plain: bool, pass_cls: type | None, batch=batch) -> float:
+            if pass_cls is None:
+                return timed_generate(lvlm, batch, new_tokens, plain, device)[1]
+            with lvlm.attach(pass_cls()):
+                return timed_generate(lvlm, batch, new_tokens, plain, device)[1]
+
+        for name, plain, pass_cls in variants:  # warm-up
+            run(name, plain, pass_cls)
+        for _ in range(repeats):
+            for name, plain, pass_cls in variants:
+                times[name].append(run(name, plain, pass_cls))
+        base = statistics.median(times["plain sdpa"])
+        for name, _, _ in variants:
+            med = statistics.median(times[name])
+            row = {"batch": bs, "variant": name, "median_s": med, "tokens_per_s": bs * new_tokens / med,
+                   "ms_per_step": 1000 * med / new_tokens, "overhead_pct": 100 * (med / base - 1),
+                   "times_s": times[name]}
+            results["rows"].append(row)
+            save()
+    print(f"\n{results['device']}, {dtype}, {new_tokens} new tokens, prompt with "
+          f"{int(batch.layout.num_image_tokens[0])} image tokens, median of {repeats}")
+    print("| batch | variant | tokens/s | ms/step | overhead vs plain |")
+    print("|---|---|---|---|---|")
+    for r in results["rows"]:
+        print(f"| {r['batch']} | {r['variant']} | {r['tokens_per_s']:.1f} | {r['ms_per_step']:.2f} | "
+              f"{r['overhead_pct']:+.1f}% |")
+    print(f"\nresults: {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
