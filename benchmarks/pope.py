@@ -2,13 +2,12 @@
 scripts (LLaVA's model_vqa_loader: one question, one generate call), on a LLaVA-1.5-7B-shaped model with
 random weights (no download).
 
-    python benchmarks/pope.py                       # H100: 7B shape, bf16, 192 questions, batch 1/8/16/32
+    python benchmarks/pope.py                       # H100: 7B shape, bf16, 96 questions, batch 1/8/16/32
     python benchmarks/pope.py --shape tiny --device cpu --questions 24 --batch-sizes 1,4   # CPU smoke run
 
 Random weights never say "yes" or stop early, so every answer is forced to ``--new-tokens`` tokens
 (``min_new_tokens = max_new_tokens``; POPE answers are a few tokens long) and all methods decode the same
-number of tokens. The language model's vocabulary is the small offline tokenizer's (a few hundred rows
-instead of 32064), which trims about 0.26 GFLOP of LM head per token out of ~14.
+number of tokens (the model is ``attnzoo.mllm.build_random_llava``: the published shape, 32064-row LM head).
 Method: a warm-up generate per batch size first; each variant answers the same questions; wall time with
 ``torch.cuda.synchronize``; medians over ``--repeats``. Results go to ``$OUT/pope_throughput.json`` (or
 ``--out``) after every measurement, so a cut-off run keeps what it finished.
@@ -35,34 +34,12 @@ from attnzoo.eval import EvalItem, build_questions, load_synonyms, markdown_tabl
 
 def build_lvlm(shape: str, device: str, dtype: torch.dtype):
     """A wrapped LLaVA-1.5 with random weights: ``shape`` "7b" (CLIP ViT-L/14-336 + Vicuna-7B) or "tiny"."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    from attnzoo.mllm import build_tiny_llava, wrap
+    from attnzoo.mllm import build_random_llava, build_tiny_llava, wrap
 
     if shape == "tiny":
         model, processor = build_tiny_llava(image_size=336, patch_size=14)
         return wrap(model.to(device=device, dtype=dtype), processor)
-    # the processor (tokenizer, CLIP preprocessing at 336 px, 576 image tokens) from the tiny builder
-    small, processor = build_tiny_llava(image_size=336, patch_size=14, num_layers=1, vision_layers=1)
-    tok = processor.tokenizer
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=small.config.image_token_id,
-                         vision_feature_layer=-2, vision_feature_select_strategy="default")
-    config.pad_token_id = tok.pad_token_id
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # initialise directly in the target dtype, on the device
-    try:
-        with torch.device(device):
-            model = LlavaForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(default)
-    model.to(dtype).eval()
-    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
-        setattr(model.generation_config, key, getattr(tok, key))
+    model, processor = build_random_llava(shape, device=device, dtype=dtype)
     return wrap(model, processor)
 
 
@@ -113,7 +90,7 @@ def main() -> int:
     p.add_argument("--shape", choices=("7b", "tiny"), default="7b")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    p.add_argument("--questions", type=int, default=192)
+    p.add_argument("--questions", type=int, default=96)
     p.add_argument("--batch-sizes", default="1,8,16,32")
     p.add_argument("--new-tokens", type=int, default=4, help="tokens per answer (forced)")
     p.add_argument("--repeats", type=int, default=2)
