@@ -265,13 +265,42 @@ def attnzoo_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     return runtime.run_attention(site, module, query, key, value, attention_mask, scaling, dropout, kwargs)
 
 
-def _as_head_index(heads: Sequence[int] | torch.Tensor | None, num_heads: int, device: torch.device) -> torch.Tensor:
+def _head_list(heads: Sequence[int] | torch.Tensor | None, num_heads: int) -> tuple[int, ...]:
     if heads is None:
-        return torch.arange(num_heads, device=device)
-    idx = torch.as_tensor(heads, dtype=torch.long, device=device).flatten()
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= num_heads):
-        raise ValueError(f"plan heads {idx.tolist()} out of range for {num_heads} heads")
+        return tuple(range(num_heads))
+    out = tuple(int(h) for h in (heads.flatten().tolist() if isinstance(heads, torch.Tensor) else heads))
+    bad = [h for h in out if not 0 <= h < num_heads]
+    if bad:
+        raise ValueError(f"plan heads {bad} out of range [0, {num_heads})")
+    return out
+
+
+_INDEX_CACHE: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+
+
+def _index(heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A cached long tensor of ``heads`` on ``device`` (no host-to-device copy per call)."""
+    key = (heads, device)
+    idx = _INDEX_CACHE.get(key)
+    if idx is None:
+        if len(_INDEX_CACHE) > 4096:
+            _INDEX_CACHE.clear()
+        idx = _INDEX_CACHE[key] = torch.tensor(heads, dtype=torch.long, device=device)
     return idx
+
+
+def _take(x: torch.Tensor, heads: tuple[int, ...], total: int) -> torch.Tensor:
+    """``x[:, heads]`` as a view when ``heads`` is a contiguous range (the common case)."""
+    if heads == tuple(range(heads[0], heads[0] + len(heads))):
+        return x[:, heads[0]:heads[0] + len(heads)]
+    return x[:, _index(heads, x.device)]
+
+
+def _put(x: torch.Tensor, heads: tuple[int, ...], value: torch.Tensor) -> None:
+    if heads == tuple(range(heads[0], heads[0] + len(heads))):
+        x[:, heads[0]:heads[0] + len(heads)] = value
+    else:
+        x[:, _index(heads, x.device)] = value
 
 
 def run_passes(passes: Sequence[AttentionPass], ctx: AttentionContext, backend: str, module: torch.nn.Module,
@@ -306,41 +335,44 @@ def run_passes(passes: Sequence[AttentionPass], ctx: AttentionContext, backend: 
         p, _ = replacers[0]
         out = p.attend(ctx, query, key, value, mask).transpose(1, 2)
     elif explicit:
-        device = query.device
-        idx_per_pass = [_as_head_index(pl.heads, num_heads, device) for _, pl in explicit]
-        chosen = torch.zeros(num_heads, dtype=torch.bool, device=device)
-        for idx in idx_per_pass:
-            chosen[idx] = True
-        sel = chosen.nonzero().flatten()  # heads computed explicitly
-        # position of each head inside the explicit sub-tensor
-        slot = torch.full((num_heads,), -1, dtype=torch.long, device=device)
-        slot[sel] = torch.arange(sel.numel(), device=device)
-        kv_sel = sel // n_rep
-        q_s = query[:, sel]
-        k_s, v_s = key[:, kv_sel], value[:, kv_sel]
-        m_s = mask if mask.shape[1] == 1 else mask[:, sel]
+        heads_per_pass = [_head_list(pl.heads, num_heads) for _, pl in explicit]
+        sel = tuple(sorted(set().union(*heads_per_pass)))  # heads computed explicitly
+        slot = {h: i for i, h in enumerate(sel)}  # position of a head inside the explicit sub-tensor
+        kv_sel = tuple(sorted({h // n_rep for h in sel}))
+        kv_slot = {h: i for i, h in enumerate(kv_sel)}
+        q_s = _take(query, sel, num_heads)
+        k_s, v_s = _take(key, kv_sel, num_kv), _take(value, kv_sel, num_kv)
+        rep = tuple(kv_slot[h // n_rep] for h in sel)  # kv head of each selected query head
+        if rep != tuple(range(len(rep))):
+            k_s, v_s = _take(k_s, rep, len(kv_sel)), _take(v_s, rep, len(kv_sel))
+        m_s = mask if mask.shape[1] == 1 else _take(mask, sel, num_heads)
         scores = torch.matmul(q_s, k_s.transpose(2, 3)).mul_(scaling).float()
         scores = scores.masked_fill(~m_s, torch.finfo(torch.float32).min)
-        for (p, pl), idx in zip(explicit, idx_per_pass):
+        for (p, pl), heads in zip(explicit, heads_per_pass):
             if pl.scores:
-                sub = scores[:, slot[idx]]
-                scores[:, slot[idx]] = p.edit_scores(ctx.with_heads(idx), sub)
+                pos = tuple(slot[h] for h in heads)
+                _put(scores, pos, p.edit_scores(ctx.with_heads(_index(heads, query.device)),
+                                                _take(scores, pos, len(sel))))
         weights = torch.softmax(scores, dim=-1)
-        for (p, pl), idx in zip(explicit, idx_per_pass):
+        for (p, pl), heads in zip(explicit, heads_per_pass):
             if pl.weights:
-                sub = weights[:, slot[idx]]
-                weights[:, slot[idx]] = p.edit_weights(ctx.with_heads(idx), sub)
+                pos = tuple(slot[h] for h in heads)
+                _put(weights, pos, p.edit_weights(ctx.with_heads(_index(heads, query.device)),
+                                                  _take(weights, pos, len(sel))))
         weights = torch.nn.functional.dropout(weights.to(query.dtype), p=dropout, training=module.training)
         out_s = torch.matmul(weights, v_s)  # (B, h, q, D)
-        if sel.numel() == num_heads:
+        if len(sel) == num_heads:
             out = out_s
         else:
-            rest = (~chosen).nonzero().flatten()
-            out_r = _sdpa_heads(query[:, rest], key[:, rest // n_rep], value[:, rest // n_rep],
-                                mask if mask.shape[1] == 1 else mask[:, rest], scaling, dropout, module)
+            rest = tuple(h for h in range(num_heads) if h not in slot)
+            kv_rest = tuple(h // n_rep for h in rest)
+            out_r = _sdpa_heads(_take(query, rest, num_heads), _take(key, kv_rest, num_kv),
+                                _take(value, kv_rest, num_kv),
+                                mask if mask.shape[1] == 1 else _take(mask, rest, num_heads), scaling, dropout,
+                                module)
             out = query.new_empty(query.shape[0], num_heads, query.shape[2], value.shape[-1])
-            out[:, sel] = out_s
-            out[:, rest] = out_r
+            _put(out, sel, out_s)
+            _put(out, rest, out_r)
         out = out.transpose(1, 2)
     else:
         out = _sdpa_heads(query, key.repeat_interleave(n_rep, 1) if n_rep > 1 else key,
@@ -360,9 +392,7 @@ def _sdpa_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mas
 
     Query rows whose keys are all masked (left-padding positions) would be NaN in SDPA; they are given a
     uniform row instead, as the models' eager code does (their outputs are never attended to)."""
-    dead = ~mask.any(-1, keepdim=True)
-    if bool(dead.any()):
-        mask = mask | dead
+    mask = mask | ~mask.any(-1, keepdim=True)  # no host sync: rows with no key left attend uniformly
     return torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, dropout_p=dropout if module.training else 0.0, scale=scaling)
 
