@@ -89,3 +89,18 @@ def test_missing_image_files_and_changed_configuration(tmp_path, coco_root, caps
     (coco_root / "val2014" / "COCO_val2014_000000000002.jpg").unlink()
     code = main(base[:-2] + ["--out", str(tmp_path / "other")])
     assert code == 2 and "image files are missing" in capsys.readouterr().err
+
+
+def test_official_question_file_in_model_mode(tmp_path, coco_root, capsys, monkeypatch):
+    monkeypatch.setattr("attnzoo.eval._cli._load_model", _no_load)
+    images = {"COCO_val2014_000000000001.jpg": ["person", "dog", "frisbee"],
+              "COCO_val2014_000000000003.jpg": ["apple", "orange", "knife"]}
+    qfile = tmp_path / "coco_pope_popular.json"
+    write_questions(build_questions(images, "popular"), qfile)
+    argv = ["eval", "pope", "--model", "m", "--coco-root", str(coco_root), "--questions", str(qfile),
+            "--limit", "5", "--mitigation", "none", "--out", str(tmp_path / "runs")]
+    with pytest.raises(_ModelLoad):
+        main(argv)
+    config = json.loads((tmp_path / "runs" / "pope_popular_none" / "config.json").read_text())
+    assert config["items"] == 12 and config["split"] == "popular" and config["gen_kwargs"]["max_new_tokens"] == 128
+    assert main(argv + ["--split", "random"]) == 2 and "leave out --split" in capsys.readouterr().err
