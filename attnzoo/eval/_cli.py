@@ -130,9 +130,9 @@ def _score_chair(args: argparse.Namespace, records: list[dict], path: Path) -> d
     check_coco_root(args.coco_root, args.coco_split, captions=True, images=False)
     captions = []
     for n, rec in enumerate(records, 1):
-        text = rec.get("caption", rec.get("answer"))
+        text = rec.get("caption", rec.get("answer", rec.get("text")))
         if "image_id" not in rec or text is None:
-            raise UsageError(f"{path}: record {n} needs image_id and caption (or answer)")
+            raise UsageError(f"{path}: record {n} needs image_id and caption (or answer, or text)")
         captions.append((int(rec["image_id"]), str(text)))
     dataset = CocoDataset(args.coco_root, args.coco_split, captions=True)
     chair = Chair()

@@ -250,22 +250,31 @@ def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str,
             "yes_ratio": (tp + fp) / n, "tp": tp, "fp": fp, "tn": tn, "fn": fn, "n": n}
 
 
+def answer_text(record: Mapping) -> str:
+    """The answer of an answer record: its ``answer`` field, else ``text`` (LLaVA's ``model_vqa_loader`` files
+    keep the answer in ``text``)."""
+    if "answer" in record:
+        return str(record["answer"])
+    if "text" in record:
+        return str(record["text"])
+    raise ValueError(f"answer record without 'answer' (or LLaVA-style 'text') field: {dict(record)!r:.120}")
+
+
 def match_answers(answers: Sequence[Mapping], questions: Sequence[PopeQuestion]) -> list[tuple[PopeQuestion, str]]:
     """Pair answer records with their questions; returns ``[(question, raw answer text)]`` in question order.
 
     Answers carrying ``question_id`` are matched by id (every question must be answered once); answers
     without ids are matched by position, as the official ``evaluate.py`` does, and then their ``question``
-    or ``text`` field, when present, must equal the question's text.
+    field (or ``text``, when the answer is in ``answer``), when present, must equal the question's text.
     """
-    if any("answer" not in a for a in answers):
-        raise ValueError("every answer record needs an 'answer' field")
+    texts = [answer_text(a) for a in answers]
     if all("question_id" in a for a in answers):
         by_id: dict[int, str] = {}
-        for a in answers:
+        for a, text in zip(answers, texts):
             qid = int(a["question_id"])
             if qid in by_id:
                 raise ValueError(f"question_id {qid} is answered twice")
-            by_id[qid] = str(a["answer"])
+            by_id[qid] = text
         missing = [q.question_id for q in questions if q.question_id not in by_id]
         extra = set(by_id) - {q.question_id for q in questions}
         if missing or extra:
@@ -276,12 +285,12 @@ def match_answers(answers: Sequence[Mapping], questions: Sequence[PopeQuestion])
         raise ValueError(f"{len(answers)} answers without question_id for {len(questions)} questions; answers "
                          "without ids must be in question order, one per question")
     pairs = []
-    for n, (a, q) in enumerate(zip(answers, questions), 1):
-        asked = a.get("question", a.get("text"))
+    for n, (a, text, q) in enumerate(zip(answers, texts, questions), 1):
+        asked = a.get("question", a.get("text") if "answer" in a else None)
         if asked is not None and asked.strip().lower() != q.text.strip().lower():
             raise ValueError(f"answer {n} is for {asked!r} but question {n} is {q.text!r}; answers must follow "
                              "the question file's order")
-        pairs.append((q, str(a["answer"])))
+        pairs.append((q, text))
     return pairs
 
 

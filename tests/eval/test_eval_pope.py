@@ -172,6 +172,11 @@ def test_score_answers_by_id_and_by_order():
         score_answers(by_id[1:], qs)
     with pytest.raises(ValueError, match="twice"):
         score_answers(by_id + by_id[:1], qs)
+    llava_style = [{"question_id": q.question_id, "prompt": q.text, "text": "No" if q.label == "no" else "Yes"}
+                   for q in qs]  # LLaVA's model_vqa_loader keeps the answer in "text"
+    assert score_answers(llava_style, qs)["accuracy"] == 1.0
+    with pytest.raises(ValueError, match="'answer'"):
+        score_answers([{"question_id": 1}], qs)
 
 
 def test_counter_of_labels_balanced():
