@@ -44,15 +44,15 @@ def _check_against_reference(q, k, v, index, num_regions, backend, scale=None, g
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize(("h", "w", "nreg", "topk", "dqk", "dv"), [
-    (8, 12, (2, 3), 2, 16, 16),    # non-square map and region grid
-    (4, 6, (2, 3), 1, 8, 24),      # topk = 1, d_v != d_qk
-    (6, 6, 3, 4, 16, 8),           # 2x2-token regions, several regions per key tile
+@pytest.mark.parametrize(("b", "h", "w", "nreg", "topk", "dqk", "dv"), [
+    (2, 8, 12, (2, 3), 2, 16, 16),    # non-square map and region grid, batch > 1
+    (1, 4, 6, (2, 3), 1, 8, 24),      # topk = 1, d_v != d_qk
+    (1, 6, 6, 3, 4, 16, 8),           # 2x2-token regions, several regions per key tile
 ])
-def test_routed_matches_reference(rng, backend, h, w, nreg, topk, dqk, dv):
+def test_routed_matches_reference(rng, backend, b, h, w, nreg, topk, dqk, dv):
     nh, nw = (nreg, nreg) if isinstance(nreg, int) else nreg
-    q, k, v = _inputs(rng, 2, h, w, 2, dqk, dv)
-    index = _random_index(rng, 2, nh * nw, topk)
+    q, k, v = _inputs(rng, b, h, w, 2, dqk, dv)
+    index = _random_index(rng, b, nh * nw, topk)
     _check_against_reference(q, k, v, index, nreg, backend, scale=0.3)
 
 
