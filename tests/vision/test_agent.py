@@ -203,20 +203,38 @@ def test_block_layouts() -> None:
     assert [b.attn.agent_num for b in deit_s.blocks] == [4, 4, 9, 9, 16, 16, 16, 16, 16, 16, 25, 25]
 
 
+@pytest.fixture(scope="module")
+def tiny_models() -> dict[str, torch.nn.Module]:
+    """The registered tiny variants, built once (weight init dominates the cost of these tests)."""
+    torch.manual_seed(0)
+    return {name: timm.create_model(name).eval() for name in ("agent_deit_tiny", "agent_pvt_tiny", "agent_swin_tiny")}
+
+
 @pytest.mark.parametrize("name", ["agent_deit_tiny", "agent_pvt_tiny", "agent_swin_tiny"])
-def test_forward_shape(name: str) -> None:
-    model = timm.create_model(name, num_classes=7).eval()
+def test_forward_shape(name: str, tiny_models: dict[str, torch.nn.Module]) -> None:
+    model = tiny_models[name]
+    x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
-        out = model(torch.randn(2, 3, 224, 224))
-    assert out.shape == (2, 7) and torch.isfinite(out).all()
+        out = model(x)
+        final, inter = model.forward_intermediates(x)
+    assert out.shape == (2, 1000) and torch.isfinite(out).all()
+    if "deit" in name:
+        assert [t.shape for t in inter] == [(2, 192, 14, 14)] * 12
+    else:
+        channels = [64, 128, 320, 512] if "pvt" in name else [96, 192, 384, 768]
+        assert [tuple(t.shape) for t in inter] == [(2, c, s, s) for c, s in zip(channels, (56, 28, 14, 7))]
+        with torch.no_grad():  # the head on the returned final features gives the logits
+            assert_close(model.forward_head(final), out)
     with pytest.raises((ValueError, AssertionError)):  # fixed input size: a clear refusal, not silent garbage
         model(torch.randn(1, 3, 192, 192))
 
 
 @pytest.mark.parametrize("name, nhwc", [("agent_pvt_tiny", False), ("agent_swin_tiny", True)])
 def test_features_only(name: str, nhwc: bool) -> None:
-    model = timm.create_model(name, features_only=True).eval()
-    channels = [64, 128, 320, 512] if "pvt" in name else [96, 192, 384, 768]
+    # narrow widths keep the build cheap; the stage structure is the registered variant's
+    narrow = dict(embed_dims=(16, 32, 80, 128)) if "pvt" in name else dict(embed_dim=24)
+    model = timm.create_model(name, features_only=True, **narrow).eval()
+    channels = [16, 32, 80, 128] if "pvt" in name else [24, 48, 96, 192]
     assert model.feature_info.channels() == channels
     assert model.feature_info.reduction() == [4, 8, 16, 32]
     with torch.no_grad():
