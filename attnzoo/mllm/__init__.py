@@ -18,10 +18,17 @@ from __future__ import annotations
 from .attention import AttentionContext, AttentionPass, Plan, attnzoo_attention, register
 from .layout import ImageSpan, TokenLayout
 from .lvlm import ARCHITECTURES, LVLM, Batch, PassHandle, load, wrap
-from .tiny import build_random_llava, build_tiny, build_tiny_llava, build_tiny_llava_next, build_tiny_qwen2_vl
+from .tiny import (
+    build_random_llava,
+    build_tiny,
+    build_tiny_llava,
+    build_tiny_llava_next,
+    build_tiny_qwen2_5_vl,
+    build_tiny_qwen2_vl,
+)
 
 __all__ = [
     "ARCHITECTURES", "LVLM", "AttentionContext", "AttentionPass", "Batch", "ImageSpan", "PassHandle", "Plan",
     "TokenLayout", "attnzoo_attention", "build_random_llava", "build_tiny", "build_tiny_llava", "build_tiny_llava_next",
-    "build_tiny_qwen2_vl", "load", "register", "wrap",
+    "build_tiny_qwen2_5_vl", "build_tiny_qwen2_vl", "load", "register", "wrap",
 ]

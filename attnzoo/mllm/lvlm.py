@@ -458,7 +458,12 @@ class LVLM:
                                  "left empty for such samples", level=30)
                 continue
             c1 = c0 + len(prompt)
-            enc = tok(text, return_offsets_mapping=True)
+            try:
+                enc = tok(text, return_offsets_mapping=True)
+            except (NotImplementedError, ValueError, TypeError):
+                log_once(logger, f"{type(tok).__name__} gives no character offsets; instruction_mask left empty",
+                         level=30)
+                break
             small_ids, offsets = enc["input_ids"], enc["offset_mapping"]
             real = attn[b].nonzero().flatten()
             row = ids[b, real].tolist()

@@ -1,4 +1,4 @@
-"""Tiny, randomly initialised LLaVA / LLaVA-NeXT / Qwen2-VL models built fully offline.
+"""Tiny, randomly initialised LLaVA / LLaVA-NeXT / Qwen2-VL / Qwen2.5-VL models built fully offline.
 
 Each builder returns ``(model, processor)`` with a byte-level BPE tokenizer trained in-process on a small
 fixed corpus, the family's image processor and chat template, and random weights drawn from a seeded
@@ -289,13 +289,39 @@ def build_tiny_qwen2_vl(
     ``patch_size * merge_size``; each image becomes ``(h / patch / merge) * (w / patch / merge)`` tokens between
     ``<|vision_start|>`` and ``<|vision_end|>``. The chat template is Qwen2-VL's (ChatML with a system turn).
     """
-    from transformers import (
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
-    )
+    return _build_tiny_qwen("qwen2_vl", save_dir, seed, patch_size, merge_size, min_pixels, max_pixels,
+                            hidden_size, num_layers, num_heads, num_kv_heads, vision_layers, corpus, vocab_size)
+
+
+def build_tiny_qwen2_5_vl(
+    save_dir: str | Path | None = None,
+    *,
+    seed: int = 0,
+    patch_size: int = 4,
+    merge_size: int = 2,
+    min_pixels: int = 16 * 16,
+    max_pixels: int = 32 * 32,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    vision_layers: int = 2,
+    corpus: list[str] | None = None,
+    vocab_size: int = 400,
+) -> tuple[Any, Any]:
+    """A tiny Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``): as :func:`build_tiny_qwen2_vl`, with
+    Qwen2.5-VL's windowed vision attention (window of ``2 * patch_size * merge_size`` pixels; the last
+    vision layer attends over the full image, as ``fullatt_block_indexes`` does in the real model)."""
+    return _build_tiny_qwen("qwen2_5_vl", save_dir, seed, patch_size, merge_size, min_pixels, max_pixels,
+                            hidden_size, num_layers, num_heads, num_kv_heads, vision_layers, corpus, vocab_size)
+
+
+def _build_tiny_qwen(version: str, save_dir: str | Path | None, seed: int, patch_size: int, merge_size: int,
+                     min_pixels: int, max_pixels: int, hidden_size: int, num_layers: int, num_heads: int,
+                     num_kv_heads: int, vision_layers: int, corpus: list[str] | None,
+                     vocab_size: int) -> tuple[Any, Any]:
+    import transformers
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     tokenizer = build_tokenizer(
         QWEN_SPECIAL, extra_tokens=("<|im_start|>", "<|im_end|>"), corpus=corpus, vocab_size=vocab_size,
@@ -306,8 +332,10 @@ def build_tiny_qwen2_vl(
                                             temporal_patch_size=2)
     video_processor = Qwen2VLVideoProcessor(size=size, patch_size=patch_size, merge_size=merge_size,
                                             temporal_patch_size=2)
-    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                 video_processor=video_processor, chat_template=CHAT_TEMPLATES["qwen2_vl"])
+    prefix = "Qwen2VL" if version == "qwen2_vl" else "Qwen2_5_VL"
+    processor = getattr(transformers, f"{prefix}Processor")(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+        chat_template=CHAT_TEMPLATES["qwen2_vl"])
     head_dim = hidden_size // num_heads
     # M-RoPE splits the rotary half-dimension into (temporal, height, width) sections, 1:1.5:1.5 as in Qwen2-VL.
     half = head_dim // 2
@@ -318,18 +346,22 @@ def build_tiny_qwen2_vl(
         **_text_kwargs(tokenizer, hidden_size, num_layers, num_heads, num_kv_heads),
         rope_parameters={"rope_type": "default", "mrope_section": mrope_section, "rope_theta": 10000.0},
     )
-    vision = dict(
-        depth=vision_layers, embed_dim=hidden_size, hidden_size=hidden_size, num_heads=num_heads,
-        patch_size=patch_size, spatial_merge_size=merge_size, temporal_patch_size=2, mlp_ratio=2,
-    )
-    config = Qwen2VLConfig(
+    if version == "qwen2_vl":
+        vision = dict(depth=vision_layers, embed_dim=hidden_size, hidden_size=hidden_size, num_heads=num_heads,
+                      patch_size=patch_size, spatial_merge_size=merge_size, temporal_patch_size=2, mlp_ratio=2)
+    else:
+        vision = dict(depth=vision_layers, hidden_size=hidden_size, out_hidden_size=hidden_size,
+                      intermediate_size=2 * hidden_size, num_heads=num_heads, patch_size=patch_size,
+                      spatial_merge_size=merge_size, temporal_patch_size=2, window_size=2 * patch_size * merge_size,
+                      fullatt_block_indexes=[vision_layers - 1])
+    config = getattr(transformers, f"{prefix}Config")(
         text_config=text, vision_config=vision, image_token_id=tokenizer.image_token_id,
         video_token_id=tokenizer.video_token_id,
         vision_start_token_id=tokenizer.convert_tokens_to_ids(QWEN_SPECIAL["vision_start_token"]),
         vision_end_token_id=tokenizer.convert_tokens_to_ids(QWEN_SPECIAL["vision_end_token"]),
     )
     config.pad_token_id = tokenizer.pad_token_id
-    model = Qwen2VLForConditionalGeneration(config)
+    model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config)
     return _finish(model, processor, seed, save_dir)
 
 
@@ -393,11 +425,12 @@ TINY_BUILDERS = {
     "llava": build_tiny_llava,
     "llava_next": build_tiny_llava_next,
     "qwen2_vl": build_tiny_qwen2_vl,
+    "qwen2_5_vl": build_tiny_qwen2_5_vl,
 }
 
 
 def build_tiny(family: str, save_dir: str | Path | None = None, **kwargs: Any) -> tuple[Any, Any]:
-    """Dispatch to the tiny builder of ``family`` ("llava", "llava_next" or "qwen2_vl")."""
+    """Dispatch to the tiny builder of ``family`` ("llava", "llava_next", "qwen2_vl" or "qwen2_5_vl")."""
     if family not in TINY_BUILDERS:
         raise ValueError(f"no tiny builder for family {family!r}; choose one of {sorted(TINY_BUILDERS)}")
     return TINY_BUILDERS[family](save_dir, **kwargs)

@@ -8,6 +8,8 @@ import torch
 from PIL import Image
 
 FAMILIES = ("llava", "llava_next", "qwen2_vl")
+# Qwen2.5-VL shares Qwen2-VL's code path; it joins the tests where its windowed vision attention could differ.
+ALL_FAMILIES = (*FAMILIES, "qwen2_5_vl")
 
 # Different lengths on purpose: the batch gets left padding.
 PROMPTS = ["Is there a dog?", "Please describe this image in detail. Is there a person on the street?"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import assert_close
-from mllm_testing import FAMILIES, PROMPTS, images, plain_model, wrapped
+from mllm_testing import ALL_FAMILIES, FAMILIES, PROMPTS, images, plain_model, wrapped
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -41,7 +41,7 @@ def test_wrapped_sdpa_matches_plain_eager(family):
     assert_close(ours[real], ref[real], torch.float32)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_greedy_generation_token_identical(family):
     lvlm = wrapped(family)
     plain, _ = plain_model(family)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mllm_testing import FAMILIES, PROMPTS, images, wrapped
+from mllm_testing import ALL_FAMILIES, FAMILIES, PROMPTS, images, wrapped
 
 
 def _merged_embeddings(lvlm, batch) -> torch.Tensor:
@@ -25,7 +25,7 @@ def _merged_embeddings(lvlm, batch) -> torch.Tensor:
     return seen["embeds"]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_layout_matches_single_sample_layouts(family):
     lvlm = wrapped(family)
     imgs = images()
@@ -58,7 +58,7 @@ def test_layout_matches_single_sample_layouts(family):
     assert lay.template_mask.sum() > 0
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_image_positions_hold_image_features(family):
     """Image spans hold the projected vision features, in order; text positions hold token embeddings;
     LLaVA-NeXT newline positions hold the learned image_newline vector and nothing else does."""
@@ -72,7 +72,7 @@ def test_image_positions_hold_image_features(family):
     assert not torch.isclose(embeds[lay.image_mask], token_embeds[lay.image_mask]).all(-1).any()
     inputs = batch.inputs
     with torch.no_grad():
-        if family == "qwen2_vl":
+        if family.startswith("qwen"):
             feats = lvlm.model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
         elif family == "llava_next":
             feats = lvlm.model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"])

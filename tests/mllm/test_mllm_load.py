@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mllm_testing import FAMILIES, PROMPTS, images
+from mllm_testing import ALL_FAMILIES, FAMILIES, PROMPTS, images
 
 from attnzoo.mllm import ARCHITECTURES, LVLM, build_tiny, load
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_build_save_reload(family, tmp_path):
     model, processor = build_tiny(family, tmp_path / family, seed=3)
     size = sum(f.stat().st_size for f in (tmp_path / family).iterdir())

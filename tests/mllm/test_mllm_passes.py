@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 from helpers import assert_close
-from mllm_testing import FAMILIES, PROMPTS, images, plain_model, wrapped
+from mllm_testing import ALL_FAMILIES, PROMPTS, images, plain_model, wrapped
 
 from attnzoo.mllm import AttentionContext, AttentionPass, Plan
 
@@ -146,7 +146,7 @@ def test_pass_matches_eager_recomputation_llava(case):
     _compare("llava", case)
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llava"])
+@pytest.mark.parametrize("family", [f for f in ALL_FAMILIES if f != "llava"])
 def test_pass_matches_eager_recomputation_other_families(family):
     _compare(family, "weights-some-heads")
 
