@@ -1,0 +1,370 @@
+"""Routed (BiFormer) and halo (HaloNet) attention on the GPU: correctness, then every formulation side by side.
+
+Run on a CUDA machine: ``python benchmarks/sparse.py [--out DIR] [--only SUBSTR ...] [--no-flex]``.
+
+1. Correctness: the triton, flex and torch backends against the float64 reference on small random shapes,
+   forward and backward, fp32 and bf16; then the triton backend against the fp32 torch backend at a real
+   BiFormer stage and a real halonet stage (bf16 inputs).
+2. Speed (bf16, ``triton.testing.do_bench`` medians, forward and forward+backward):
+   - routed, at BiFormer-T/S (same attention shapes) and BiFormer-B stages 1-3, at 224 (batch 32, n_win 7)
+     and 512 (batch 8, n_win 16, the dense-prediction setting): the attention core *including* routing
+     (region means, affinity, top-k) for ``official`` (BiFormer's gather + matmul + softmax, as in
+     ops/bra_legacy.py), ``gather+sdpa`` (our torch backend), ``flex`` (per-call block mask) and ``ours``;
+     ``dense sdpa`` is full attention over the stage without routing.
+   - halo, at halonet26t / halonet50ts stage shapes (batch 32, input 256): the attention core from the q /
+     kv projections to the output: ``timm`` (HaloAttn.forward with its convolutions replaced by the
+     precomputed projections, so exactly timm's code path), ``flex``, ``unfold`` (our torch backend),
+     ``ours``, and ``dense sdpa`` over the stage.
+   Effective TFLOP/s count the kept query-key pairs only (4 * pairs * d forward, 3.5x that forward+backward).
+   Memory: peak allocated during one forward+backward above what the inputs hold.
+Results: ``OUT/sparse_bench.json`` (``$OUT`` or ``--out``), rewritten after every row; a markdown table
+at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import attnzoo.kernels as K  # noqa: E402
+from attnzoo.kernels import halo_attention, region_routing, routed_attention  # noqa: E402
+from attnzoo.kernels.reference import halo_attention_reference, routed_attention_reference  # noqa: E402
+
+# name: (batch, map, dim, heads, n_win, topk); head_dim 32 as in the official models
+ROUTED = {
+    "biformer_t/s_224_s1": (32, 56, 64, 2, 7, 1),
+    "biformer_t/s_224_s2": (32, 28, 128, 4, 7, 4),
+    "biformer_t/s_224_s3": (32, 14, 256, 8, 7, 16),
+    "biformer_b_224_s1": (32, 56, 96, 3, 7, 1),
+    "biformer_b_224_s2": (32, 28, 192, 6, 7, 4),
+    "biformer_b_224_s3": (32, 14, 384, 12, 7, 16),
+    "biformer_t/s_512_s1": (8, 128, 64, 2, 16, 1),
+    "biformer_t/s_512_s2": (8, 64, 128, 4, 16, 4),
+    "biformer_t/s_512_s3": (8, 32, 256, 8, 16, 16),
+    "biformer_b_512_s1": (8, 128, 96, 3, 16, 1),
+    "biformer_b_512_s2": (8, 64, 192, 6, 16, 4),
+    "biformer_b_512_s3": (8, 32, 384, 12, 16, 16),
+}
+FLEX_ROUTED = {"biformer_t/s_224_s1", "biformer_t/s_224_s2", "biformer_t/s_224_s3", "biformer_t/s_512_s1"}
+
+# name: (batch, map, dim_out, heads, block, halo, stride); halonet at input 256
+HALO = {
+    "halonet26t_s3": (32, 16, 256, 8, 8, 2, 1),
+    "halonet26t_s4a": (32, 16, 512, 8, 8, 2, 2),
+    "halonet26t_s4b": (32, 8, 512, 8, 8, 2, 1),
+    "halonet50ts_s2": (32, 32, 128, 4, 8, 3, 1),
+    "halonet50ts_s3": (32, 16, 256, 8, 8, 3, 1),
+    "halonet50ts_s4": (32, 8, 512, 8, 8, 3, 1),
+}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+# ---------------------------------------------------------------- correctness
+
+def check_small(dev: torch.device, backends: tuple[str, ...]) -> list[dict]:
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for backend in backends:
+        # flex compiles per dtype and shape: fp32 only, to save time
+        for dtype in (torch.float32,) if backend == "flex" else (torch.float32, torch.bfloat16):
+            # routed: 12x12 map, 3x3 regions of 16 tokens, topk 3, d_v != d_qk
+            q, k = (torch.randn(2, 12, 12, 2, 32, generator=gen) for _ in range(2))
+            v = torch.randn(2, 12, 12, 2, 16, generator=gen)
+            index = torch.stack([torch.stack([torch.randperm(9, generator=gen)[:3] for _ in range(9)])
+                                 for _ in range(2)])
+            inputs = [t.to(dev, dtype).requires_grad_() for t in (q, k, v)]
+            cpu64 = [t.double().requires_grad_() for t in (q, k, v)]
+            with K.use_backend(backend):
+                out = routed_attention(*inputs, index.to(dev), 3)
+            ref = routed_attention_reference(*cpu64, index, 3)
+            grad = torch.randn_like(ref)
+            got = torch.autograd.grad(out, inputs, grad.to(dev, dtype))
+            want = torch.autograd.grad(ref, cpu64, grad)
+            errs = [rel_err(out, ref)] + [rel_err(g, w) for g, w in zip(got, want)]
+            rows.append(dict(op="routed", backend=backend, dtype=str(dtype), rel_err_out_dq_dk_dv=errs))
+            # halo: 16x24 map, block 8, halo 3, stride 2 and 1, position tables
+            for stride in (1, 2):
+                q = torch.randn(2, 16 // stride, 24 // stride, 2, 32, generator=gen)
+                k = torch.randn(2, 16, 24, 2, 32, generator=gen)
+                v = torch.randn(2, 16, 24, 2, 16, generator=gen)
+                tabs = [0.2 * torch.randn(27, 32, generator=gen) for _ in range(2)]
+                inputs = [t.to(dev, dtype).requires_grad_() for t in (q, k, v)]
+                inputs += [t.to(dev).requires_grad_() for t in tabs]
+                cpu64 = [t.double().requires_grad_() for t in (q, k, v, *tabs)]
+                with K.use_backend(backend):
+                    out = halo_attention(*inputs[:3], 8, 3, *inputs[3:], block_stride=stride)
+                ref = halo_attention_reference(*cpu64[:3], 8, 3, *cpu64[3:], block_stride=stride)
+                grad = torch.randn_like(ref)
+                got = torch.autograd.grad(out, inputs, grad.to(dev, dtype))
+                want = torch.autograd.grad(ref, cpu64, grad)
+                errs = [rel_err(out, ref)] + [rel_err(g, w) for g, w in zip(got, want)]
+                rows.append(dict(op=f"halo stride {stride}", backend=backend, dtype=str(dtype),
+                                 rel_err_out_dq_dk_dv_drelh_drelw=errs))
+    return rows
+
+
+def check_real(dev: torch.device) -> list[dict]:
+    rows = []
+    b, m, dim, heads, n_win, topk = ROUTED["biformer_t/s_224_s2"]
+    q, k, v = (torch.randn(b, m, m, heads, dim // heads, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    _, index = region_routing(q.flatten(3), k.flatten(3), n_win, topk)
+    outs = {}
+    for backend in ("triton", "torch"):
+        ins = [t.float().requires_grad_() if backend == "torch" else t.clone().requires_grad_() for t in (q, k, v)]
+        with K.use_backend(backend):
+            out = routed_attention(*ins, index, n_win, scale=dim ** -0.5)
+        grads = torch.autograd.grad(out, ins, torch.ones_like(out))
+        outs[backend] = [out, *grads]
+    rows.append(dict(op="routed biformer_t/s_224_s2 bf16 triton vs fp32 torch",
+                     rel_err_out_dq_dk_dv=[rel_err(a, b) for a, b in zip(outs["triton"], outs["torch"])]))
+    b, m, dim, heads, block, halo, stride = HALO["halonet50ts_s3"]
+    d = dim // heads
+    q = torch.randn(b, m // stride, m // stride, heads, d, device=dev, dtype=torch.bfloat16)
+    k, v = (torch.randn(b, m, m, heads, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    tabs = [0.2 * torch.randn(2 * (block + 2 * halo) - 1, d, device=dev) for _ in range(2)]
+    outs = {}
+    for backend in ("triton", "torch"):
+        ins = [t.float().requires_grad_() if backend == "torch" else t.clone().requires_grad_() for t in (q, k, v)]
+        ts = [t.clone().requires_grad_() for t in tabs]
+        with K.use_backend(backend):
+            out = halo_attention(*ins, block, halo, *ts, block_stride=stride)
+        grads = torch.autograd.grad(out, ins + ts, torch.ones_like(out))
+        outs[backend] = [out, *grads]
+    rows.append(dict(op="halo halonet50ts_s3 bf16 triton vs fp32 torch",
+                     rel_err_out_dq_dk_dv_drelh_drelw=[rel_err(a, b) for a, b in zip(outs["triton"], outs["torch"])]))
+    return rows
+
+
+# ---------------------------------------------------------------- timing
+
+def measure(fn, inputs: list[torch.Tensor]) -> dict:
+    from triton.testing import do_bench
+
+    def fwd():
+        with torch.no_grad():
+            fn()
+
+    def fwd_bwd():
+        out = fn()
+        grads = torch.autograd.grad(out, inputs, torch.ones_like(out))
+        return grads
+
+    fwd_ms = do_bench(fwd, warmup=10, rep=40, return_mode="median")
+    fb_ms = do_bench(fwd_bwd, warmup=10, rep=40, return_mode="median")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return dict(fwd_ms=fwd_ms, fwd_bwd_ms=fb_ms, peak_mb=peak)
+
+
+def official_bra(q, k, v, n_win, topk, scale):
+    """BiFormer's bra_legacy.py attention core, restated: routing on detached region means, gather of
+    the top-k kv regions (topk x region copies), per-head matmul, softmax, matmul."""
+    b, h, w, heads, d = q.shape
+    weight, index = region_routing(q.flatten(3).detach(), k.flatten(3).detach(), n_win, topk, scale=scale)
+    rh, rw = h // n_win, w // n_win
+
+    def regions(x):
+        return x.reshape(b, n_win, rh, n_win, rw, heads * x.shape[-1]).permute(0, 1, 3, 2, 4, 5).reshape(
+            b, n_win * n_win, rh * rw, -1)
+
+    qr, kvr = regions(q), regions(torch.cat([k, v], -1))
+    r, t, ckv = kvr.shape[1:]
+    kv_sel = torch.gather(kvr.view(b, 1, r, t, ckv).expand(-1, r, -1, -1, -1), 2,
+                          index.view(b, r, topk, 1, 1).expand(-1, -1, -1, t, ckv))
+    kv_sel = kv_sel.view(b * r, topk * t, heads, 2 * d).permute(0, 2, 1, 3)
+    k_sel, v_sel = kv_sel[..., :d], kv_sel[..., d:]
+    qh = qr.view(b * r, t, heads, d).transpose(1, 2)
+    attn = ((qh * scale) @ k_sel.transpose(-1, -2)).softmax(-1)
+    out = attn @ v_sel  # (b*r, heads, t, d)
+    return out.transpose(1, 2).reshape(b, n_win, n_win, rh, rw, heads, d).permute(0, 1, 3, 2, 4, 5, 6).reshape(
+        b, h, w, heads, d)
+
+
+def ours_routed(backend):
+    def fn(q, k, v, n_win, topk, scale):
+        _, index = region_routing(q.flatten(3).detach(), k.flatten(3).detach(), n_win, topk, scale=scale)
+        with K.use_backend(backend):
+            return routed_attention(q, k, v, index, n_win, scale=scale)
+    return fn
+
+
+def dense_sdpa(q, k, v, scale):
+    b, h, w, heads, d = q.shape
+    qf, kf, vf = (x.reshape(b, h * w, heads, -1).transpose(1, 2) for x in (q, k, v))
+    return F.scaled_dot_product_attention(qf, kf, vf, scale=scale).transpose(1, 2).reshape(b, h, w, heads, -1)
+
+
+class _Given(torch.nn.Module):
+    """Stands in for a convolution: returns a precomputed projection (so timm's forward runs unchanged)."""
+
+    def __init__(self, value: torch.Tensor):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x):
+        return self.value
+
+
+def bench_routed(name, cfg, dev, flex: bool, only_flex: bool = False) -> list[dict]:
+    b, m, dim, heads, n_win, topk = cfg
+    d = dim // heads
+    scale = dim ** -0.5
+    q, k, v = (torch.randn(b, m, m, heads, d, device=dev, dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+    t = (m // n_win) ** 2
+    pairs = b * heads * m * m * topk * t
+    variants = {"official": lambda: official_bra(q, k, v, n_win, topk, scale),
+                "gather+sdpa": lambda: ours_routed("torch")(q, k, v, n_win, topk, scale),
+                "ours": lambda: ours_routed("triton")(q, k, v, n_win, topk, scale),
+                "dense sdpa": lambda: dense_sdpa(q, k, v, scale)}
+    if flex:
+        variants["flex"] = lambda: ours_routed("flex")(q, k, v, n_win, topk, scale)
+    if only_flex:
+        variants = {"flex": variants["flex"]} if flex else {}
+    rows = []
+    for var, fn in variants.items():
+        row = dict(op="routed", shape=name, variant=var, batch=b, map=m, heads=heads, head_dim=d, n_win=n_win,
+                   topk=topk)
+        try:
+            row.update(measure(fn, [q, k, v]))
+            p = b * heads * (m * m) ** 2 if var == "dense sdpa" else pairs
+            row["fwd_tflops"] = 4 * p * d / row["fwd_ms"] / 1e9
+            row["fwd_bwd_tflops"] = 3.5 * 4 * p * d / row["fwd_bwd_ms"] / 1e9
+        except Exception as exc:  # flex rejects some shapes; record why and go on
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        rows.append(row)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def bench_halo(name, cfg, dev, flex: bool, only_flex: bool = False) -> list[dict]:
+    from timm.layers.halo_attn import HaloAttn
+
+    b, m, dim, heads, block, halo, stride = cfg
+    attn = HaloAttn(dim, dim, num_heads=heads, block_size=block, halo_size=halo, stride=stride).to(dev)
+    dqk, dv = attn.dim_head_qk, attn.dim_head_v
+    qc = torch.randn(b, heads * dqk, m // stride, m // stride, device=dev, dtype=torch.bfloat16).requires_grad_()
+    kvc = torch.randn(b, heads * (dqk + dv), m, m, device=dev, dtype=torch.bfloat16).requires_grad_()
+    x = torch.empty(b, dim, m, m, device=dev, dtype=torch.bfloat16)
+    attn.q, attn.kv = _Given(qc), _Given(kvc)
+    attn = attn.to(torch.bfloat16)
+    rel_h, rel_w = attn.pos_embed.height_rel, attn.pos_embed.width_rel
+
+    def ours(backend):
+        def fn():
+            q = qc.unflatten(1, (heads, dqk)).permute(0, 3, 4, 1, 2)
+            kv = kvc.unflatten(1, (heads, dqk + dv))
+            k, v = kv[:, :, :dqk].permute(0, 3, 4, 1, 2), kv[:, :, dqk:].permute(0, 3, 4, 1, 2)
+            with K.use_backend(backend):
+                o = halo_attention(q, k, v, block, halo, rel_h, rel_w, scale=attn.scale, block_stride=stride)
+            return o.flatten(3).permute(0, 3, 1, 2)
+        return fn
+
+    def dense():
+        q = qc.unflatten(1, (heads, dqk)).flatten(3).transpose(2, 3)
+        kv = kvc.unflatten(1, (heads, dqk + dv)).flatten(3).transpose(2, 3)
+        return F.scaled_dot_product_attention(q, kv[..., :dqk], kv[..., dqk:])
+
+    variants = {"timm": lambda: attn(x), "unfold": ours("torch"), "ours": ours("triton"), "dense sdpa": dense}
+    if flex:
+        variants["flex"] = ours("flex")
+    if only_flex:
+        variants = {"flex": variants["flex"]} if flex else {}
+    win = block + 2 * halo
+    nq = (m // stride) ** 2
+    rows = []
+    for var, fn in variants.items():
+        row = dict(op="halo", shape=name, variant=var, batch=b, map=m, heads=heads, head_dim=dqk, block=block,
+                   halo=halo, stride=stride)
+        try:
+            row.update(measure(fn, [qc, kvc]))
+            p = b * heads * nq * (m * m if var == "dense sdpa" else win * win)
+            row["fwd_tflops"] = 4 * p * dqk / row["fwd_ms"] / 1e9
+            row["fwd_bwd_tflops"] = 3.5 * 4 * p * dqk / row["fwd_bwd_ms"] / 1e9
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        rows.append(row)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| op | shape | variant | fwd ms | fwd+bwd ms | fwd TFLOP/s | f+b TFLOP/s | peak MB (f+b) | "
+             "ours speed-up fwd / f+b |", "|---|---|---|---|---|---|---|---|---|"]
+    ours = {(r["op"], r["shape"]): r for r in rows if r["variant"] == "ours" and "error" not in r}
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['op']} | {r['shape']} | {r['variant']} | {r['error'][:60]} ||||||")
+            continue
+        o = ours.get((r["op"], r["shape"]))
+        ratio = (f"{r['fwd_ms'] / o['fwd_ms']:.2f}x / {r['fwd_bwd_ms'] / o['fwd_bwd_ms']:.2f}x" if o else "")
+        lines.append(f"| {r['op']} | {r['shape']} | {r['variant']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
+                     f"{r['fwd_tflops']:.1f} | {r['fwd_bwd_tflops']:.1f} | {r['peak_mb']:.0f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--only", nargs="*", default=None, help="shape names containing any of these")
+    parser.add_argument("--no-flex", action="store_true")
+    parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--only-flex", action="store_true", help="check and time only the flex variants")
+    args = parser.parse_args()
+    dev = torch.device("cuda")
+    torch._dynamo.config.cache_size_limit = 64
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
+                  checks=[], rows=[])
+    path = Path(args.out) / ("sparse_bench_flex.json" if args.only_flex else "sparse_bench.json")
+
+    def save():
+        path.write_text(json.dumps(result, indent=1))
+
+    import triton
+    result["triton"] = triton.__version__
+    if not args.skip_check:
+        backends = ("triton", "torch") if args.no_flex else ("triton", "flex", "torch")
+        if args.only_flex:
+            backends = ("flex",)
+        result["checks"] = check_small(dev, backends) + (check_real(dev) if not args.only_flex else [])
+        save()
+        for c in result["checks"]:
+            print(json.dumps(c), flush=True)
+    for name, cfg in ROUTED.items():
+        if args.only and not any(s in name for s in args.only):
+            continue
+        t0 = time.time()
+        result["rows"] += bench_routed(name, cfg, dev, flex=not args.no_flex and name in FLEX_ROUTED,
+                                       only_flex=args.only_flex)
+        save()
+        print(f"{name} done in {time.time() - t0:.1f}s", flush=True)
+    for name, cfg in HALO.items():
+        if args.only and not any(s in name for s in args.only):
+            continue
+        t0 = time.time()
+        result["rows"] += bench_halo(name, cfg, dev, flex=not args.no_flex and name.startswith("halonet26t"),
+                                     only_flex=args.only_flex)
+        save()
+        print(f"{name} done in {time.time() - t0:.1f}s", flush=True)
+    print(f"\n{result['device']}, torch {result['torch']}, triton {result['triton']}, bf16\n")
+    print(table(result["rows"]))
+
+
+if __name__ == "__main__":
+    main()
