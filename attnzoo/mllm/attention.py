@@ -81,8 +81,9 @@ class AttentionContext:
             (``kv_length - q_length + i``); keys are positions ``0 .. kv_length - 1``.
         is_prefill: True for the first forward of a sequence (no cached keys before it).
         step: decode step: 0 at prefill, ``t`` when the query is generated token ``t``'s successor input.
-        layout: the :class:`TokenLayout` of the batch (text site; ``None`` at the vision site or when the
-            model is called outside :meth:`LVLM.use_layout`).
+        layout: the :class:`TokenLayout` of the batch (``None`` when the model is called outside
+            :meth:`LVLM.use_layout`). At the vision site, ``layout.vision_rows`` maps the rows of the vision
+            batch to samples (CLIP towers) and ``layout.image_samples`` the images to samples.
         image_free: True during the image-free forward (:meth:`LVLM.image_free_forward`).
         module: the attention module (``q_proj`` ... ``o_proj`` live here).
         heads: the query heads the tensors handed to the pass cover (set per pass; ``None`` = all heads).

@@ -78,6 +78,9 @@ class TokenLayout:
         prompts: the user texts, one per sample (used to rebuild image-free inputs).
         padding_side: "left" (required for batched generation) or "right".
         prompt_length: ``L``; the first generated token has position ``L`` in every sample.
+        vision_rows: ``(N,)`` long or None: the sample each row of the vision tower's batch belongs to
+            (LLaVA: one row per image; LLaVA-NeXT: one row per tile, base tile first). None for Qwen2-VL,
+            whose tower sees one image per attention call (in image order, see :attr:`image_samples`).
     """
 
     family: str
@@ -90,6 +93,7 @@ class TokenLayout:
     prompts: tuple[str, ...] = ()
     padding_side: str = "left"
     has_image: tuple[bool, ...] = field(default=())
+    vision_rows: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if not self.has_image:
@@ -106,6 +110,11 @@ class TokenLayout:
     @property
     def device(self) -> torch.device:
         return self.input_ids.device
+
+    @property
+    def image_samples(self) -> tuple[int, ...]:
+        """The sample index of every image, in the order the processor and the vision tower see them."""
+        return tuple(b for b, spans in enumerate(self.images) for _ in spans)
 
     @property
     def padding_mask(self) -> torch.Tensor:
@@ -158,11 +167,14 @@ class TokenLayout:
         """A copy with every tensor on ``device``."""
         kw = {k: getattr(self, k).to(device) for k in
               ("input_ids", "attention_mask", "image_mask", "newline_mask", "instruction_mask")}
+        rows = None if self.vision_rows is None else self.vision_rows.to(device)
         return TokenLayout(family=self.family, images=self.images, prompts=self.prompts,
-                           padding_side=self.padding_side, has_image=self.has_image, **kw)
+                           padding_side=self.padding_side, has_image=self.has_image, vision_rows=rows, **kw)
 
     def select(self, samples: list[int] | torch.Tensor) -> TokenLayout:
-        """The layout of a sub-batch (padding is kept, so positions stay valid for the same KV cache)."""
+        """The layout of a sub-batch (padding is kept, so positions stay valid for the same KV cache).
+
+        ``vision_rows`` is dropped (None): the sub-batch's vision batch is not known without re-processing."""
         idx = torch.as_tensor(samples, dtype=torch.long)
         kw = {k: getattr(self, k)[idx.to(self.device)] for k in
               ("input_ids", "attention_mask", "image_mask", "newline_mask", "instruction_mask")}

@@ -65,8 +65,8 @@ class _Runtime:
         q_len, kv_len = query.shape[2], key.shape[2]
         causal = kwargs.get("is_causal")
         causal = bool(getattr(module, "is_causal", site.site == "text")) if causal is None else bool(causal)
-        layout = self.layout if site.site == "text" else None
-        if layout is not None and layout.batch_size != query.shape[0]:
+        layout = self.layout
+        if site.site == "text" and layout is not None and layout.batch_size != query.shape[0]:
             log_once(logger, f"layout batch {layout.batch_size} != attention batch {query.shape[0]}: passes get "
                              "layout=None for this call (use lvlm.use_layout with the batch's layout)",
                      level=30)
@@ -382,21 +382,22 @@ class LVLM:
         return Batch(inputs=inputs, layout=layout.to(self.device))
 
     def _image_geometry(self, inputs: Any, has_image: list[bool]) -> list[tuple[tuple[int, int] | None,
-                                                                              tuple[int, int] | None, int]]:
-        """Per image (flattened in batch order): (base grid, high-res grid, expected token count or -1)."""
+                                                                              tuple[int, int] | None, int, int]]:
+        """Per image (flattened in batch order): (base grid, high-res grid, expected token count or -1,
+        rows in the vision tower's batch or 0 when the tower is called per image)."""
         n_images = sum(has_image)
-        out: list[tuple[tuple[int, int] | None, tuple[int, int] | None, int]] = []
+        out: list[tuple[tuple[int, int] | None, tuple[int, int] | None, int, int]] = []
         cfg = self.model.config
         if self.family.startswith("qwen"):
             merge = cfg.vision_config.spatial_merge_size
             for t, h, w in inputs["image_grid_thw"].tolist():
-                out.append(((h // merge, w // merge), None, t * h * w // merge ** 2))
+                out.append(((h // merge, w // merge), None, t * h * w // merge ** 2, 0))
             return out
         vc = cfg.vision_config
         side = vc.image_size // vc.patch_size
         base = (side, side) if getattr(cfg, "vision_feature_select_strategy", "default") == "default" else None
         if self.family == "llava":
-            return [(base, None, -1)] * n_images
+            return [(base, None, -1, 1)] * n_images
         # llava_next: reproduce the processor's any-resolution geometry
         from transformers.image_processing_utils import select_best_resolution
 
@@ -411,7 +412,8 @@ class LVLM:
                 new_w = int(round(orig_w * (cur_h / orig_h), 7))
                 cur_w -= 2 * ((cur_w - new_w) // 2)
             count = side * side + cur_h * (cur_w + 1) if base is not None else -1
-            out.append((base, (cur_h, cur_w), count))
+            tiles = -(-best_h // vc.image_size) * -(-best_w // vc.image_size) + 1  # + the downscaled base tile
+            out.append((base, (cur_h, cur_w), count, tiles))
         return out
 
     def _layout(self, inputs: Any, texts: list[str], prompts: list[str], has_image: list[bool]) -> TokenLayout:
@@ -426,7 +428,7 @@ class LVLM:
         for b in range(B):
             sample: list[ImageSpan] = []
             for start, end in runs(image_mask[b]):
-                base, hr, count = geometry[g] if g < len(geometry) else (None, None, -1)
+                base, hr, count, _ = geometry[g] if g < len(geometry) else (None, None, -1, 0)
                 g += 1
                 n = end - start
                 if self.family == "llava" and base is not None and base[0] * base[1] != n:
@@ -440,9 +442,15 @@ class LVLM:
                 sample.append(span)
             spans.append(tuple(sample))
         instruction = self._instruction_mask(ids, attn, texts, prompts)
+        vision_rows = None
+        if geometry and not self.family.startswith("qwen"):
+            samples = [b for b, sample in enumerate(spans) for _ in sample]
+            vision_rows = torch.tensor([b for b, geo in zip(samples, geometry) for _ in range(geo[3])],
+                                       dtype=torch.long)
         return TokenLayout(family=self.family, input_ids=ids, attention_mask=attn, image_mask=image_mask,
                            newline_mask=newline_mask, instruction_mask=instruction, images=tuple(spans),
-                           prompts=tuple(prompts), padding_side="left", has_image=tuple(has_image))
+                           prompts=tuple(prompts), padding_side="left", has_image=tuple(has_image),
+                           vision_rows=vision_rows)
 
     def _instruction_mask(self, ids: torch.Tensor, attn: torch.Tensor, texts: list[str],
                           prompts: list[str]) -> torch.Tensor:

@@ -8,6 +8,8 @@ import pytest
 import torch
 from mllm_testing import ALL_FAMILIES, FAMILIES, PROMPTS, images, wrapped
 
+from attnzoo.mllm import AttentionPass
+
 
 def _merged_embeddings(lvlm, batch) -> torch.Tensor:
     """The inputs_embeds the language model receives (image features already scattered in)."""
@@ -159,3 +161,41 @@ def test_prepare_errors():
         lvlm.prepare(images()[:1], PROMPTS)
     with pytest.raises(TypeError, match="sequence of str"):
         lvlm.prepare(None, [1, 2])
+
+
+class _VisionBatch(AttentionPass):
+    site = "vision"
+
+    def __init__(self):
+        self.rows: list[tuple[int, object]] = []
+
+    def plan(self, ctx):
+        if ctx.site == "vision" and ctx.layer == 0:
+            self.rows.append((ctx.batch_size, ctx.layout))
+        return None
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+def test_vision_rows_map_vision_batch_to_samples(family):
+    lvlm = wrapped(family)
+    imgs = images()
+    batch = lvlm.prepare([imgs[0], None, imgs[1]], [PROMPTS[0], PROMPTS[1], PROMPTS[1]])
+    lay = batch.layout
+    assert lay.image_samples == (0, 2)
+    probe = _VisionBatch()
+    with torch.no_grad(), lvlm.attach(probe):
+        lvlm.forward(batch)
+    assert all(layout is lay for _, layout in probe.rows)
+    if family == "qwen2_vl":
+        assert lay.vision_rows is None and len(probe.rows) == 2  # one call per image
+        return
+    assert [n for n, _ in probe.rows] == [len(lay.vision_rows)]
+    if family == "llava":
+        assert lay.vision_rows.tolist() == [0, 2]
+    else:  # tiles of image 0 (sample 0), then of image 1 (sample 2); the aspect ratios give 3 tiles each
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        cfg = lvlm.model.config
+        tiles = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+                 for s in batch.inputs["image_sizes"]]
+        assert lay.vision_rows.tolist() == [0] * tiles[0] + [2] * tiles[1]

@@ -195,7 +195,7 @@ def test_context_prefill_and_decode_steps():
     assert out.shape == (2, 3)
     text = [c for c in rec.calls if c[0] == "text"]
     vision = [c for c in rec.calls if c[0] == "vision"]
-    assert [c[1] for c in vision] == [0, 1] and all(c[7] is None for c in vision)
+    assert [c[1] for c in vision] == [0, 1] and all(c[7] is batch.layout for c in vision)
     # prefill (both layers) then 2 decode steps (the 3rd token needs no forward)
     assert [(c[1], c[2], c[3], c[4], c[5]) for c in text] == [
         (0, True, 0, L, L), (1, True, 0, L, L),
