@@ -297,3 +297,41 @@ def test_attach_errors_and_composition():
         with pytest.raises(ValueError, match="attach only one of them"), torch.no_grad():
             lvlm.forward(batch)
     assert lvlm.passes == ()
+
+
+class OwnSDPA(AttentionPass):
+    """Takes over the whole computation (as a fused-kernel pass would) with plain SDPA on the given mask."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def plan(self, ctx):
+        return Plan(replace=True) if ctx.site == "text" else None
+
+    def attend(self, ctx, query, key, value, mask):
+        self.calls += 1
+        rep = ctx.num_heads // ctx.num_kv_heads
+        key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
+        mask = mask | ~mask.any(-1, keepdim=True)  # padding rows: any finite output
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask,
+                                                                scale=ctx.scaling)
+
+
+def test_replace_path_matches_plain_model():
+    lvlm = wrapped("llava_next")
+    batch = lvlm.prepare(images(), PROMPTS)
+    real = batch.layout.attention_mask.bool()
+    own = OwnSDPA()
+    gen = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True,
+               return_dict_in_generate=True, pad_token_id=lvlm.tokenizer.pad_token_id)
+    with torch.no_grad(), lvlm.use_layout(batch.layout):
+        plain = lvlm.model(**batch.inputs).logits
+        plain_gen = lvlm.model.generate(**batch.inputs, **gen)
+        with lvlm.attach(own):
+            ours = lvlm.model(**batch.inputs).logits
+            ours_gen = lvlm.model.generate(**batch.inputs, **gen)
+    assert own.calls == lvlm.num_layers * (1 + 1 + 2)  # forward, generate prefill, 2 decode steps
+    assert_close(ours[real], plain[real], torch.float32)
+    for a, b in zip(ours_gen.logits, plain_gen.logits):
+        assert_close(a, b, torch.float32)
+    assert torch.equal(ours_gen.sequences, plain_gen.sequences)
