@@ -18,7 +18,7 @@ from typing import Any
 from .chair import Chair, chair_metrics
 from .pope import PopeQuestion, parse_yes_no, pope_metrics
 from .results import write_results
-from .runner import check_passes, distributed_context, items_fingerprint, run, throughput
+from .runner import describe_pass, distributed_context, items_fingerprint, pass_name, resolve_passes, run, throughput
 from .tasks import TASKS, EvalItem, TaskSpec, chair_items, pope_items
 
 
@@ -31,43 +31,49 @@ class Plan:
     items: list[EvalItem]
     config: dict[str, Any]
     gen_kwargs: dict[str, Any]
-    mitigation: list[str]
+    mitigation: list[Any]
     ground_truth: dict[int, set[str]] = field(default_factory=dict)
 
 
 def _config(task: str, split: str, model: str, spec: TaskSpec, gen_kwargs: Mapping[str, Any],
-            mitigation: Sequence[str], all_items: Sequence[EvalItem]) -> dict[str, Any]:
+            passes: Sequence[Any], all_items: Sequence[EvalItem]) -> dict[str, Any]:
     # ``limit`` is not part of the configuration: a longer run over the same questions resumes a shorter one.
-    return {"task": task, "split": split, "model": model, "mitigation": list(mitigation), "prompt": spec.prompt,
+    return {"task": task, "split": split, "model": model, "mitigation": [describe_pass(p) for p in passes],
+            "prompt": spec.prompt,
             "gen_kwargs": dict(gen_kwargs), "items": len(all_items), "items_sha256": items_fingerprint(all_items)}
 
 
-def mitigation_label(mitigation: Sequence[str]) -> str:
+def mitigation_label(mitigation: Sequence[Any]) -> str:
     """``"none"`` for the baseline, else the pass names joined by ``+``."""
-    return "+".join(mitigation) or "none"
+    return "+".join(pass_name(p) for p in mitigation) or "none"
 
 
 def plan_pope(questions: Sequence[PopeQuestion], image_dir: str | Path, *, split: str, model: str,
-              mitigation: Sequence[str] = (), gen_kwargs: Mapping[str, Any] | None = None, limit: int | None = None,
+              mitigation: Sequence[Any] = (), gen_kwargs: Mapping[str, Any] | None = None, limit: int | None = None,
               spec: TaskSpec = TASKS["pope"]) -> Plan:
-    """A POPE run over ``questions`` (images under ``image_dir``), the first ``limit`` of them if given."""
-    check_passes(mitigation)
+    """A POPE run over ``questions`` (images under ``image_dir``), the first ``limit`` of them if given.
+
+    ``mitigation``: passes applied together, as registry names (the paper's defaults) or pass objects; their
+    names and hyper-parameters become part of the configuration. Unknown names raise ``ValueError`` here,
+    before any model is loaded.
+    """
+    passes = resolve_passes(mitigation)
     kwargs = {**spec.gen_kwargs, **(gen_kwargs or {})}
     items = pope_items(list(questions), image_dir, spec)
-    config = _config("pope", split, model, spec, kwargs, mitigation, items)
-    return Plan("pope", split, items[:limit], config, kwargs, list(mitigation))
+    config = _config("pope", split, model, spec, kwargs, passes, items)
+    return Plan("pope", split, items[:limit], config, kwargs, passes)
 
 
 def plan_chair(images: Sequence[tuple[int, str]], ground_truth: Mapping[int, set[str]], *, model: str,
-               split: str = "val2014", mitigation: Sequence[str] = (), gen_kwargs: Mapping[str, Any] | None = None,
+               split: str = "val2014", mitigation: Sequence[Any] = (), gen_kwargs: Mapping[str, Any] | None = None,
                limit: int | None = None, spec: TaskSpec = TASKS["chair"]) -> Plan:
     """A CHAIR run describing ``images`` (``(image_id, path)``) scored against ``ground_truth`` (image_id ->
-    categories, see :func:`attnzoo.eval.chair.coco_ground_truth`)."""
-    check_passes(mitigation)
+    categories, see :func:`attnzoo.eval.chair.coco_ground_truth`); ``mitigation`` as in :func:`plan_pope`."""
+    passes = resolve_passes(mitigation)
     kwargs = {**spec.gen_kwargs, **(gen_kwargs or {})}
     items = chair_items(list(images), spec)
-    config = _config("chair", split, model, spec, kwargs, mitigation, items)
-    return Plan("chair", split, items[:limit], config, kwargs, list(mitigation), dict(ground_truth))
+    config = _config("chair", split, model, spec, kwargs, passes, items)
+    return Plan("chair", split, items[:limit], config, kwargs, passes, dict(ground_truth))
 
 
 def score_records(plan: Plan, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -91,7 +97,7 @@ def execute(lvlm: Any, plan: Plan, out_dir: str | Path, *, batch_size: int = 8, 
     records = run(lvlm, plan.items, out_dir, plan.config, batch_size=batch_size, gen_kwargs=plan.gen_kwargs,
                   mitigation=plan.mitigation, progress=progress, desc=desc)
     result = {"task": plan.task, "split": plan.split, "model": model_label or plan.config["model"],
-              "mitigation": plan.mitigation, "mitigation_label": mitigation_label(plan.mitigation),
+              "mitigation": plan.config["mitigation"], "mitigation_label": mitigation_label(plan.mitigation),
               "metrics": score_records(plan, records), "questions_per_s": throughput(records), "out": str(out_dir)}
     if distributed_context()[0] == 0:
         write_results([result], Path(out_dir) / "results.json", Path(out_dir) / "results.md")

@@ -56,7 +56,7 @@ def write_json(path: str | Path, obj: object) -> None:
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: ranks may race
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
+        json.dump(obj, f, indent=2, default=str)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())

@@ -50,32 +50,45 @@ def available_passes() -> list[str]:
     return sorted(available()) if callable(available) else []
 
 
-def check_passes(names: Sequence[str]) -> None:
-    """Raise ``ValueError`` for unknown mitigation pass names, listing the valid ones (imports no model)."""
-    if not names:
+def pass_name(p: Any) -> str:
+    """The registry name of a pass given by name or as an object (its ``name`` attribute)."""
+    return p if isinstance(p, str) else str(getattr(p, "name", None) or type(p).__name__.lower())
+
+
+def describe_pass(p: Any) -> dict[str, Any]:
+    """``{"name": ..., **hyper-parameters}`` of a pass object (its ``config()``), for config and result files."""
+    config = p.config() if callable(getattr(p, "config", None)) else {}
+    return {"name": pass_name(p), **config}
+
+
+def check_passes(passes: Sequence[Any]) -> None:
+    """Raise ``ValueError`` for unknown pass names, listing the valid ones; pass objects are taken as they are."""
+    names = [pass_name(p) for p in passes]
+    if len(set(names)) != len(names):
+        raise ValueError(f"mitigation pass listed twice: {names}")
+    wanted = [p for p in passes if isinstance(p, str)]
+    if not wanted:
         return
     valid = available_passes()
-    unknown = [n for n in names if n not in valid]
+    unknown = [n for n in wanted if n not in valid]
     if unknown:
         listed = ", ".join(valid) if valid else "none are registered yet (attnzoo.mitigation has no passes)"
         raise ValueError(f"unknown mitigation pass{'es' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))};"
                          f" valid: {listed}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"mitigation pass listed twice: {list(names)}")
 
 
-def resolve_passes(names: Sequence[str]) -> list[Any]:
-    """Pass objects for ``names`` through ``attnzoo.mitigation.get`` (a registered class is instantiated
-    with the paper's defaults)."""
-    check_passes(names)
-    if not names:
-        return []
+def resolve_passes(passes: Sequence[Any]) -> list[Any]:
+    """Pass objects: names go through ``attnzoo.mitigation.get`` (the paper's defaults; a registered class is
+    instantiated), objects (e.g. ``VAR(first_layer=1)``) are kept."""
+    check_passes(passes)
+    if not any(isinstance(p, str) for p in passes):
+        return list(passes)
     get = importlib.import_module("attnzoo.mitigation").get
-    passes = []
-    for name in names:
-        obj = get(name)
-        passes.append(obj() if isinstance(obj, type) else obj)
-    return passes
+    out = []
+    for p in passes:
+        obj = get(p) if isinstance(p, str) else p
+        out.append(obj() if isinstance(obj, type) else obj)
+    return out
 
 
 @contextlib.contextmanager
@@ -108,7 +121,7 @@ def prepare_output(out_dir: str | Path, config: Mapping[str, Any]) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / CONFIG_FILE
-    config = json.loads(json.dumps(dict(config)))  # normalise (tuples -> lists) for comparison
+    config = json.loads(json.dumps(dict(config), default=str))  # normalise (tuples -> lists) for comparison
     if path.is_file():
         recorded = json.loads(path.read_text(encoding="utf-8"))
         diff = sorted(k for k in set(recorded) | set(config) if recorded.get(k) != config.get(k))
@@ -238,7 +251,7 @@ def _load_images(paths: Sequence[str]) -> list[Any]:
 
 
 def run(lvlm: Any, items: Sequence[EvalItem], out_dir: str | Path, config: Mapping[str, Any], *,
-        batch_size: int = 8, gen_kwargs: Mapping[str, Any] | None = None, mitigation: Sequence[str] = (),
+        batch_size: int = 8, gen_kwargs: Mapping[str, Any] | None = None, mitigation: Sequence[Any] = (),
         progress: bool = True, desc: str = "eval") -> list[dict[str, Any]]:
     """Answer ``items`` with ``lvlm.generate`` and return one record per item, in item order.
 
@@ -249,7 +262,8 @@ def run(lvlm: Any, items: Sequence[EvalItem], out_dir: str | Path, config: Mappi
         config: the run's configuration, recorded in ``config.json`` (see :func:`prepare_output`).
         batch_size: prompts per ``generate`` call (per process).
         gen_kwargs: passed to ``generate`` (e.g. ``max_new_tokens``, ``do_sample``).
-        mitigation: registered pass names applied together (``attnzoo.mitigation.get``) while generating.
+        mitigation: passes applied together while generating: registry names (``attnzoo.mitigation.get``,
+            the paper's defaults) or pass objects.
         progress: show a tqdm bar (one per rank) on stderr.
         desc: the bar's label.
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from attnzoo.eval import EvalItem, merge, prepare_output, read_records, run
+from attnzoo.eval import EvalItem, build_questions, merge, plan_pope, prepare_output, read_records, run
+from attnzoo.eval.evaluate import mitigation_label
 from attnzoo.eval.runner import answered
 
 
@@ -134,6 +135,15 @@ def test_mitigation_passes_resolved_lazily_and_applied(tmp_path, items, monkeypa
     assert recs[0]["answer"] == "prompt 0 @ 8 tag+other None" and lvlm.active_passes == []
     with pytest.raises(ValueError, match="valid: other, tag"):
         run(lvlm, items[:2], tmp_path / "c", CONFIG, mitigation=["tag", "nope"], progress=False)
+    # pass objects (hyper-parameters set by the caller) are used as they are and recorded in the plan's config
+    custom = Tagger("custom")
+    custom.config = lambda: {"alpha": 0.5}
+    recs = run(lvlm, items[:1], tmp_path / "d", CONFIG, mitigation=[custom], progress=False)
+    assert recs[0]["answer"].endswith("custom None")
+    plan = plan_pope(build_questions({"a.jpg": ["dog", "cat", "cup"], "b.jpg": ["car", "bus", "kite"]}, "random"),
+                     tmp_path, split="random", model="m", mitigation=["tag", custom])
+    assert plan.config["mitigation"] == [{"name": "tag"}, {"name": "custom", "alpha": 0.5}]
+    assert mitigation_label(plan.mitigation) == "tag+custom"
 
 
 # ------------------------------------------------------------------------------ tiny LLaVA (attnzoo.mllm)
