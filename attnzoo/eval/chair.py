@@ -25,6 +25,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .coco import CocoDataset
 
 SYNONYMS_PATH = Path(__file__).resolve().parent / "data" / "synonyms.txt"
 
@@ -166,6 +170,6 @@ def chair_metrics(scores: Sequence[CaptionScore]) -> dict[str, float | int]:
     }
 
 
-def coco_ground_truth(chair: Chair, dataset, image_ids: Iterable[int]) -> dict[int, set[str]]:
+def coco_ground_truth(chair: Chair, dataset: CocoDataset, image_ids: Iterable[int]) -> dict[int, set[str]]:
     """Ground truth of ``image_ids`` from a :class:`~attnzoo.eval.coco.CocoDataset` loaded with captions."""
     return {i: chair.ground_truth(dataset.objects(i), dataset.reference_captions(i)) for i in image_ids}
