@@ -25,6 +25,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models._features import feature_take_indices
 from timm.models.pvt_v2 import Attention as SpatialReductionAttention
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ._agent_attention import SpatialReductionAgentAttention
 from ._registry import register_model
@@ -79,12 +80,16 @@ class AgentPvtStage(nn.Module):
                           sr_ratio=sr_ratio, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop,
                           attn_drop=attn_drop, drop_path=drop_path[j], norm_layer=norm_layer)
             for j in range(depth)])
+        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H_in, W_in) -> (B, dim, H, W) with (H, W) = ``grid_size``."""
         x = self.pos_drop(self.patch_embed(x) + self.pos_embed)
         for block in self.blocks:
-            x = block(x, self.grid_size)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, self.grid_size, use_reentrant=False)
+            else:
+                x = block(x, self.grid_size)
         return x.transpose(1, 2).reshape(x.shape[0], -1, *self.grid_size)
 
 
@@ -172,8 +177,13 @@ class AgentPyramidVisionTransformer(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Parameter groups for layer-wise learning-rate decay (timm's convention)."""
-        return dict(stem=r"^stages\.0\.(patch_embed|pos_embed)",
-                    blocks=r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.blocks\.(\d+)")
+        return dict(stem=r"^stages\.0\.(?:patch_embed|pos_embed)", blocks=r"^stages\.(\d+)")
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (less memory, more compute)."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
 
     def get_classifier(self) -> nn.Module:
         """The classifier layer."""

@@ -243,6 +243,21 @@ def test_features_only(name: str, nhwc: bool) -> None:
         assert f.shape == ((1, s, s, c) if nhwc else (1, c, s, s))
 
 
+def test_backward_and_grad_checkpointing(rng: torch.Generator) -> None:
+    # narrow PVT: every parameter (agent biases included) gets a gradient, identical with checkpointing
+    model = timm.create_model("agent_pvt_tiny", embed_dims=(16, 32, 80, 128), num_classes=5, img_size=128)
+    _randomize(model, rng)
+    x = torch.randn(2, 3, 128, 128, generator=rng)
+    model(x).square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).square().sum().backward()
+    for n, p in model.named_parameters():
+        assert_close(p.grad, grads[n], msg=n)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Official checkpoint layout -> timm.create_model(pretrained=True, file=...) -> same outputs
 # ---------------------------------------------------------------------------------------------------------------
