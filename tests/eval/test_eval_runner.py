@@ -99,6 +99,51 @@ def test_torn_last_line_is_discarded_and_the_item_asked_again(tmp_path, items):
     assert lvlm.calls == 0 and shard.read_bytes().endswith(b"}\n")
 
 
+_KILLED_WORKER = """
+import json, os, signal, sys
+from attnzoo.eval import EvalItem, run
+
+items = [EvalItem(**it) for it in json.loads(sys.argv[2])]
+real_fsync = os.fsync
+durable = {"batches": 0}
+
+
+def fsync_then_die(fd):
+    real_fsync(fd)
+    if os.readlink(f"/proc/self/fd/{fd}").endswith("answers.rank0.jsonl"):
+        durable["batches"] += 1
+        if durable["batches"] == 2:  # two batches on disk; die half-way through writing the next record
+            os.write(fd, b'{"id": "q4", "image": "img4.png", "answ')
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Echo:
+    def generate(self, images, prompts, **kw):
+        return [p.upper() for p in prompts]
+
+
+os.fsync = fsync_then_die
+run(Echo(), items, sys.argv[1], {"task": "kill"}, batch_size=2, progress=False)
+"""
+
+
+def test_kill_9_in_the_middle_of_a_write(tmp_path, items):
+    out = tmp_path / "out"
+    script = tmp_path / "worker.py"
+    script.write_text(_KILLED_WORKER)
+    payload = json.dumps([{"id": it.id, "image": it.image, "prompt": it.prompt, "meta": it.meta} for it in items])
+    proc = subprocess.run([sys.executable, str(script), str(out), payload], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    shard = out / "answers.rank0.jsonl"
+    assert shard.read_bytes().count(b"\n") == 4 and not shard.read_bytes().endswith(b"\n")  # a torn 5th line
+    lvlm = FakeLVLM()
+    recs = run(lvlm, items, out, {"task": "kill"}, batch_size=2, progress=False)
+    assert lvlm.asked == ["prompt 4", "prompt 5", "prompt 6"]  # the torn one is asked again, nothing twice
+    assert [r["answer"] for r in recs[:4]] == [f"PROMPT {i}" for i in range(4)]
+    assert [r["id"] for r in read_records(shard)] == [f"q{i}" for i in range(7)]
+
+
 def test_different_configuration_is_refused(tmp_path, items):
     run(FakeLVLM(), items[:2], tmp_path, CONFIG, progress=False)
     with pytest.raises(ValueError, match="different configuration.*model: 'fake' there, 'other' now"):
