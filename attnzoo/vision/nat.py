@@ -9,11 +9,12 @@ https://github.com/SHI-Labs/Neighborhood-Attention-Transformer (``classification
 ``dinats.py``), re-written in timm's layout: blocks -> stages -> model. Attention runs on
 :func:`attnzoo.kernels.na2d` with NAT's relative positional bias inside the kernel.
 
-Three families share one model class, :class:`NAT`:
+Three hierarchical families share one model class, :class:`NAT`:
 - NAT: overlapping conv stem (two stride-2 3x3 convs), strided-conv downsampling, 7x7 neighborhoods.
 - DiNAT: NAT with per-layer dilations (every other layer a dilated neighborhood).
 - DiNAT_s: Swin's layout (4x4 patch embedding, patch merging) with NA in place of window attention and
   dilated NA in place of shifted windows.
+:class:`NATIsotropic` holds the DiNAT paper's isotropic NAT-iso / DiNAT-iso models (ViT layout, ``isotropic.py``).
 
 Layout changes from the official checkpoints (done by :func:`checkpoint_filter_fn`): each stage starts
 with the downsampling that the official code runs at the end of the previous one (``levels.{i}.downsample``
@@ -43,7 +44,7 @@ from timm.models.swin_transformer import PatchMerging
 from ..kernels import na2d
 from ._registry import register_model
 
-__all__ = ["NAT", "NATBlock", "NATStage", "NeighborhoodAttention2d", "checkpoint_filter_fn"]
+__all__ = ["NAT", "NATBlock", "NATIsotropic", "NATStage", "NeighborhoodAttention2d", "checkpoint_filter_fn"]
 
 
 class NeighborhoodAttention2d(nn.Module):
@@ -190,7 +191,45 @@ class NATStage(nn.Module):
         return self.blocks(x)
 
 
-class NAT(nn.Module):
+class _NATBase(nn.Module):
+    """What NAT and NATIsotropic share: init, weight-decay exclusions, the classifier head API."""
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        # Official init: truncated-normal linears, zero biases, unit norms; convs keep PyTorch's default.
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Names of the relative positional bias tables (trained without weight decay, as officially)."""
+        return {n for n, _ in self.named_parameters() if n.endswith(".rpb")}
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        """The final linear layer."""
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier with a fresh one for ``num_classes`` (0: features only, identity)."""
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = global_pool
+        ref = next(self.patch_embed.parameters())
+        self.head.reset(num_classes, pool_type=global_pool)
+        self.head.to(device=ref.device, dtype=ref.dtype)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool (and classify) the output of :meth:`forward_features`."""
+        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
+
+
+class NAT(_NATBase):
     """NAT / DiNAT / DiNAT_s classifier and backbone (timm model API).
 
     ``forward``: images (B, in_chans, H, W), any H, W -> logits (B, num_classes).
@@ -266,22 +305,6 @@ class NAT(nn.Module):
                                    input_fmt=self.output_fmt)
         self.apply(self._init_weights)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        # Official init: truncated-normal linears, zero biases, unit norms; convs keep PyTorch's default.
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        """Names of the relative positional bias tables (trained without weight decay, as officially)."""
-        return {n for n, _ in self.named_parameters() if n.endswith(".rpb")}
-
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Parameter groups for layer-wise LR decay (timm's convention)."""
@@ -299,20 +322,6 @@ class NAT(nn.Module):
         """Recompute each stage's blocks in backward instead of storing their activations."""
         for stage in self.stages:
             stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        """The final linear layer."""
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier with a fresh one for ``num_classes`` (0: features only, identity)."""
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = global_pool
-        ref = next(self.patch_embed.parameters())
-        self.head.reset(num_classes, pool_type=global_pool)
-        self.head.to(device=ref.device, dtype=ref.dtype)
 
     def forward_intermediates(
         self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
@@ -372,9 +381,108 @@ class NAT(nn.Module):
         x = self.stages(x)
         return self.norm(x)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool (and classify) the output of :meth:`forward_features`."""
-        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """images (B, in_chans, H, W) -> logits (B, num_classes)."""
+        return self.forward_head(self.forward_features(x))
+
+
+class NATIsotropic(_NATBase):
+    """Isotropic NAT / DiNAT (the DiNAT paper's ViT-style ablation models): a 16x16 patch embedding, then
+    ``depth`` NAT blocks at one resolution (DiNAT: every other block dilated), final norm, pooled head.
+
+    ``forward``: images (B, in_chans, H, W), any H, W (the official code fixes 224) -> logits.
+    ``forward_features``: -> normed channels-last map (B, H/16, W/16, embed_dim).
+    """
+
+    attnzoo_kernels = ("na2d",)
+
+    def __init__(self, in_chans: int = 3, num_classes: int = 1000, global_pool: str = "avg", patch_size: int = 16,
+                 embed_dim: int = 384, depth: int = 12, num_heads: int = 12, kernel_size: int = 7,
+                 dilation: int = 1, mlp_ratio: float = 4.0, qkv_bias: bool = True, qk_scale: float | None = None,
+                 drop_rate: float = 0.0, pos_drop_rate: float = 0.0, proj_drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1,
+                 norm_layer: type[nn.Module] = nn.LayerNorm) -> None:
+        """
+        Args:
+            dilation: dilation of the odd-numbered blocks (1: NAT-iso, 2: DiNAT-iso); even blocks use 1.
+            Others as in :class:`NAT`.
+        """
+        super().__init__()
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.output_fmt = "NHWC"
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.patch_embed = PatchEmbed(img_size=None, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                                      norm_layer=norm_layer, flatten=False, output_fmt="NHWC",
+                                      strict_img_size=False, dynamic_img_pad=True)
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        self.grad_checkpointing = False
+        self.blocks = nn.Sequential(*[
+            NATBlock(embed_dim, num_heads, kernel_size=kernel_size, dilation=1 if i % 2 == 0 else dilation,
+                     mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, proj_drop=proj_drop_rate,
+                     attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=norm_layer)
+            for i in range(depth)
+        ])
+        self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)]
+        self.norm = norm_layer(embed_dim)
+        self.head = ClassifierHead(embed_dim, num_classes, pool_type=global_pool, drop_rate=drop_rate,
+                                   input_fmt=self.output_fmt)
+        self.apply(self._init_weights)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups for layer-wise LR decay (timm's convention)."""
+        return dict(stem=r"^patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the blocks in backward instead of storing their activations."""
+        self.grad_checkpointing = enable
+
+    def forward_intermediates(
+        self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+        stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Forward that also returns block outputs, each (B, C, H/16, W/16).
+
+        Arguments as in :meth:`NAT.forward_intermediates`, with ``indices`` counting blocks and ``norm``
+        applying the final norm to every intermediate.
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[:max_index + 1]
+        x = self.pos_drop(self.patch_embed(x))
+        for i, block in enumerate(blocks):
+            x = block(x)
+            if i in take_indices:
+                x_inter = self.norm(x) if norm else x
+                intermediates.append(x_inter.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else x_inter)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the blocks (and norm/head) not needed to produce the block outputs ``indices``."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """images (B, in_chans, H, W) -> normed map (B, ceil(H/16), ceil(W/16), embed_dim), channels last."""
+        x = self.pos_drop(self.patch_embed(x))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """images (B, in_chans, H, W) -> logits (B, num_classes)."""
@@ -387,13 +495,15 @@ def _resize_rpb(rpb: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return out.to(rpb.dtype)
 
 
-def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: NAT | None = None) -> dict[str, torch.Tensor]:
-    """Convert an official NAT / DiNAT / DiNAT_s state dict to this module's layout.
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor],
+                         model: NAT | NATIsotropic | None = None) -> dict[str, torch.Tensor]:
+    """Convert an official NAT / DiNAT / DiNAT_s / isotropic state dict to this module's layout.
 
     Accepts the raw state dict the official checkpoints hold (also wrapped under "state_dict"/"model",
     or with DataParallel's "module." prefix). Renames: ``levels.{i}.downsample`` (DiNAT_s:
     ``layers.{i}.downsample``) -> ``stages.{i+1}.downsample``, ``levels.{i}.blocks`` -> ``stages.{i}.blocks``,
-    ``gamma1/2`` -> ``ls1/2.gamma``, ``head`` -> ``head.fc``. Relative position bias tables whose kernel
+    ``gamma1/2`` -> ``ls1/2.gamma``, ``head`` -> ``head.fc``; isotropic models: ``layers.{i}`` -> ``blocks.{i}``.
+    Relative position bias tables whose kernel
     size differs from ``model``'s are resized bicubically (skipped when ``model`` is None). A state dict
     already in this layout is returned unchanged.
     """
@@ -401,7 +511,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: NAT | None 
         if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
             state_dict = state_dict[wrapper]
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
-    if any(k.startswith("stages.") for k in state_dict):
+    if any(k.startswith(("stages.", "blocks.")) for k in state_dict):
         return state_dict
 
     target = model.state_dict() if model is not None else {}
@@ -410,6 +520,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: NAT | None 
         key = re.sub(r"^(?:levels|layers)\.(\d+)\.downsample\.",
                      lambda m: f"stages.{int(m.group(1)) + 1}.downsample.", key)
         key = re.sub(r"^(?:levels|layers)\.(\d+)\.blocks\.", r"stages.\1.blocks.", key)
+        key = re.sub(r"^layers\.(\d+)\.(norm1|attn|norm2|mlp)\.", r"blocks.\1.\2.", key)  # isotropic models
         key = re.sub(r"\.gamma([12])$", r".ls\1.gamma", key)
         key = re.sub(r"^head\.", "head.fc.", key)
         if key.endswith(".attn.rpb") and key in target and target[key].shape != value.shape:
@@ -422,6 +533,16 @@ def _create_nat(variant: str, pretrained: bool = False, **kwargs: Any) -> NAT:
     out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (3, 4, 6, 5))))))
     return build_model_with_cfg(
         NAT, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
+
+
+def _create_nat_isotropic(variant: str, pretrained: bool = False, **kwargs: Any) -> NATIsotropic:
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(
+        NATIsotropic, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **kwargs,
@@ -445,6 +566,10 @@ def _dinat_cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
 
 def _dinat_s_cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
     return _cfg(url, first_conv="patch_embed.proj", paper_ids="arXiv:2209.15001", **kwargs)
+
+
+def _iso_cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
+    return _cfg(url, pool_size=(14, 14), first_conv="patch_embed.proj", paper_ids="arXiv:2209.15001", **kwargs)
 
 
 _NAT_URL = "https://shi-labs.com/projects/nat/checkpoints/CLS/"
@@ -475,6 +600,10 @@ default_cfgs = generate_default_cfgs({
     "dinat_s_large.in22k_ft_in1k": _dinat_s_cfg(_DINAT_URL + "imagenet1k/dinat_s_large_in1k_224.pth"),
     "dinat_s_large.in22k": _dinat_s_cfg(_DINAT_URL + "imagenet22k/dinat_s_large_in22k_224.pth", **_IN22K),
     "dinat_s_large_384.in22k_ft_in1k": _dinat_s_cfg(_DINAT_URL + "imagenet1k/dinat_s_large_in1k_384.pth", **_384),
+    "nat_isotropic_small.in1k": _iso_cfg(_DINAT_URL + "isotropic/nat_isotropic_small_in1k_224.pth"),
+    "nat_isotropic_base.in1k": _iso_cfg(_DINAT_URL + "isotropic/nat_isotropic_base_in1k_224.pth"),
+    "dinat_isotropic_small.in1k": _iso_cfg(_DINAT_URL + "isotropic/dinat_isotropic_small_in1k_224.pth"),
+    "dinat_isotropic_base.in1k": _iso_cfg(_DINAT_URL + "isotropic/dinat_isotropic_base_in1k_224.pth"),
 })
 
 # Dilations of the official configs, per stage and block: dilated layers alternate with plain ones so
@@ -596,3 +725,31 @@ def dinat_s_large(pretrained: bool = False, **kwargs: Any) -> NAT:
 def dinat_s_large_384(pretrained: bool = False, **kwargs: Any) -> NAT:
     """DiNAT_s-Large at 384, dilations 13/6/3: 101.5 GFLOPs, 87.4% top-1."""
     return _build("dinat_s_large_384", pretrained, dict(_S_LARGE, kernel_size=7, dilations=_DIL_S18_384), kwargs)
+
+
+_ISO_SMALL = dict(embed_dim=384, depth=12, num_heads=12, mlp_ratio=4.0, kernel_size=7, drop_path_rate=0.1)
+_ISO_BASE = dict(embed_dim=768, depth=12, num_heads=24, mlp_ratio=4.0, kernel_size=7, drop_path_rate=0.4)
+
+
+@register_model
+def nat_isotropic_small(pretrained: bool = False, **kwargs: Any) -> NATIsotropic:
+    """NAT-iso-Small (ViT-S layout, 7x7 NA): 22M params, 4.3 GFLOPs, 80.0% top-1."""
+    return _create_nat_isotropic("nat_isotropic_small", pretrained, **dict(_ISO_SMALL, dilation=1) | kwargs)
+
+
+@register_model
+def nat_isotropic_base(pretrained: bool = False, **kwargs: Any) -> NATIsotropic:
+    """NAT-iso-Base (ViT-B layout, 7x7 NA): 86M params, 16.9 GFLOPs, 81.6% top-1."""
+    return _create_nat_isotropic("nat_isotropic_base", pretrained, **dict(_ISO_BASE, dilation=1) | kwargs)
+
+
+@register_model
+def dinat_isotropic_small(pretrained: bool = False, **kwargs: Any) -> NATIsotropic:
+    """DiNAT-iso-Small: NAT-iso-Small with dilation 2 in every other block; 80.8% top-1."""
+    return _create_nat_isotropic("dinat_isotropic_small", pretrained, **dict(_ISO_SMALL, dilation=2) | kwargs)
+
+
+@register_model
+def dinat_isotropic_base(pretrained: bool = False, **kwargs: Any) -> NATIsotropic:
+    """DiNAT-iso-Base: NAT-iso-Base with dilation 2 in every other block; 82.1% top-1."""
+    return _create_nat_isotropic("dinat_isotropic_base", pretrained, **dict(_ISO_BASE, dilation=2) | kwargs)

@@ -1,9 +1,10 @@
-"""NAT / DiNAT / DiNAT_s: parameter counts, shapes, official-checkpoint conversion, kernel backends.
+"""NAT / DiNAT / DiNAT_s / isotropic NAT & DiNAT: parameter counts, shapes, official-checkpoint conversion,
+kernel backends.
 
 The ground truth for the architecture is ``official_forward`` below: a plain float64 re-statement of the
-official ``classification/nat.py`` / ``dinats.py`` forward (with NATTEN 0.14's ``NeighborhoodAttention2D``,
-which zero-pads maps smaller than the dilated window) that reads an official-layout state dict directly,
-with attention from :func:`attnzoo.kernels.reference.na_reference`.
+official ``classification/nat.py`` / ``dinats.py`` / ``isotropic.py`` forward (with NATTEN 0.14's
+``NeighborhoodAttention2D``, which zero-pads maps smaller than the dilated window) that reads an
+official-layout state dict directly, with attention from :func:`attnzoo.kernels.reference.na_reference`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import torch.nn.functional as F
 from helpers import assert_close
 
 import attnzoo
+from attnzoo.kernels import use_backend
 from attnzoo.kernels.reference import na_reference
-from attnzoo.vision.nat import NAT, checkpoint_filter_fn
+from attnzoo.vision.nat import NAT, NATIsotropic, checkpoint_filter_fn
 
 # Official architecture hyper-parameters (SHI-Labs/Neighborhood-Attention-Transformer, classification/).
 _D18 = [[1, 8, 1], [1, 4, 1, 4], [1, 2] * 9, [1] * 5]
@@ -51,28 +53,38 @@ OFFICIAL = {
                           dil=_DS18),
     "dinat_s_large_384": dict(depths=[2, 2, 18, 2], heads=[6, 12, 24, 48], dim=192, mlp=4, k=7, ls=None, swin=True,
                               dil=[[1, 13], [1, 6], [1, 3] * 9, [1, 1]]),
+    "nat_isotropic_small": dict(iso=True, depth=12, heads=12, dim=384, mlp=4, k=7, iso_dil=1),
+    "nat_isotropic_base": dict(iso=True, depth=12, heads=24, dim=768, mlp=4, k=7, iso_dil=1),
+    "dinat_isotropic_small": dict(iso=True, depth=12, heads=12, dim=384, mlp=4, k=7, iso_dil=2),
+    "dinat_isotropic_base": dict(iso=True, depth=12, heads=24, dim=768, mlp=4, k=7, iso_dil=2),
 }
 
 # Exact parameter counts (1000 classes). They equal the sum over the official checkpoint layout below, and
 # round to the official numbers: NAT-M 19.98M, NAT-T 27.90M, NAT-S 51M, NAT-B 90M; DiNAT-L 200M;
-# DiNAT_s-T 28M, -S 50M, -B 88M, -L 197M (README tables).
+# DiNAT_s-T 28M, -S 50M, -B 88M, -L 197M; NAT/DiNAT-iso-S 22M, -B 86M (README tables).
 PARAMS = {
     "nat_mini": 19_984_174, "nat_tiny": 27_901_582, "nat_small": 50_743_297, "nat_base": 89_769_652,
     "dinat_mini": 19_984_174, "dinat_tiny": 27_901_582, "dinat_small": 50_719_681, "dinat_base": 89_769_652,
     "dinat_large": 200_943_514, "dinat_large_384": 200_943_514, "dinat_large_384_11x11": 201_144_250,
     "dinat_s_tiny": 28_288_354, "dinat_s_small": 49_606_258, "dinat_s_base": 87_768_224,
     "dinat_s_large": 196_532_476, "dinat_s_large_384": 196_532_476,
+    "nat_isotropic_small": 21_999_736, "nat_isotropic_base": 86_465_800,
+    "dinat_isotropic_small": 21_999_736, "dinat_isotropic_base": 86_465_800,
 }
 README_MPARAMS = {
     "nat_mini": 19.98, "nat_tiny": 27.90, "nat_small": 51, "nat_base": 90, "dinat_mini": 20, "dinat_tiny": 28,
     "dinat_small": 51, "dinat_base": 90, "dinat_large": 200, "dinat_large_384": 200, "dinat_large_384_11x11": 200,
     "dinat_s_tiny": 28, "dinat_s_small": 50, "dinat_s_base": 88, "dinat_s_large": 197, "dinat_s_large_384": 197,
+    "nat_isotropic_small": 22, "nat_isotropic_base": 86, "dinat_isotropic_small": 22, "dinat_isotropic_base": 86,
 }
 
 
 def official_shapes(cfg: dict, num_classes: int = 1000, in_chans: int = 3) -> dict[str, tuple[int, ...]]:
     """Key -> shape of an official checkpoint (nat.py: ``levels``, conv tokenizer/downsampler; dinats.py:
-    ``layers``, Swin patch embedding and patch merging; NATTEN module ``attn.{qkv,rpb,proj}``)."""
+    ``layers``, Swin patch embedding and patch merging; isotropic.py: ``layers.{i}`` blocks after a 16x16
+    patch embedding; NATTEN module ``attn.{qkv,rpb,proj}``)."""
+    if cfg.get("iso"):
+        return _official_isotropic_shapes(cfg, num_classes, in_chans)
     e, k, n = cfg["dim"], cfg["k"], len(cfg["depths"])
     s: dict[str, tuple[int, ...]] = {}
     if cfg["swin"]:
@@ -83,16 +95,10 @@ def official_shapes(cfg: dict, num_classes: int = 1000, in_chans: int = 3) -> di
     s["patch_embed.norm.weight"] = s["patch_embed.norm.bias"] = (e,)
     level = "layers" if cfg["swin"] else "levels"
     for i in range(n):
-        d, h, hid = e * 2 ** i, cfg["heads"][i], int(e * 2 ** i * cfg["mlp"])
+        d = e * 2 ** i
         for j in range(cfg["depths"][i]):
             p = f"{level}.{i}.blocks.{j}."
-            s[p + "norm1.weight"] = s[p + "norm1.bias"] = (d,)
-            s[p + "attn.qkv.weight"], s[p + "attn.qkv.bias"] = (3 * d, d), (3 * d,)
-            s[p + "attn.rpb"] = (h, 2 * k - 1, 2 * k - 1)
-            s[p + "attn.proj.weight"], s[p + "attn.proj.bias"] = (d, d), (d,)
-            s[p + "norm2.weight"] = s[p + "norm2.bias"] = (d,)
-            s[p + "mlp.fc1.weight"], s[p + "mlp.fc1.bias"] = (hid, d), (hid,)
-            s[p + "mlp.fc2.weight"], s[p + "mlp.fc2.bias"] = (d, hid), (d,)
+            s.update(_official_block_shapes(p, d, cfg["heads"][i], int(d * cfg["mlp"]), k))
             if cfg["ls"] is not None:
                 s[p + "gamma1"] = s[p + "gamma2"] = (d,)
         if i < n - 1:
@@ -109,8 +115,34 @@ def official_shapes(cfg: dict, num_classes: int = 1000, in_chans: int = 3) -> di
     return s
 
 
+def _official_block_shapes(p: str, d: int, h: int, hid: int, k: int) -> dict[str, tuple[int, ...]]:
+    s: dict[str, tuple[int, ...]] = {}
+    s[p + "norm1.weight"] = s[p + "norm1.bias"] = (d,)
+    s[p + "attn.qkv.weight"], s[p + "attn.qkv.bias"] = (3 * d, d), (3 * d,)
+    s[p + "attn.rpb"] = (h, 2 * k - 1, 2 * k - 1)
+    s[p + "attn.proj.weight"], s[p + "attn.proj.bias"] = (d, d), (d,)
+    s[p + "norm2.weight"] = s[p + "norm2.bias"] = (d,)
+    s[p + "mlp.fc1.weight"], s[p + "mlp.fc1.bias"] = (hid, d), (hid,)
+    s[p + "mlp.fc2.weight"], s[p + "mlp.fc2.bias"] = (d, hid), (d,)
+    return s
+
+
+def _official_isotropic_shapes(cfg: dict, num_classes: int, in_chans: int) -> dict[str, tuple[int, ...]]:
+    e = cfg["dim"]
+    s: dict[str, tuple[int, ...]] = {"patch_embed.proj.weight": (e, in_chans, 16, 16), "patch_embed.proj.bias": (e,)}
+    s["patch_embed.norm.weight"] = s["patch_embed.norm.bias"] = (e,)
+    for i in range(cfg["depth"]):
+        s.update(_official_block_shapes(f"layers.{i}.", e, cfg["heads"], int(e * cfg["mlp"]), cfg["k"]))
+    s["norm.weight"] = s["norm.bias"] = (e,)
+    s["head.weight"], s["head.bias"] = (num_classes, e), (num_classes,)
+    return s
+
+
 def model_kwargs(cfg: dict) -> dict:
     """timm.create_model kwargs that build ``cfg`` (for reduced configs)."""
+    if cfg.get("iso"):
+        return dict(depth=cfg["depth"], num_heads=cfg["heads"], embed_dim=cfg["dim"], mlp_ratio=cfg["mlp"],
+                    kernel_size=cfg["k"], dilation=cfg["iso_dil"])
     kw = dict(depths=cfg["depths"], num_heads=cfg["heads"], embed_dim=cfg["dim"], mlp_ratio=cfg["mlp"],
               kernel_size=cfg["k"], layer_scale=cfg["ls"], dilations=cfg.get("dil"))
     return kw
@@ -159,9 +191,24 @@ def _official_na(x: torch.Tensor, sd: dict, p: str, heads: int, k: int, dil: int
     return _lin(out.reshape(B, H, W, C)[:, :H0, :W0], sd, p + "proj.")
 
 
+def _official_block(x: torch.Tensor, sd: dict, p: str, heads: int, k: int, dil: int, ls: float | None) -> torch.Tensor:
+    a = _official_na(_ln(x, sd, p + "norm1."), sd, p + "attn.", heads, k, dil)
+    x = x + (a if ls is None else sd[p + "gamma1"].double() * a)
+    m = _lin(F.gelu(_lin(_ln(x, sd, p + "norm2."), sd, p + "mlp.fc1.")), sd, p + "mlp.fc2.")
+    return x + (m if ls is None else sd[p + "gamma2"].double() * m)
+
+
 def official_forward(sd: dict, cfg: dict, img: torch.Tensor) -> torch.Tensor:
     """Logits of the official model holding state dict ``sd``, for images (B, 3, H, W), in float64."""
     x = img.double()
+    if cfg.get("iso"):  # isotropic.py: 16x16 patches (padded), blocks with dilation 1 / iso_dil alternating
+        x = F.pad(x, (0, (-x.shape[3]) % 16, 0, (-x.shape[2]) % 16))
+        x = F.conv2d(x, sd["patch_embed.proj.weight"].double(), sd["patch_embed.proj.bias"].double(), stride=16)
+        x = _ln(x.permute(0, 2, 3, 1), sd, "patch_embed.norm.")
+        for i in range(cfg["depth"]):
+            x = _official_block(x, sd, f"layers.{i}.", cfg["heads"], cfg["k"], 1 if i % 2 == 0 else cfg["iso_dil"],
+                                None)
+        return _lin(_ln(x, sd, "norm.").mean(dim=(1, 2)), sd, "head.")
     if cfg["swin"]:
         ph, pw = (-x.shape[2]) % 4, (-x.shape[3]) % 4
         x = F.conv2d(F.pad(x, (0, pw, 0, ph)), sd["patch_embed.proj.weight"].double(),
@@ -175,16 +222,8 @@ def official_forward(sd: dict, cfg: dict, img: torch.Tensor) -> torch.Tensor:
     n = len(cfg["depths"])
     for i in range(n):
         for j in range(cfg["depths"][i]):
-            p = f"{level}.{i}.blocks.{j}."
             dil = cfg["dil"][i][j] if cfg.get("dil") else 1
-            a = _official_na(_ln(x, sd, p + "norm1."), sd, p + "attn.", cfg["heads"][i], cfg["k"], dil)
-            if cfg["ls"] is not None:
-                a = sd[p + "gamma1"].double() * a
-            x = x + a
-            m = _lin(F.gelu(_lin(_ln(x, sd, p + "norm2."), sd, p + "mlp.fc1.")), sd, p + "mlp.fc2.")
-            if cfg["ls"] is not None:
-                m = sd[p + "gamma2"].double() * m
-            x = x + m
+            x = _official_block(x, sd, f"{level}.{i}.blocks.{j}.", cfg["heads"][i], cfg["k"], dil, cfg["ls"])
         if i < n - 1:
             p = f"{level}.{i}.downsample."
             if cfg["swin"]:
@@ -205,6 +244,7 @@ SMALL_NAT = dict(depths=[1, 2, 1, 1], heads=[2, 2, 4, 4], dim=16, mlp=2, k=7, ls
                  dil=[[2], [1, 3], [1], [1]])
 SMALL_DINAT_S = dict(depths=[1, 2, 1, 1], heads=[1, 2, 2, 4], dim=16, mlp=4, k=7, ls=None, swin=True,
                      dil=[[2], [1, 2], [1], [1]])
+SMALL_ISO = dict(iso=True, depth=3, heads=2, dim=16, mlp=4, k=5, iso_dil=2)
 
 
 def _create(name: str, cfg: dict, **kw) -> NAT:
@@ -224,7 +264,7 @@ def test_registered_names() -> None:
 def test_param_count_matches_official(name: str) -> None:
     with torch.device("meta"):
         model = timm.create_model(name, pretrained=False)
-    assert isinstance(model, NAT) and model.attnzoo_kernels == ("na2d",)
+    assert isinstance(model, NATIsotropic if "isotropic" in name else NAT) and model.attnzoo_kernels == ("na2d",)
     ours = {k: tuple(v.shape) for k, v in checkpoint_filter_fn(
         {k: torch.empty(s, device="meta") for k, s in official_shapes(OFFICIAL[name]).items()}, model).items()}
     assert ours == {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -251,13 +291,15 @@ def test_pretrained_cfgs_and_tags() -> None:
     assert [b.attn.dilation for b in m.stages[0].blocks] == [1, 8, 1]
 
 
-@pytest.mark.parametrize("cfg, name, seed", [(SMALL_NAT, "nat_small", 0), (SMALL_DINAT_S, "dinat_s_tiny", 1)])
+@pytest.mark.parametrize("cfg, name, seed", [(SMALL_NAT, "nat_small", 0), (SMALL_DINAT_S, "dinat_s_tiny", 1),
+                                             (SMALL_ISO, "dinat_isotropic_small", 7)])
 def test_official_checkpoint_converts_and_matches_official_forward(cfg, name, seed) -> None:
     official = random_official_state_dict(cfg, num_classes=10, seed=seed)
     converted = checkpoint_filter_fn(official, None)
     model = _create(name, cfg, num_classes=10).double().eval()
     model.load_state_dict(converted, strict=True)
-    # 72x60: stage maps 18x15 / 9x8 / 5x4 / 3x2 -- odd sizes, and maps smaller than the (dilated) window.
+    # 72x60: stage maps 18x15 / 9x8 / 5x4 / 3x2 -- odd sizes, and maps smaller than the (dilated) window;
+    # isotropic: 5x4 patches (60 is not a multiple of 16: padded), all windows padded.
     img = torch.randn(2, 3, 72, 60, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     with torch.no_grad():
         out = model(img)
@@ -373,3 +415,57 @@ def test_invalid_configs_raise() -> None:
         timm.create_model("nat_mini", attn_drop_rate=0.1)
     with pytest.raises(ValueError, match="odd"):
         timm.create_model("nat_mini", kernel_size=6)
+
+
+def _tiny_backend_model() -> NAT:
+    """A reduced DiNAT (kernel 3, dilation 2 in stage 0, padded small maps after) for interpreter-speed tests."""
+    torch.manual_seed(0)
+    return timm.create_model("dinat_tiny", depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 2), embed_dim=16,
+                             dilations=((2,), (1,), (1,), (1,)), kernel_size=3, num_classes=4, drop_path_rate=0.0,
+                             layer_scale=0.5)
+
+
+def _run(model: NAT, img: torch.Tensor, backend: str, backward: bool):
+    model.zero_grad()
+    with use_backend(backend):
+        if not backward:
+            with torch.no_grad():
+                return model(img), {}
+        out = model(img)
+        out.square().sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_backends_agree_in_model_triton() -> None:
+    """Fused Triton na2d (interpreter) vs the torch backend inside the model, forward and backward."""
+    model, img = _tiny_backend_model(), torch.randn(1, 3, 24, 20, generator=torch.Generator().manual_seed(5))
+    ref_out, ref_grads = _run(model, img, "torch", backward=True)
+    out, grads = _run(model, img, "triton", backward=True)
+    assert_close(out, ref_out)
+    for name, grad in grads.items():
+        assert_close(grad, ref_grads[name], msg=name)
+    assert ref_grads["stages.0.blocks.0.attn.rpb"].abs().sum() > 0
+
+
+def test_backends_agree_in_model_flex() -> None:
+    """FlexAttention na2d vs the torch backend inside the model (forward; flex has no CPU backward)."""
+    model, img = _tiny_backend_model().eval(), torch.randn(1, 3, 24, 20, generator=torch.Generator().manual_seed(6))
+    ref_out, _ = _run(model, img, "torch", backward=False)
+    out, _ = _run(model, img, "flex", backward=False)
+    assert_close(out, ref_out)
+
+
+def test_isotropic_shapes_and_features() -> None:
+    model = _create("dinat_isotropic_small", SMALL_ISO, num_classes=3).eval()
+    img = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        logits = model(img)
+        final, inter = model.forward_intermediates(img, indices=2)
+    assert logits.shape == (1, 3) and final.shape == (1, 14, 14, SMALL_ISO["dim"])
+    assert [tuple(t.shape) for t in inter] == [(1, SMALL_ISO["dim"], 14, 14)] * 2
+    assert_close(model.forward_head(final), logits)
+    features = _create("dinat_isotropic_small", SMALL_ISO, features_only=True, out_indices=(0, 2)).eval()
+    assert features.feature_info.reduction() == [16, 16] and len(features.model.blocks) == 3
+    with torch.no_grad():
+        maps = features(torch.randn(1, 3, 96, 130))  # 130 is padded to 144: 6x9 patches
+    assert [tuple(t.shape) for t in maps] == [(1, SMALL_ISO["dim"], 6, 9)] * 2
