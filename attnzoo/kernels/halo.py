@@ -185,19 +185,20 @@ def halo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size
     """
     _validate(q, k, v, block_size, halo_size, rel_height, rel_width, block_stride)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    backend = resolve_backend(q.device, "halo_attention")
+    if backend == "triton":
+        from ._halo_triton import halo_attention_triton
+
+        return halo_attention_triton(q, k, v, rel_height, rel_width, block_size, halo_size, block_stride, scale,
+                                     scale_pos_embed)
     win, block_q = block_size + 2 * halo_size, block_size // block_stride
     bias_rows = bias_cols = None
     if rel_height is not None:
         bias_rows, bias_cols = _rel_bias(q, rel_height, rel_width, block_q, win)
         if scale_pos_embed:
             bias_rows, bias_cols = bias_rows * scale, bias_cols * scale
-    backend = resolve_backend(q.device, "halo_attention")
     args = (bias_rows, bias_cols, block_size, halo_size, block_stride, scale)
-    if backend == "triton":
-        from ._halo_triton import halo_attention_triton
-
-        out = halo_attention_triton(q, k, v, *args)
-    elif backend == "flex":
+    if backend == "flex":
         out = _halo_flex(q, k, v, *args)
     else:
         out = _halo_torch(q, k, v, *args)
