@@ -14,6 +14,7 @@ __all__ = ["list_models", "register_model"]
 # --- nat.py (NAT, DiNAT) ---
 from . import nat  # noqa: E402,F401,I001
 # --- biformer.py ---
+from . import biformer  # noqa: E402,F401
 # --- agent attention, ela, pyramid tnt, halonet ---
 from . import agent_deit, agent_pvt, agent_swin  # noqa: E402,F401
 from . import ela  # noqa: E402,F401
