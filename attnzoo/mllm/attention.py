@@ -290,7 +290,7 @@ def _index(heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return idx
 
 
-def _take(x: torch.Tensor, heads: tuple[int, ...], total: int) -> torch.Tensor:
+def _take(x: torch.Tensor, heads: tuple[int, ...]) -> torch.Tensor:
     """``x[:, heads]`` as a view when ``heads`` is a contiguous range (the common case)."""
     if heads == tuple(range(heads[0], heads[0] + len(heads))):
         return x[:, heads[0]:heads[0] + len(heads)]
@@ -324,7 +324,7 @@ def run_passes(passes: Sequence[AttentionPass], ctx: AttentionContext, backend: 
                                  f"{mask.dtype} of shape {tuple(mask.shape)}")
 
     replacers = [(p, pl) for p, pl in plans if pl.replace]
-    explicit = [(p, pl) for p, pl in plans if pl.explicit]
+    explicit = [(p, pl) for p, pl in plans if pl.explicit and (pl.heads is None or len(pl.heads) > 0)]
     if not replacers and not explicit and not any(pl.mask for _, pl in plans):
         # only per-head outputs change: the attention itself is the plain one
         out, _ = _default_attention(backend, module, query, key, value, attention_mask, scaling, dropout, kwargs)
@@ -341,25 +341,25 @@ def run_passes(passes: Sequence[AttentionPass], ctx: AttentionContext, backend: 
         slot = {h: i for i, h in enumerate(sel)}  # position of a head inside the explicit sub-tensor
         kv_sel = tuple(sorted({h // n_rep for h in sel}))
         kv_slot = {h: i for i, h in enumerate(kv_sel)}
-        q_s = _take(query, sel, num_heads)
-        k_s, v_s = _take(key, kv_sel, num_kv), _take(value, kv_sel, num_kv)
+        q_s = _take(query, sel)
+        k_s, v_s = _take(key, kv_sel), _take(value, kv_sel)
         rep = tuple(kv_slot[h // n_rep] for h in sel)  # kv head of each selected query head
         if rep != tuple(range(len(rep))):
-            k_s, v_s = _take(k_s, rep, len(kv_sel)), _take(v_s, rep, len(kv_sel))
-        m_s = mask if mask.shape[1] == 1 else _take(mask, sel, num_heads)
+            k_s, v_s = _take(k_s, rep), _take(v_s, rep)
+        m_s = mask if mask.shape[1] == 1 else _take(mask, sel)
         scores = torch.matmul(q_s, k_s.transpose(2, 3)).mul_(scaling).float()
         scores = scores.masked_fill(~m_s, torch.finfo(torch.float32).min)
         for (p, pl), heads in zip(explicit, heads_per_pass):
             if pl.scores:
                 pos = tuple(slot[h] for h in heads)
                 _put(scores, pos, p.edit_scores(ctx.with_heads(_index(heads, query.device)),
-                                                _take(scores, pos, len(sel))))
+                                                _take(scores, pos)))
         weights = torch.softmax(scores, dim=-1)
         for (p, pl), heads in zip(explicit, heads_per_pass):
             if pl.weights:
                 pos = tuple(slot[h] for h in heads)
                 _put(weights, pos, p.edit_weights(ctx.with_heads(_index(heads, query.device)),
-                                                  _take(weights, pos, len(sel))))
+                                                  _take(weights, pos)))
         weights = torch.nn.functional.dropout(weights.to(query.dtype), p=dropout, training=module.training)
         out_s = torch.matmul(weights, v_s)  # (B, h, q, D)
         if len(sel) == num_heads:
@@ -367,9 +367,9 @@ def run_passes(passes: Sequence[AttentionPass], ctx: AttentionContext, backend: 
         else:
             rest = tuple(h for h in range(num_heads) if h not in slot)
             kv_rest = tuple(h // n_rep for h in rest)
-            out_r = _sdpa_heads(_take(query, rest, num_heads), _take(key, kv_rest, num_kv),
-                                _take(value, kv_rest, num_kv),
-                                mask if mask.shape[1] == 1 else _take(mask, rest, num_heads), scaling, dropout,
+            out_r = _sdpa_heads(_take(query, rest), _take(key, kv_rest),
+                                _take(value, kv_rest),
+                                mask if mask.shape[1] == 1 else _take(mask, rest), scaling, dropout,
                                 module)
             out = query.new_empty(query.shape[0], num_heads, query.shape[2], value.shape[-1])
             _put(out, sel, out_s)
