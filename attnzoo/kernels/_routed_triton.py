@@ -87,9 +87,9 @@ def _routed_fwd(Q, K, V, IDX, O, LSE,
 
 
 @triton.jit
-def _routed_bwd_dq(Q, K, V, IDX, DO, LSE, DELTA, DQ,
+def _routed_bwd_dq(Q, K, V, IDX, DO, O, LSE, DELTA, DQ,
                    sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh,
-                   sib, sir, sdob, sdoy, sdox, sdoh,
+                   sib, sir, sdob, sdoy, sdox, sdoh, sob, soy, sox, soh,
                    W, NTOK, HEADS, TOPK, scale_log2, scale, D_REAL, DV_REAL,
                    RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, MT: tl.constexpr,
                    BLOCK_M: tl.constexpr, KT: tl.constexpr, KR: tl.constexpr,
@@ -105,8 +105,11 @@ def _routed_bwd_dq(Q, K, V, IDX, DO, LSE, DELTA, DQ,
                 mask=m_ok[:, None] & (offs_d[None, :] < D_REAL), other=0.0)
     do = tl.load(DO + b * sdob + qy[:, None] * sdoy + qx[:, None] * sdox + h * sdoh + offs_dv[None, :],
                  mask=m_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)
+    o = tl.load(O + b * sob + qy[:, None] * soy + qx[:, None] * sox + h * soh + offs_dv[None, :],
+                mask=m_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO * O), reused by the dk/dv pass
+    tl.store(DELTA + bh * NTOK + qy * W + qx, delta, mask=m_ok)
     lse = tl.load(LSE + bh * NTOK + qy * W + qx, mask=m_ok, other=0.0)
-    delta = tl.load(DELTA + bh * NTOK + qy * W + qx, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     offs_n = tl.arange(0, KR * KT)
     for s0 in range(0, TOPK, KR):
@@ -242,22 +245,23 @@ class _RoutedAttention(torch.autograd.Function):
         topk = idx.shape[-1]
         r, rh, rw = nh * nw, h // nh, w // nw
         t = rh * rw
-        delta = (dout.float() * out.float()).sum(-1).permute(0, 3, 1, 2).reshape(b, heads, h * w).contiguous()
+        delta = torch.empty(b, heads, h * w, device=q.device, dtype=torch.float32)  # written by the dq pass
         common = dict(RH=rh, RW=rw, NW=nw, T=t, D=max(16, _pow2(dqk)), DV=max(16, _pow2(dv_dim)),
                       **_prec(q.dtype), num_warps=4)
         dq = torch.empty_like(q)
         tiles = _tiles(t, topk)
         mt = triton.cdiv(t, tiles["BLOCK_M"])
         _routed_bwd_dq[(r * mt, b * heads)](
-            q, k, v, idx, dout, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v),
-            idx.stride(0), idx.stride(1), *_strides(dout), w, h * w, heads, topk, scale * _LOG2E, scale,
+            q, k, v, idx, dout, out, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v),
+            idx.stride(0), idx.stride(1), *_strides(dout), *_strides(out), w, h * w, heads, topk, scale * _LOG2E, scale,
             dqk, dv_dim, MT=mt, **tiles, **common)
         # inverse routing table: for each (batch, key region) the query regions that chose it
-        key_region = (idx.long() + torch.arange(b, device=q.device)[:, None, None] * r).reshape(-1)
-        order = torch.argsort(key_region, stable=True)
-        qlist = ((order % (r * topk)) // topk).to(torch.int32)
-        offsets = torch.zeros(b * r + 1, device=q.device, dtype=torch.int32)
-        offsets[1:] = torch.cumsum(torch.bincount(key_region, minlength=b * r), 0)
+        # (sort + searchsorted rather than bincount, which would synchronise with the host)
+        key_region = (idx + torch.arange(0, b * r, r, device=q.device, dtype=torch.int32)[:, None, None]).view(-1)
+        sorted_keys, order = torch.sort(key_region, stable=True)
+        qlist = ((order // topk) % r).to(torch.int32)
+        offsets = torch.searchsorted(sorted_keys, torch.arange(b * r + 1, device=q.device, dtype=torch.int32),
+                                     out_int32=True)
         dk = torch.empty(b, h, w, heads, dqk, device=q.device, dtype=q.dtype)
         dv = torch.empty(b, h, w, heads, dv_dim, device=q.device, dtype=v.dtype)
         block_n = max(16, min(_pow2(t), 64))
