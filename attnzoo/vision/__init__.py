@@ -17,4 +17,7 @@ from . import nat  # noqa: E402,F401,I001
 from . import biformer  # noqa: E402,F401
 # --- agent attention, ela, pyramid tnt, halonet ---
 from . import agent_deit, agent_pvt, agent_swin  # noqa: E402,F401
-from . import ela  # noqa: E402,F401
+from . import ela, halonet, pyramid_tnt  # noqa: E402,F401
+from .halonet import use_fused_attention  # noqa: E402
+
+__all__ += ["use_fused_attention"]
