@@ -51,9 +51,9 @@ class AgentVisionTransformer(VisionTransformer):
         if kwargs.get("dynamic_img_size"):
             raise ValueError("agent DeiT has a fixed input size (agent biases are sized for the patch grid); "
                              "build it with img_size=... instead of dynamic_img_size")
-        if not kwargs.get("class_token", True) or kwargs.get("reg_tokens", 0) or kwargs.get("no_embed_class"):
-            raise ValueError("agent DeiT needs exactly one class token with a position embedding (class_token=True, "
-                             "reg_tokens=0, no_embed_class=False)")
+        if not kwargs.get("class_token", True) or kwargs.get("reg_tokens", 0):
+            raise ValueError("agent DeiT needs exactly one class token and no register tokens (class_token=True, "
+                             "reg_tokens=0): the agent biases cover one prefix token")
         agent_depth = depth if agent_depth is None else agent_depth
         if not 0 <= agent_depth <= depth:
             raise ValueError(f"agent_depth {agent_depth} must be in [0, depth={depth}]")

@@ -165,7 +165,7 @@ def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
         "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": True,
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "first_conv": "patch_embed.proj", "classifier": "head.fc",
-        "paper_ids": "arXiv:2312.08874", "license": "mit", **kwargs,
+        "paper_ids": "arXiv:2312.08874", **kwargs,
     }
 
 
