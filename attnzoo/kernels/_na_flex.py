@@ -66,7 +66,9 @@ def _block_mask(spatial, kernel_size, stride, dilation, is_causal, n_extra: int,
             inside = inside & (kc[a] % d == qc[a] % d) & (sub >= first[qc[a]]) & (sub <= last[qc[a]])
         return keep | inside
 
-    mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n + n_extra, device=device)
+    # On CUDA the mask is built by a compiled kernel (never an N x N tensor in memory).
+    mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n + n_extra, device=device,
+                             _compile=device.type == "cuda")
     if len(_MASK_CACHE) > 64:
         _MASK_CACHE.clear()
     _MASK_CACHE[key] = mask

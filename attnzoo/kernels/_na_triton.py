@@ -115,12 +115,13 @@ def _na_fwd_kernel(
     stride_ob, stride_on, stride_oh, stride_lb, stride_ln,
     H, GROUP, L0, L1, L2, KS0, KS1, KS2, ST0, ST1, ST2, DL0, DL1, DL2, NT0, NT1, NT2, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NDIM: tl.constexpr,
-    CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, HAS_RPB: tl.constexpr, DOT_F32: tl.constexpr,
+    CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, HAS_RPB: tl.constexpr,
+    DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, U0: tl.constexpr, U1: tl.constexpr, U2: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
+    b = (bh // H).to(tl.int64)  # 64-bit batch offsets: batch * tokens * heads * dim may exceed 2**31
     h = bh % H
     kvh = h // GROUP
     g0, g1, g2, Lg0, Lg1, Lg2, t0, t1, t2 = _decode_tile(pid, L0, L1, L2, DL0, DL1, DL2, NT0, NT1, NT2)
@@ -176,7 +177,7 @@ def _na_fwd_kernel(
         kt = tl.load(k_base + kn[:, None] * stride_kn + d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
         if DOT_F32:
             kt = kt.to(tl.float32)
-        s = tl.dot(q, tl.trans(kt)) * qk_scale
+        s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * qk_scale
         pair = _pair_mask(k0, k1, k2, f0, l0, f1, l1, f2, l2, NDIM)
         if HAS_RPB:
             rel = _rpb_index(k0, k1, k2, p0, p1, p2, KS0, KS1, KS2)
@@ -190,7 +191,7 @@ def _na_fwd_kernel(
         vt = tl.load(v_base + kn[:, None] * stride_vn + d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
         if DOT_F32:
             vt = vt.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
         m_i = m_new
 
     acc = acc / l_i[:, None]
@@ -209,14 +210,15 @@ def _na_bwd_dq_kernel(
     stride_ob, stride_on, stride_oh, stride_lb, stride_ln,
     H, GROUP, L0, L1, L2, KS0, KS1, KS2, ST0, ST1, ST2, DL0, DL1, DL2, NT0, NT1, NT2, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NDIM: tl.constexpr,
-    CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, HAS_RPB: tl.constexpr, DOT_F32: tl.constexpr,
+    CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, HAS_RPB: tl.constexpr,
+    DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
     RPB_GRAD: tl.constexpr,
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, U0: tl.constexpr, U1: tl.constexpr, U2: tl.constexpr,
 ):
     """dq (and drpb by atomics) for one query tile: recompute P from the logsumexp, dS = P * (dP - delta)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
+    b = (bh // H).to(tl.int64)  # 64-bit batch offsets: batch * tokens * heads * dim may exceed 2**31
     h = bh % H
     kvh = h // GROUP
     g0, g1, g2, Lg0, Lg1, Lg2, t0, t1, t2 = _decode_tile(pid, L0, L1, L2, DL0, DL1, DL2, NT0, NT1, NT2)
@@ -274,15 +276,15 @@ def _na_bwd_dq_kernel(
         if DOT_F32:
             kt = kt.to(tl.float32)
             vt = vt.to(tl.float32)
-        s = tl.dot(q, tl.trans(kt)) * qk_scale
+        s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * qk_scale
         pair = _pair_mask(k0, k1, k2, f0, l0, f1, l1, f2, l2, NDIM) & q_ok[:, None]
         if HAS_RPB:
             rel = _rpb_index(k0, k1, k2, p0, p1, p2, KS0, KS1, KS2)
             s += tl.load(RPB + rpb_off + rel, mask=pair, other=0.0) * 1.4426950408889634
         p = tl.where(pair, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(vt))
+        dp = tl.dot(do, tl.trans(vt), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kt.dtype), kt)
+        dq += tl.dot(ds.to(kt.dtype), kt, input_precision=DOT_PREC)
         if RPB_GRAD:
             tl.atomic_add(DRPB + rpb_off + rel, ds, mask=pair)
     dq = dq * scale
@@ -297,14 +299,15 @@ def _na_bwd_dkdv_kernel(
     stride_ob, stride_on, stride_oh, stride_lb, stride_ln,
     HKV, GROUP, L0, L1, L2, KS0, KS1, KS2, ST0, ST1, ST2, DL0, DL1, DL2, NT0, NT1, NT2, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NDIM: tl.constexpr,
-    CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, HAS_RPB: tl.constexpr, DOT_F32: tl.constexpr,
+    CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, HAS_RPB: tl.constexpr,
+    DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, U0: tl.constexpr, U1: tl.constexpr, U2: tl.constexpr,
 ):
     """dk, dv for one key tile (shape U) of one kv head: sweep the query tiles (shape T) that can see it,
     for every query head of the GQA group (no atomics)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // HKV
+    b = (bh // HKV).to(tl.int64)
     kvh = bh % HKV
     g0, g1, g2, Lg0, Lg1, Lg2, t0, t1, t2 = _decode_tile(pid, L0, L1, L2, DL0, DL1, DL2, NT0, NT1, NT2)
     j0, j1, j2 = _tile_coords(U0, U1, U2)
@@ -361,16 +364,16 @@ def _na_bwd_dkdv_kernel(
                 do = do.to(tl.float32)
             lse2 = tl.load(LSE + b * stride_lb + h + qn * stride_ln, mask=q_ok, other=0.0) * 1.4426950408889634
             delta = tl.load(DELTA + b * stride_lb + h + qn * stride_ln, mask=q_ok, other=0.0)
-            s = tl.dot(q, tl.trans(kt)) * qk_scale
+            s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * qk_scale
             pair = _pair_mask(k0, k1, k2, f0, l0, f1, l1, f2, l2, NDIM) & q_ok[:, None] & kv_ok[None, :]
             if HAS_RPB:
                 rel = _rpb_index(k0, k1, k2, p0, p1, p2, KS0, KS1, KS2)
                 s += tl.load(RPB + rpb_off + rel, mask=pair, other=0.0) * 1.4426950408889634
             p = tl.where(pair, tl.exp2(s - lse2[:, None]), 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dp = tl.dot(do, tl.trans(vt))
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
+            dp = tl.dot(do, tl.trans(vt), input_precision=DOT_PREC)
             ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
     dk = dk * scale
     tl.store(DK + b * stride_kb + kvh * stride_kh + kn[:, None] * stride_kn + d[None, :], dk.to(DK.dtype.element_ty),
              mask=col_mask)
@@ -382,14 +385,12 @@ def _na_bwd_dkdv_kernel(
 
 # (query tile, key tile, num_warps, num_stages) candidates per dimensionality; tiles are padded to 3-D.
 _GPU_CONFIGS = {
-    1: [((1, 1, 64), (1, 1, 64), 4, 2), ((1, 1, 128), (1, 1, 64), 8, 2), ((1, 1, 64), (1, 1, 32), 4, 3),
-        ((1, 1, 128), (1, 1, 128), 8, 2), ((1, 1, 64), (1, 1, 128), 4, 2)],
-    2: [((1, 8, 8), (1, 8, 8), 4, 2), ((1, 8, 16), (1, 8, 8), 4, 2), ((1, 16, 8), (1, 8, 8), 4, 2),
-        ((1, 8, 8), (1, 8, 16), 4, 2), ((1, 8, 16), (1, 8, 16), 8, 2), ((1, 4, 16), (1, 8, 8), 4, 2),
-        ((1, 16, 16), (1, 8, 16), 8, 2)],
-    3: [((4, 4, 4), (4, 4, 4), 4, 2), ((2, 4, 8), (2, 4, 8), 4, 2), ((4, 4, 8), (4, 4, 4), 8, 2),
-        ((2, 8, 8), (4, 4, 4), 8, 2), ((4, 4, 4), (2, 4, 8), 4, 2)],
+    1: [((1, 1, 64), (1, 1, 64), 4, 3), ((1, 1, 128), (1, 1, 64), 8, 3), ((1, 1, 128), (1, 1, 128), 8, 2)],
+    2: [((1, 8, 8), (1, 8, 8), 4, 3), ((1, 8, 16), (1, 8, 16), 4, 3), ((1, 16, 8), (1, 8, 16), 8, 2)],
+    3: [((4, 4, 4), (4, 4, 4), 4, 3), ((2, 4, 8), (2, 4, 8), 4, 3), ((4, 4, 8), (4, 4, 8), 8, 2)],
 }
+# Problems smaller than this (batch * heads * tokens) run the first config untuned: tuning would cost more.
+_TUNE_MIN_WORK = 2**16
 # Tiny tiles for the CPU interpreter: its cost is per program and per block dot.
 _INTERPRET_CONFIG = {1: ((1, 1, 16), (1, 1, 16)), 2: ((1, 4, 4), (1, 4, 4)), 3: ((1, 4, 4), (1, 4, 4))}
 _TUNED: dict[tuple, tuple] = {}
@@ -418,6 +419,14 @@ def _configs(na_dim: int):
 def _dot_in_f32(q: torch.Tensor) -> bool:
     """The CPU interpreter computes bfloat16 ``tl.dot`` wrongly (triton 3.8): there, upcast tiles to fp32."""
     return triton_interpreting() and q.dtype == torch.bfloat16
+
+
+def _dot_precision(q: torch.Tensor) -> str:
+    """float32 inputs get float32-accurate dots: 3xTF32 on tensor cores (plain TF32 loses ~3 digits, and
+    "ieee" FMA dots of these tile sizes take minutes to compile). The interpreter computes in numpy."""
+    if q.dtype != torch.float32:
+        return "tf32"
+    return "ieee" if triton_interpreting() else "tf32x3"
 
 
 def _check_supported(q: torch.Tensor, v: torch.Tensor) -> None:
@@ -463,8 +472,8 @@ def na_forward(q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb, ad
 
     consts = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), NDIM=na_dim,
                   CAUSAL0=causal[0], CAUSAL1=causal[1], CAUSAL2=causal[2], HAS_RPB=rpb is not None,
-                  DOT_F32=_dot_in_f32(q))
-    key = ("fwd", spatial, ks, st, dl, causal, head_dim, q.dtype, rpb is not None, heads, kv_heads, batch)
+                  DOT_F32=_dot_in_f32(q), DOT_PREC=_dot_precision(q))
+    key = ("fwd", spatial, ks, st, dl, causal, head_dim, q.dtype, rpb is not None, heads, kv_heads, batch * heads * n)
     _launch_tiled(_na_fwd_kernel, grid, launch_args, consts, _configs(na_dim), key)
     if additional_keys is not None:
         out, lse = _merge_extra(q, out, lse, additional_keys, additional_values, scale)
@@ -489,14 +498,27 @@ def _launch_tiled(kernel, grid, launch_args, consts, configs, key, time_fn=None)
         kernel[grid(tile, kv_tile)](*launch_args(tile, kv_tile), **consts, T0=tile[0], T1=tile[1], T2=tile[2],
                                     U0=kv_tile[0], U1=kv_tile[1], U2=kv_tile[2], num_warps=warps, num_stages=stages)
 
+    if key not in _TUNED and (len(configs) == 1 or key[-1] < _TUNE_MIN_WORK):
+        # Untuned: the first config that fits this GPU (large fp32 head dims overflow shared memory).
+        tile, kv_tile, warps, _ = configs[0]
+        for cfg in [*configs, (tile, kv_tile, warps, 1)]:
+            try:
+                if time_fn is not None:
+                    time_fn()
+                run(cfg)
+            except triton.runtime.errors.OutOfResources:
+                continue
+            _TUNED[key] = cfg
+            return
+        raise RuntimeError(f"no NA kernel config fits this GPU for {key}")
     if key not in _TUNED:
         from triton.testing import do_bench
 
         best, best_ms = configs[0], float("inf")
-        for cfg in configs:
+        for cfg in [*configs, (configs[0][0], configs[0][1], configs[0][2], 1)]:
             try:
                 ms = do_bench(lambda cfg=cfg: (time_fn() if time_fn else None, run(cfg)), warmup=3, rep=15)
-            except Exception:  # a config this GPU cannot run (shared memory, registers): skip it
+            except triton.runtime.errors.OutOfResources:  # a config this GPU cannot run: skip it
                 continue
             if ms < best_ms:
                 best, best_ms = cfg, ms
@@ -540,8 +562,9 @@ def na_backward(grad_out, q, k, v, out, lse, kernel_size, stride, dilation, is_c
                heads * head_dim, head_dim, n * heads, heads)
     geometry = (*spatial, *ks, *st, *dl)
     consts = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), NDIM=na_dim,
-                  CAUSAL0=causal[0], CAUSAL1=causal[1], CAUSAL2=causal[2], HAS_RPB=has_rpb, DOT_F32=_dot_in_f32(q))
-    key = (spatial, ks, st, dl, causal, head_dim, q.dtype, has_rpb, heads, kv_heads, batch)
+                  CAUSAL0=causal[0], CAUSAL1=causal[1], CAUSAL2=causal[2], HAS_RPB=has_rpb,
+                  DOT_F32=_dot_in_f32(q), DOT_PREC=_dot_precision(q))
+    key = (spatial, ks, st, dl, causal, head_dim, q.dtype, has_rpb, heads, kv_heads, batch * heads * n)
 
     def dq_grid(tile, kv_tile):
         return lambda meta: (math.prod(dl) * math.prod(_grid_tiles(spatial, dl, tile)), batch * heads)
