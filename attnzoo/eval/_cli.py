@@ -47,6 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                        help="model dtype (default: the loader's)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    chair.add_argument("--clip-model", metavar="ARCH", default=None,
+                       help="also report a CLIP image-caption score with this open_clip architecture (e.g. ViT-B-32)")
+    chair.add_argument("--clip-pretrained", metavar="TAG_OR_FILE", default="openai",
+                       help="open_clip pretrained tag (needs network once) or local checkpoint (default: openai)")
     pope.add_argument("--split", default=None,
                       help="comma-separated POPE splits: random, popular, adversarial (default: all three)")
     pope.add_argument("--questions", metavar="FILE",
@@ -66,12 +70,31 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of ``attnzoo eval``; returns the exit code."""
     task = args.eval_task
     try:
+        args.clip_scorer = _clip_scorer(args)  # before any LVLM loads: an offline refusal comes first
         if args.score:
             return _score(args)
         plans = _plans(args)
-    except (UsageError, ValueError, FileNotFoundError) as e:
+    except (UsageError, ValueError, FileNotFoundError, RuntimeError) as e:
         return _fail(task, str(e))
     return _execute(args, plans)
+
+
+def _clip_scorer(args: argparse.Namespace) -> Any:
+    if getattr(args, "clip_model", None) is None:
+        return None
+    from .clip_score import CLIPScorer
+
+    return CLIPScorer(args.clip_model, args.clip_pretrained, device=args.device)
+
+
+def _add_clip_score(args: argparse.Namespace, metrics: dict[str, Any], pairs: list[tuple[str, str]]) -> None:
+    """Add ``clip_score`` (mean CLIPScore of the captions) to CHAIR ``metrics`` when --clip-model was given."""
+    if args.clip_scorer is None:
+        return
+    from .clip_score import mean_clip_score
+
+    metrics["clip_score"] = round(mean_clip_score(args.clip_scorer, pairs), 4)
+    metrics["clip_model"] = args.clip_scorer.name
 
 
 # ---------------------------------------------------------------------------------------- scoring
@@ -137,6 +160,9 @@ def _score_chair(args: argparse.Namespace, records: list[dict], path: Path) -> d
     dataset = CocoDataset(args.coco_root, args.coco_split, captions=True)
     chair = Chair()
     metrics, _ = chair.score(captions, coco_ground_truth(chair, dataset, {i for i, _ in captions}))
+    if args.clip_scorer is not None:
+        check_coco_root(args.coco_root, args.coco_split, captions=True, images=True)
+        _add_clip_score(args, metrics, [(str(dataset.image_path(i)), text) for i, text in captions])
     return metrics
 
 
@@ -236,6 +262,16 @@ def _execute(args: argparse.Namespace, plans: list[tuple[Any, Path]]) -> int:
     lvlm = _load_model(args)
     results = [execute(lvlm, plan, out, batch_size=args.batch_size, progress=not args.no_progress,
                        model_label=args.model) for plan, out in plans]
+    if args.eval_task == "chair" and args.clip_scorer is not None and rank == 0:
+        from .pope import read_jsonl
+        from .results import write_results as write_one
+        from .runner import MERGED_FILE
+
+        for result, (plan, out) in zip(results, plans):
+            image_of = {it.id: it.image for it in plan.items}
+            _add_clip_score(args, result["metrics"], [(image_of[r["id"]], r["answer"])
+                                                      for r in read_jsonl(Path(out) / MERGED_FILE)])
+            write_one([result], Path(out) / "results.json", Path(out) / "results.md")
     if rank == 0:
         out_root = Path(args.out or DEFAULT_OUT)
         table = write_results(results, out_root / f"{args.eval_task}_results.json",

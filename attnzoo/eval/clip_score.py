@@ -133,3 +133,13 @@ class CLIPScorer:
         """CLIP score per (image, caption) pair: ``(N,)`` float32 in ``[0, 2.5]``."""
         image_embeddings, text_embeddings = self.embed(images, captions)
         return clip_score_from_embeddings(image_embeddings, text_embeddings)
+
+
+def mean_clip_score(scorer: CLIPScorer, pairs: Sequence[tuple[str | Path, str]]) -> float:
+    """Mean CLIP score of ``(image path, caption)`` pairs (images opened with PIL, converted to RGB)."""
+    from PIL import Image
+
+    if not pairs:
+        raise ValueError("no (image, caption) pairs to score")
+    images = [Image.open(path).convert("RGB") for path, _ in pairs]
+    return float(scorer.score(images, [caption for _, caption in pairs]).mean())

@@ -29,6 +29,8 @@ def table_row(result: Mapping[str, object]) -> dict[str, object]:
     for key, value in metrics.items():
         if key in _PERCENT:
             row[key] = f"{100 * float(value):.1f}"
+        elif key == "clip_score":
+            row[key] = f"{float(value):.3f}"
         elif isinstance(value, float):
             row[key] = f"{value:.1f}"
         else:
@@ -45,6 +47,8 @@ def results_table(results: Sequence[Mapping[str, object]]) -> str:
     rows = [table_row(r) for r in results]
     if any(r.get("mitigation_label", "-") != "-" for r in rows):
         columns.insert(1, "mitigation")
+    if task == "chair" and any("clip_score" in r for r in rows):
+        columns.append("clip_score")
     if any("items/s" in r for r in rows):
         columns.append("items/s")
     title = "POPE (rates in %)" if task == "pope" else "CHAIR (rates in %, length in words)"

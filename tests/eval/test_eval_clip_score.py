@@ -59,13 +59,62 @@ def test_offline_refusal_names_what_to_download(monkeypatch, tmp_path):
         CLIPScorer("ViT-Nope", "openai", device="cpu")
 
 
-def test_local_checkpoint_loads(tmp_path):
+def _tiny_registered_checkpoint(tmp_path):
+    """A small open_clip architecture registered from a JSON config, and a local checkpoint of it."""
+    import json
+
     import open_clip
 
+    cfg = dict(embed_dim=32, vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2, head_width=32),
+               text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2))
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "attnzoo-test-tiny-clip.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "cfg")
     torch.manual_seed(0)
-    model = open_clip.create_model("ViT-B-32", pretrained=None)
+    model = open_clip.create_model("attnzoo-test-tiny-clip", pretrained=None)
     path = tmp_path / "clip.pt"
     torch.save(model.state_dict(), path)
-    scorer = CLIPScorer("ViT-B-32", str(path), device="cpu")
+    return model, path
+
+
+def test_local_checkpoint_loads(tmp_path):
+    model, path = _tiny_registered_checkpoint(tmp_path)
+    scorer = CLIPScorer("attnzoo-test-tiny-clip", str(path), device="cpu")
     for (k, v), (k2, v2) in zip(model.state_dict().items(), scorer.model.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
+
+
+def test_chair_cli_reports_clip_score(tmp_path, coco_root, capsys):
+    import json
+
+    from attnzoo.cli import main
+
+    _, path = _tiny_registered_checkpoint(tmp_path)
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text(json.dumps({"image_id": 1, "caption": "A man and his dog."}) + "\n"
+                    + json.dumps({"image_id": 6, "caption": "A knife on a table."}) + "\n")
+    out = tmp_path / "scored"
+    argv = ["eval", "chair", "--score", str(caps), "--coco-root", str(coco_root), "--out", str(out),
+            "--clip-model", "attnzoo-test-tiny-clip", "--clip-pretrained", str(path), "--device", "cpu"]
+    assert main(argv) == 0
+    metrics = json.loads((out / "results.json").read_text())[0]["metrics"]
+    scorer = CLIPScorer("attnzoo-test-tiny-clip", str(path), device="cpu")
+    from attnzoo.eval.clip_score import mean_clip_score
+    from attnzoo.eval.coco import CocoDataset
+
+    dataset = CocoDataset(coco_root, "val2014")
+    expected = mean_clip_score(scorer, [(dataset.image_path(1), "A man and his dog."),
+                                        (dataset.image_path(6), "A knife on a table.")])
+    assert metrics["clip_score"] == pytest.approx(expected, abs=1e-4)
+    assert "clip_score" in capsys.readouterr().out
+
+
+def test_chair_cli_offline_refusal_before_any_model(tmp_path, coco_root, capsys, monkeypatch):
+    from attnzoo.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    argv = ["eval", "chair", "--model", "nowhere/none", "--coco-root", str(coco_root), "--clip-model", "ViT-B-32"]
+    assert main(argv) == 2
+    assert "ViT-B-32/openai are not on this machine" in capsys.readouterr().err
