@@ -150,7 +150,7 @@ def check_real(dev: torch.device) -> list[dict]:
 
 # ---------------------------------------------------------------- timing
 
-def measure(fn, inputs: list[torch.Tensor]) -> dict:
+def measure(fn, inputs: list[torch.Tensor], use_graphs: bool = True) -> dict:
     from triton.testing import do_bench
 
     def fwd():
@@ -164,13 +164,22 @@ def measure(fn, inputs: list[torch.Tensor]) -> dict:
 
     fwd_ms = do_bench(fwd, warmup=10, rep=40, return_mode="median")
     fb_ms = do_bench(fwd_bwd, warmup=10, rep=40, return_mode="median")
+    graph = {}
+    if use_graphs:  # GPU time without the host's launch overhead: replay of a captured CUDA graph
+        from triton.testing import do_bench_cudagraph
+
+        for key, f in (("fwd_graph_ms", fwd), ("fwd_bwd_graph_ms", fwd_bwd)):
+            try:
+                graph[key] = do_bench_cudagraph(f, rep=30, return_mode="median")
+            except Exception as exc:  # record, never hide
+                graph[key + "_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     fwd_bwd()
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return dict(fwd_ms=fwd_ms, fwd_bwd_ms=fb_ms, peak_mb=peak)
+    return dict(fwd_ms=fwd_ms, fwd_bwd_ms=fb_ms, peak_mb=peak, **graph)
 
 
 def official_bra(q, k, v, n_win, topk, scale):
@@ -242,7 +251,7 @@ def bench_routed(name, cfg, dev, flex: bool, only_flex: bool = False) -> list[di
         row = dict(op="routed", shape=name, variant=var, batch=b, map=m, heads=heads, head_dim=d, n_win=n_win,
                    topk=topk)
         try:
-            row.update(measure(fn, [q, k, v]))
+            row.update(measure(fn, [q, k, v], use_graphs=var != "flex"))
             p = b * heads * (m * m) ** 2 if var == "dense sdpa" else pairs
             row["fwd_tflops"] = 4 * p * d / row["fwd_ms"] / 1e9
             row["fwd_bwd_tflops"] = 3.5 * 4 * p * d / row["fwd_bwd_ms"] / 1e9
@@ -293,7 +302,7 @@ def bench_halo(name, cfg, dev, flex: bool, only_flex: bool = False) -> list[dict
         row = dict(op="halo", shape=name, variant=var, batch=b, map=m, heads=heads, head_dim=dqk, block=block,
                    halo=halo, stride=stride)
         try:
-            row.update(measure(fn, [qc, kvc]))
+            row.update(measure(fn, [qc, kvc], use_graphs=var != "flex"))
             p = b * heads * nq * (m * m if var == "dense sdpa" else win * win)
             row["fwd_tflops"] = 4 * p * dqk / row["fwd_ms"] / 1e9
             row["fwd_bwd_tflops"] = 3.5 * 4 * p * dqk / row["fwd_bwd_ms"] / 1e9
@@ -304,18 +313,48 @@ def bench_halo(name, cfg, dev, flex: bool, only_flex: bool = False) -> list[dict
     return rows
 
 
+def profile(dev: torch.device, path: Path) -> None:
+    """Kernel-level view of one forward+backward of ours and the official formulation (torch.profiler)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for name in ("biformer_t/s_224_s1", "biformer_t/s_224_s3"):
+        b, m, dim, heads, n_win, topk = ROUTED[name]
+        q, k, v = (torch.randn(b, m, m, heads, dim // heads, device=dev, dtype=torch.bfloat16).requires_grad_()
+                   for _ in range(3))
+        for var, fn in (("ours", ours_routed("triton")), ("official", official_bra)):
+            for _ in range(3):
+                torch.autograd.grad(fn(q, k, v, n_win, topk, dim ** -0.5), (q, k, v), torch.ones_like(q))
+            torch.cuda.synchronize()
+            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                out = fn(q, k, v, n_win, topk, dim ** -0.5)
+                torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+                torch.cuda.synchronize()
+            with path.open("a") as fh:
+                fh.write(f"\n### {name} {var}\n")
+                fh.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| op | shape | variant | fwd ms | fwd+bwd ms | fwd TFLOP/s | f+b TFLOP/s | peak MB (f+b) | "
-             "ours speed-up fwd / f+b |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| op | shape | variant | fwd ms | f+b ms | fwd GPU ms | f+b GPU ms | f+b TFLOP/s (GPU) | "
+             "peak MB (f+b) | ours speed-up fwd / f+b (GPU) |", "|---|---|---|---|---|---|---|---|---|---|"]
     ours = {(r["op"], r["shape"]): r for r in rows if r["variant"] == "ours" and "error" not in r}
+
+    def fmt(x):
+        return f"{x:.3f}" if isinstance(x, float) else "-"
+
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['op']} | {r['shape']} | {r['variant']} | {r['error'][:60]} ||||||")
+            lines.append(f"| {r['op']} | {r['shape']} | {r['variant']} | {r['error'][:70]} |||||||")
             continue
         o = ours.get((r["op"], r["shape"]))
-        ratio = (f"{r['fwd_ms'] / o['fwd_ms']:.2f}x / {r['fwd_bwd_ms'] / o['fwd_bwd_ms']:.2f}x" if o else "")
+        gf, gb = r.get("fwd_graph_ms"), r.get("fwd_bwd_graph_ms")
+        ratio = ""
+        if o and gf and gb and o.get("fwd_graph_ms") and o.get("fwd_bwd_graph_ms"):
+            ratio = f"{gf / o['fwd_graph_ms']:.2f}x / {gb / o['fwd_bwd_graph_ms']:.2f}x"
+        tflops = f"{r['fwd_bwd_tflops'] * r['fwd_bwd_ms'] / gb:.1f}" if gb else "-"
         lines.append(f"| {r['op']} | {r['shape']} | {r['variant']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
-                     f"{r['fwd_tflops']:.1f} | {r['fwd_bwd_tflops']:.1f} | {r['peak_mb']:.0f} | {ratio} |")
+                     f"{fmt(gf)} | {fmt(gb)} | {tflops} | {r['peak_mb']:.0f} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -326,6 +365,7 @@ def main() -> None:
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--only-flex", action="store_true", help="check and time only the flex variants")
+    parser.add_argument("--profile", action="store_true", help="print kernel times of ours vs official first")
     args = parser.parse_args()
     dev = torch.device("cuda")
     torch._dynamo.config.cache_size_limit = 64
@@ -338,6 +378,8 @@ def main() -> None:
 
     import triton
     result["triton"] = triton.__version__
+    if args.profile:
+        profile(dev, Path(args.out) / "sparse_profile.txt")
     if not args.skip_check:
         backends = ("triton", "torch") if args.no_flex else ("triton", "flex", "torch")
         if args.only_flex:
