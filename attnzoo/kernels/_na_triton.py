@@ -541,14 +541,20 @@ def _merge_extra(q, out, lse, additional_keys, additional_values, scale):
 
 
 def na_backward(grad_out, q, k, v, out, lse, kernel_size, stride, dilation, is_causal, scale, rpb,
-                additional_keys, additional_values, need_rpb_grad=True):
-    """Fused backward from the saved output and logsumexp: (dq, dk, dv, drpb, d_extra_keys, d_extra_values)."""
+                additional_keys, additional_values, need_rpb_grad=True, grad_lse=None):
+    """Fused backward from the saved output and logsumexp: (dq, dk, dv, drpb, d_extra_keys, d_extra_values).
+
+    ``grad_lse`` (gradient of the returned logsumexp, or None) folds into delta: d lse / d score = P, so
+    dS = P * (dP - (rowsum(dO * O) - grad_lse)).
+    """
     q, k, v, out = q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous()
-    grad_out = grad_out.contiguous()
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
     na_dim, spatial, ks, st, dl, causal = _geometry(q, kernel_size, stride, dilation, is_causal)
     batch, heads, kv_heads, head_dim = q.shape[0], q.shape[-2], k.shape[-2], q.shape[-1]
     n = math.prod(spatial)
     delta = (grad_out.float() * out.float()).sum(-1)  # (B, *S, H): rowsum(dO * O)
+    if grad_lse is not None:
+        delta = delta - grad_lse.float()
     lse = lse.contiguous()
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)

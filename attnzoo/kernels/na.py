@@ -132,6 +132,7 @@ class _NATriton(torch.autograd.Function):
                                          additional_keys, additional_values)
         ctx.save_for_backward(q, k, v, rpb, additional_keys, additional_values, out, lse)
         ctx.args = (kernel_size, stride, dilation, is_causal, scale)
+        ctx.set_materialize_grads(False)  # an unused lse (or output) arrives as None: no zero tensors
         return out, lse
 
     @staticmethod
@@ -140,9 +141,15 @@ class _NATriton(torch.autograd.Function):
 
         q, k, v, rpb, additional_keys, additional_values, out, lse = ctx.saved_tensors
         grads = _na_triton.na_backward(grad_out, q, k, v, out, lse, *ctx.args, rpb, additional_keys,
-                                       additional_values, need_rpb_grad=ctx.needs_input_grad[3])
+                                       additional_values, need_rpb_grad=ctx.needs_input_grad[3], grad_lse=grad_lse)
         dq, dk, dv, drpb, dak, dav = grads
         return dq, dk, dv, drpb, dak, dav, None, None, None, None, None
+
+
+@torch.compiler.disable
+def _na_triton_apply(*args):
+    """The fused path, opaque to torch.compile (a graph break: the kernels run as they are, tuned per shape)."""
+    return _NATriton.apply(*args)
 
 
 def _na(na_dim: int, q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb, additional_keys,
@@ -151,8 +158,8 @@ def _na(na_dim: int, q, k, v, kernel_size, stride, dilation, is_causal, scale, r
         na_dim, q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb, additional_keys, additional_values)
     backend = resolve_backend(q.device, f"na{na_dim}d")
     if backend == "triton":
-        out, lse = _NATriton.apply(q, k, v, rpb, additional_keys, additional_values, kernel_size, stride, dilation,
-                                   is_causal, scale)
+        out, lse = _na_triton_apply(q, k, v, rpb, additional_keys, additional_values, kernel_size, stride, dilation,
+                                    is_causal, scale)
     elif backend == "flex":
         from ._na_flex import na_flex
 

@@ -102,9 +102,11 @@ def _check_backend(backend, case, dtype, rng, grad_scale=4.0, backward=True, bat
     assert_close(lse, ref_lse, dtype)
     if not backward:
         return
+    # The loss uses the logsumexp too, so its gradient path is checked as well.
     grad = torch.randn(ref.shape, generator=rng, dtype=torch.float64)
-    (out.double() * grad).sum().backward()
-    (ref * grad).sum().backward()
+    grad_lse = torch.randn(ref_lse.shape, generator=rng, dtype=torch.float64)
+    ((out.double() * grad).sum() + (lse.double() * grad_lse).sum()).backward()
+    ((ref * grad).sum() + (ref_lse * grad_lse).sum()).backward()
     for name, t in tensors.items():
         if t is not None:
             # Gradients sum over a window and go through the softmax's backward: a few more roundings.
@@ -218,3 +220,10 @@ def test_tensor_errors():
         na3d(q, k, v, 3)
     with pytest.raises(ValueError, match=r"must be a torch.Tensor"):
         na2d(q.numpy(), k, v, 3)
+
+
+def test_torch_compile_traces_na(rng):
+    # Dynamo traces the torch backend; the triton path is a compiler-disabled region (graph break).
+    q, k, v = (torch.randn(1, 6, 7, 2, 8, generator=rng) for _ in range(3))
+    compiled = torch.compile(lambda q, k, v: na2d(q, k, v, 3, dilation=(2, 1)), backend="eager")
+    assert_close(compiled(q, k, v), na_reference(q, k, v, 3, dilation=(2, 1))[0], torch.float32)

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_close
 from test_na import _check_backend
 
 import attnzoo.kernels as K
-from attnzoo.kernels import na2d
+from attnzoo.kernels import na1d, na2d
+from attnzoo.kernels.reference import na_reference
 
 TRITON_CASES = [
     # na_dim, spatial, kernel, stride, dilation, causal, heads, kv_heads, head_dim, rpb, n_extra
@@ -42,3 +44,18 @@ def test_triton_rejects_what_it_cannot_run():
     q = torch.randn(1, 5, 5, 1, 16)
     with K.use_backend("triton"), pytest.raises(ValueError, match=r"head_dim_v == head_dim"):
         na2d(q, q, torch.randn(1, 5, 5, 1, 8), 3)
+
+
+def test_triton_output_only_backward(rng):
+    """Without return_lse the logsumexp's gradient arrives as None (not materialised); grads still match."""
+    q, k, v = (torch.randn(1, 16, 1, 16, generator=rng, requires_grad=True) for _ in range(3))
+    with K.use_backend("triton"):
+        out = na1d(q, k, v, 5, dilation=2)
+    grad = torch.randn(out.shape, generator=rng)
+    out.backward(grad)
+    ref_in = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref, _ = na_reference(*ref_in, 5, dilation=2)
+    ref.backward(grad.double())
+    assert_close(out, ref, torch.float32)
+    for t, r in zip((q, k, v), ref_in):
+        assert_close(t.grad, r.grad, torch.float32, scale=4.0)
