@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 from PIL import Image
 
 FAMILIES = ("llava", "llava_next", "qwen2_vl")
@@ -37,7 +36,3 @@ def wrapped(family: str, attn_backend: str = "sdpa"):
     model, processor = build_tiny(family, seed=0)
     return wrap(model, processor, attn_backend=attn_backend)
 
-
-def real_rows(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, L) bool of non-padding positions."""
-    return attention_mask.bool()
