@@ -79,7 +79,8 @@ def resolve_backend(device: torch.device | str, op: str) -> str:
                 f"backend 'triton' on a {device.type} tensor needs TRITON_INTERPRET=1 set before triton is "
                 "imported; or use set_backend('torch') on the CPU"
             )
-    log_once(logger, f"{op}: using the {backend} backend on {device.type}")
+    if not torch.compiler.is_compiling():  # logging is a graph break under torch.compile; eager calls log it
+        log_once(logger, f"{op}: using the {backend} backend on {device.type}")
     return backend
 
 
