@@ -129,6 +129,10 @@ class Batch:
 
     inputs: Any
     layout: TokenLayout
+    # what :meth:`LVLM.prepare` was given, kept so that decoding passes can re-render the batch (e.g. with a
+    # counterfactual prompt) in one larger batch
+    images: tuple[Any, ...] | None = None
+    system: str | None = None
 
 
 class LVLM:
@@ -379,7 +383,7 @@ class LVLM:
         for k in ("pixel_values", "pixel_values_videos"):
             if k in inputs and inputs[k].is_floating_point():
                 inputs[k] = inputs[k].to(self.dtype)
-        return Batch(inputs=inputs, layout=layout.to(self.device))
+        return Batch(inputs=inputs, layout=layout.to(self.device), images=tuple(images), system=system)
 
     def _image_geometry(self, inputs: Any, has_image: list[bool]) -> list[tuple[tuple[int, int] | None,
                                                                               tuple[int, int] | None, int, int]]:
@@ -522,10 +526,21 @@ class LVLM:
 
     @torch.no_grad()
     def generate_ids(self, batch: Batch, **gen_kwargs: Any) -> torch.Tensor:
-        """Generate for a prepared batch; returns the new tokens ``(B, T)`` (prompt stripped, pad after EOS)."""
+        """Generate for a prepared batch; returns the new tokens ``(B, T)`` (prompt stripped, pad after EOS).
+
+        Extension point for decoding passes: an attached pass with a ``generate_ids(lvlm, batch, **gen_kwargs)``
+        method (e.g. :class:`attnzoo.mitigation.CausalMM`, :class:`attnzoo.mitigation.LQCD`) owns the generation
+        loop while attached, so ``generate`` and the eval runner go through it; at most one such pass at a time.
+        """
         gen_kwargs.setdefault("max_new_tokens", 32)
         gen_kwargs.setdefault("do_sample", False)
         gen_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        decoders = [p for p in self._runtime.passes if callable(getattr(p, "generate_ids", None))]
+        if len(decoders) > 1:
+            raise ValueError(f"passes {[type(p).__name__ for p in decoders]} each own the decoding loop; "
+                             "attach only one decoding pass at a time")
+        if decoders:
+            return decoders[0].generate_ids(self, batch, **gen_kwargs)
         with self.use_layout(batch.layout):
             out = self.model.generate(**batch.inputs, **gen_kwargs)
         sequences = out.sequences if hasattr(out, "sequences") else out

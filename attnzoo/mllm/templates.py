@@ -4,7 +4,8 @@ Each renders the conversation format the family was trained with, for messages i
 (``{"role": ..., "content": [{"type": "image"}, {"type": "text", "text": ...}]}``):
 
 - ``llava`` (LLaVA-1.5, Vicuna): ``USER: <image>\\n{text} ASSISTANT:``
-- ``llava_next`` (LLaVA-NeXT-Mistral): ``[INST] <image>\\n{text} [/INST]``
+- ``llava_next`` (LLaVA-NeXT-Mistral): ``[INST] <image>\\n{text} [/INST]`` (Mistral has no system role: a
+  system text is written before the first ``[INST]``)
 - ``qwen2_vl`` (Qwen2-VL / Qwen2.5-VL, ChatML):
   ``<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n``
   ``<|vision_start|><|image_pad|><|vision_end|>{text}<|im_end|>\\n<|im_start|>assistant\\n``
@@ -27,7 +28,9 @@ _LLAVA = (
 
 _LLAVA_NEXT = (
     "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ '[INST] ' }}"
+    "{% if message['role'] == 'system' %}"
+    "{% for c in message['content'] | selectattr('type', 'equalto', 'text') %}{{ c['text'] + ' ' }}{% endfor %}"
+    "{% elif message['role'] == 'user' %}{{ '[INST] ' }}"
     "{% for c in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
     "{% for c in message['content'] | selectattr('type', 'equalto', 'text') %}{{ c['text'] }}{% endfor %}"
     "{{ ' [/INST]' }}"

@@ -199,3 +199,16 @@ def test_vision_rows_map_vision_batch_to_samples(family):
         tiles = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
                  for s in batch.inputs["image_sizes"]]
         assert lay.vision_rows.tolist() == [0] * tiles[0] + [2] * tiles[1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_system_prompt(family):
+    lvlm = wrapped(family)
+    system = "You are a careful assistant. Is there a dog?"  # repeats the prompt: the instruction is the last one
+    batch = lvlm.prepare(images(), PROMPTS, system=system)
+    lay = batch.layout
+    text = lvlm.tokenizer.decode(lay.input_ids[0, lay.attention_mask[0].bool()])
+    assert "careful assistant" in text
+    for b in range(2):
+        assert lvlm.tokenizer.decode(lay.input_ids[b, lay.instruction_mask[b]]).strip() == PROMPTS[b]
+    assert lay.template_mask.sum() > lvlm.prepare(images(), PROMPTS).layout.template_mask.sum()
