@@ -21,13 +21,14 @@ ELA-L   7            channels // 8           16
 
 No official code or weights were released, so the models below have no checkpoint URL.
 
-Hosts are timm's own classes, built through timm's own builders, with ELA passed through timm's hooks
-(placement as in the paper's Fig. 4, which follows Coordinate Attention's placements):
+Hosts are timm's own classes, built through timm's own builders, with ELA passed through timm's hooks, at
+the positions Coordinate Attention takes in these networks (ELA revises CA and is evaluated in its place):
 
 - ResNet (``block_args=dict(attn_layer=...)``): ELA on the residual branch after the block's last
   conv + BN and before the shortcut addition (BasicBlock: after ``bn2``; Bottleneck: after ``bn3``).
-- MobileNetV2 (EfficientNet builder, ``se_layer=...``): ELA in every inverted-residual block after the
-  3x3 depthwise conv + BN + ReLU6 and before the linear 1x1 projection, i.e. on the expanded channels.
+- MobileNetV2 (EfficientNet builder, ``se_layer=...``): ELA in every block (the first, depthwise-separable,
+  one included) after the 3x3 depthwise conv + BN + ReLU6 and before the linear 1x1 projection, i.e. on
+  the expanded channels.
 
 ELA version per host: ResNet-18/34 use ELA-B, ResNet-50/101 and MobileNetV2 use ELA-S, following the
 paper's guidance (Sec. 3.3: T/B for shallow or light networks, B/S for deeper ones; its MobileNetV2

@@ -203,24 +203,18 @@ def official_forward(sd: dict, x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", list(PARAMS))
-def test_param_counts(name):
+def test_param_counts_and_official_layout(name):
+    """Every variant at its official size (meta tensors, no compute): the parameter count (pinned; equal to
+    the official module tree's; the README's to its rounding), and official keys/shapes -> filter -> strict load."""
     pinned, readme_millions = PARAMS[name]
+    official = official_layout_shapes(name)
     with torch.device("meta"):
         model = timm.create_model(name)
+        sd = {"module." + k: torch.empty(s) for k, s in official.items()}
     count = sum(p.numel() for p in model.parameters())
     assert count == pinned
-    # the official module tree enumerated independently has the same parameters
-    official = official_layout_shapes(name)
     assert count == sum(math.prod(s) for k, s in official.items() if "running_" not in k and "num_batches" not in k)
     assert abs(count / 1e6 - readme_millions) < 0.1
-
-
-@pytest.mark.parametrize("name", list(PARAMS))
-def test_official_layout_converts_strictly(name):
-    """Every variant at its official size: official keys/shapes -> filter -> strict load (meta tensors, no compute)."""
-    with torch.device("meta"):
-        model = timm.create_model(name)
-        sd = {"module." + k: torch.empty(s) for k, s in official_layout_shapes(name).items()}
     converted = checkpoint_filter_fn({"model": sd}, model)
     model.load_state_dict(converted, strict=True, assign=True)  # raises on missing/unexpected keys or shapes
 
@@ -341,7 +335,9 @@ def test_timm_tnt_loads_official_file(rng, tmp_path):
     outer, inner = 384, 24
     sd = {k: torch.randn(s, generator=rng) for k, s in official_tnt_shapes(outer, inner, depth=2).items()}
     path = tmp_path / "tnt_official.pth"
-    torch.save(sd, path)
+    # as the official train.py (timm's CheckpointSaver) saves it, from a DistributedDataParallel model
+    torch.save({"epoch": 299, "arch": "tnt_s_patch16_224", "state_dict": {"module." + k: v for k, v in sd.items()}},
+               path)
     model = timm.create_model("tnt_s_patch16_224", depth=2, pretrained=True,
                               pretrained_cfg_overlay=dict(file=str(path)))  # pretrained_strict defaults to True
     own = model.state_dict()
