@@ -440,6 +440,16 @@ def _check_supported(q: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"the triton NA backend supports head_dim 8..256, got {q.shape[-1]}")
 
 
+def _token_view(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """(tensor, (batch, token, head) strides) with unit-stride channels and tokens at one stride across the
+    spatial axes; copies to contiguous only when ``t`` is not laid out that way."""
+    na_dim = t.dim() - 3
+    even = t.stride(-1) == 1 and all(t.stride(a) == t.stride(a + 1) * t.shape[a + 1] for a in range(1, na_dim))
+    if not even:
+        t = t.contiguous()
+    return t, (t.stride(0), t.stride(na_dim), t.stride(-2))
+
+
 def _extra_scores(q, additional_keys, scale):
     """Scores of every query against the extra tokens: (batch, *spatial, heads, n_extra) float32."""
     batch, heads, kv_heads = q.shape[0], q.shape[-2], additional_keys.shape[2]
@@ -451,17 +461,17 @@ def _extra_scores(q, additional_keys, scale):
 def na_forward(q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb, additional_keys, additional_values):
     """Fused forward. Returns (out like q, lse float32 (batch, *spatial, heads))."""
     _check_supported(q, v)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    # Views such as q, k, v = qkv.unbind(...) are read in place when their tokens are evenly strided.
+    (q, q_strides), (k, k_strides), (v, v_strides) = (_token_view(t) for t in (q, k, v))
     na_dim, spatial, ks, st, dl, causal = _geometry(q, kernel_size, stride, dilation, is_causal)
     batch, heads, kv_heads, head_dim = q.shape[0], q.shape[-2], k.shape[-2], q.shape[-1]
     n = math.prod(spatial)
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
     rpb_f = rpb.detach().float().contiguous() if rpb is not None else lse  # placeholder pointer when absent
-    args = (q, k, v, rpb_f, out, lse,
-            n * heads * head_dim, heads * head_dim, head_dim, n * kv_heads * head_dim, kv_heads * head_dim, head_dim,
-            n * kv_heads * head_dim, kv_heads * head_dim, head_dim, n * heads * head_dim, heads * head_dim, head_dim,
-            n * heads, heads, heads, heads // kv_heads, *spatial, *ks, *st, *dl)
+    args = (q, k, v, rpb_f, out, lse, *q_strides, *k_strides, *v_strides,
+            n * heads * head_dim, heads * head_dim, head_dim, n * heads, heads, heads, heads // kv_heads,
+            *spatial, *ks, *st, *dl)
 
     def grid(tile, kv_tile):
         nt = _grid_tiles(spatial, dl, tile)

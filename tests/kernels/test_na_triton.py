@@ -59,3 +59,13 @@ def test_triton_output_only_backward(rng):
     assert_close(out, ref, torch.float32)
     for t, r in zip((q, k, v), ref_in):
         assert_close(t.grad, r.grad, torch.float32, scale=4.0)
+
+
+def test_triton_reads_strided_views(rng):
+    """q, k, v as views of one qkv tensor (as NAT builds them) are read in place and give the same result."""
+    qkv = torch.randn(1, 5, 6, 3, 2, 16, generator=rng)
+    q, k, v = qkv.unbind(3)
+    assert not q.is_contiguous()
+    with K.use_backend("triton"):
+        out = na2d(q, k, v, 3, dilation=(1, 2))
+    assert_close(out, na_reference(q, k, v, 3, dilation=(1, 2))[0], torch.float32)
