@@ -97,11 +97,11 @@ class HaloValueBlock(SelfAttnBlock):
 
     def __init__(self, in_chs: int, out_chs: int, *, value_ratio: float, layers: Any, stride: int = 1,
                  bottle_ratio: float = 1.0, device: Any = None, dtype: Any = None, **kwargs: Any) -> None:
-        super().__init__(in_chs, out_chs, stride=stride, bottle_ratio=bottle_ratio, layers=layers, device=device,
-                         dtype=dtype, **kwargs)
+        # factory kwargs only when given: timm releases before device/dtype support reject them
+        dd = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        super().__init__(in_chs, out_chs, stride=stride, bottle_ratio=bottle_ratio, layers=layers, **dd, **kwargs)
         mid = self.conv1_1x1.conv.out_channels
         wide = int(mid * value_ratio)
-        dd = {"device": device, "dtype": dtype}
         # q/k width stays mid: HaloAttn sizes q/k as dim_out * qk_ratio
         self.self_attn = layers.self_attn(mid, dim_out=wide, qk_ratio=mid / wide, stride=stride, **dd)
         self.post_attn = layers.norm_act(wide, **dd)
