@@ -29,6 +29,7 @@ def _tables(rng, win, dqk):
     (2, 8, 12, 4, 1, 1, True, False),   # non-square map, halo at every border, batch > 1
     (1, 8, 8, 4, 2, 2, True, True),     # query subsampling (block_stride 2), scaled position logits
     (1, 4, 8, 4, 5, 1, False, False),   # halo reaching past a whole block, no position logits
+    (1, 6, 12, 6, 1, 1, True, False),   # block edge not a power of two (padded tiles)
 ])
 def test_halo_matches_reference(rng, backend, b, h, w, block, halo, stride, pos, scale_pos):
     q, k, v = _inputs(rng, b, h, w, 2, 16, 8, stride)

@@ -48,6 +48,7 @@ def _check_against_reference(q, k, v, index, num_regions, backend, scale=None, g
     (2, 8, 12, (2, 3), 2, 16, 16),    # non-square map and region grid, batch > 1
     (1, 4, 6, (2, 3), 1, 8, 24),      # topk = 1, d_v != d_qk
     (1, 6, 6, 3, 4, 16, 8),           # 2x2-token regions, several regions per key tile
+    (1, 12, 12, (1, 2), 2, 16, 16),   # 72-token regions: several query and key chunks per region
 ])
 def test_routed_matches_reference(rng, backend, b, h, w, nreg, topk, dqk, dv):
     nh, nw = (nreg, nreg) if isinstance(nreg, int) else nreg
