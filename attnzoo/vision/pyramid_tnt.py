@@ -136,7 +136,7 @@ class SentenceAggregation(nn.Module):
 
 class WordAggregation(nn.Module):
     """Merge the 4x4 word grids of each 2x2 group of sentences into one 8x8 grid and bring it back to 4x4
-    with a stride-2 3x3 conv. (B*H*W, 16, c) -> (B*ceil(H/2)*ceil(W/2), 16, c')."""
+    with a stride-2 3x3 conv. (B*H*W, 16, c) -> (B*(H/2)*(W/2), 16, c') for even H, W."""
 
     def __init__(self, dim_in: int, dim_out: int) -> None:
         super().__init__()
