@@ -9,9 +9,9 @@ returning a handle that is a context manager::
         answers = lvlm.generate(images, prompts)
 
 Registry: :func:`available` lists the names, :func:`get` builds a pass by name. Passes so far:
-``var`` (:class:`VAR`), ``cca`` (:class:`CCA`), and the decoding-level ``causalmm`` (:class:`CausalMM`) and
-``lqcd`` (:class:`LQCD`), which run their contrast in one batched forward (:mod:`.contrastive`). See
-docs/mitigation.md.
+``var`` (:class:`VAR`), ``cca`` (:class:`CCA`), ``vhr`` (:class:`VHR`), and the decoding-level ``causalmm``
+(:class:`CausalMM`) and ``lqcd`` (:class:`LQCD`), which run their contrast in one batched forward
+(:mod:`.contrastive`). See docs/mitigation.md.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from .cca import CCA, concentric_rings
 from .contrastive import ContrastiveDecoding, contrastive_generate, plausibility_cutoff
 from .lqcd import LQCD, neutralize_query
 from .var import VAR, find_sink_dims, known_sink_dims
+from .vhr import VHR
 
-__all__ = ["CCA", "LQCD", "VAR", "CausalMM", "ContrastiveDecoding", "Pass", "available", "check_range",
+__all__ = ["CCA", "LQCD", "VAR", "VHR", "CausalMM", "ContrastiveDecoding", "Pass", "available", "check_range",
            "concentric_rings", "contrastive_generate", "find_sink_dims", "get", "known_sink_dims",
            "language_counterfactual", "neutralize_query", "plausibility_cutoff", "register_pass",
            "vision_counterfactual"]
