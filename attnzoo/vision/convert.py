@@ -144,17 +144,22 @@ def _compare(converted: Mapping[str, torch.Tensor], expected: Mapping[str, torch
 
 
 def guess_model(state_dict: Mapping[str, torch.Tensor], candidates: Iterable[str] | None = None,
-                limit: int = 1) -> list[str]:
+                limit: int = 4) -> list[str]:
     """Names of attnzoo models (or ``candidates``) whose converted layout matches ``state_dict`` exactly.
 
     Each candidate is built on the meta device (no memory, no init cost; on the CPU if that fails) and the
     state dict is passed through its module's ``checkpoint_filter_fn``; a match needs identical key sets and
-    shapes. Stops after ``limit`` matches.
+    shapes. After the first match only models of the same module are tried (variants that differ in
+    non-parameter settings, such as NAT and DiNAT, share a layout); at most ``limit`` names are returned.
     """
+    from timm.models import model_entrypoint
+
     from . import list_models
 
-    matches = []
+    matches: list[str] = []
     for name in candidates if candidates is not None else list_models():
+        if matches and model_entrypoint(name).__module__ != model_entrypoint(matches[0]).__module__:
+            continue
         try:
             try:
                 model = _build(name, meta=True)
