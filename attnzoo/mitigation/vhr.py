@@ -23,10 +23,12 @@ What the paper states (Sec. 3, Algorithm 1, Sec. 4.4, App. C/D), and this pass d
 What the paper leaves open, and the choice made here (each a field, documented in the class and
 docs/mitigation.md):
 
-- Whether the image-free branch is reinforced too. The paper describes one *additional* image-free pass and
-  layer-by-layer selection "within a single forward pass"; we run the image-free prompt first, unmodified, and
-  reinforce only the image forward (earlier layers of the image forward are reinforced when layer ``l`` is
-  scored). Not a field: the alternative (both branches reinforced in lockstep) is not implemented.
+- Whether the image-free branch is reinforced too (``reinforce_image_free``). The paper describes one
+  *additional* image-free pass and layer-by-layer selection "within a single forward pass"; by default (False)
+  the image-free prompt runs once, unmodified, before the image prompt's layers are scored, and only the image
+  forward is reinforced. With True, layer ``l`` is scored against an image-free forward whose earlier
+  reinforced layers are scaled with the heads already chosen (both branches reinforced in lockstep); this costs
+  one image-free forward, cut after layer ``l``, per reinforced layer.
 - ``sigma`` in Eq. 6: sample (unbiased, ``unbiased_std=True``, torch's default) or population standard deviation.
 - The distance: ``distance="euclidean"`` as Eq. 4 says. A third-party port in the public code index that says it
   follows the released code uses the squared distance and applies Eq. 6 only when the layer's VHD standard
@@ -55,6 +57,10 @@ from .base import Pass, check_range, register_pass
 logger = get_logger("attnzoo.mitigation")
 
 DISTANCES = ("euclidean", "squared")
+
+
+class _StopForward(Exception):
+    """Raised inside the image-free forward once the last layer it is needed for has run."""
 
 
 def head_divergence(with_image: torch.Tensor, without_image: torch.Tensor, distance: str = "euclidean") -> torch.Tensor:
@@ -120,6 +126,9 @@ class VHR(Pass):
         unbiased_std: sigma in Eq. 6 as the sample standard deviation (True; choice, torch's default).
         outlier_min_std: apply Eq. 6 only when the layer's VHD std exceeds this (0.0 = always, as the paper's text;
             choice).
+        reinforce_image_free: score each layer against an image-free branch reinforced with the heads chosen in the
+            earlier layers (True), or against the plain image-free forward (False; choice, see the module
+            docstring).
 
     After a forward or a generation, :meth:`scores`, :meth:`heads` and :meth:`outliers` give per layer the
     ``(B, H)`` VHD scores, the reinforced heads and the zeroed outliers of that batch.
@@ -136,11 +145,14 @@ class VHR(Pass):
     distance: str = "euclidean"
     unbiased_std: bool = True
     outlier_min_std: float = 0.0
+    reinforce_image_free: bool = False
 
     def __post_init__(self) -> None:
         self._lvlm: Any = None
         self._targets: frozenset[int] = frozenset()
         self._capturing = False
+        self._stop_at: int | None = None  # the image-free forward stops after this layer's attention
+        self._free_batch: Any = None  # the image-free Batch of the current layout
         self._free: dict[int, torch.Tensor] | None = None  # layer -> (B, H, D) image-free outputs, last position
         self._scores: dict[int, torch.Tensor] = {}
         self._heads: dict[int, torch.Tensor] = {}
@@ -188,21 +200,26 @@ class VHR(Pass):
     def on_layout(self, layout: Any) -> None:
         if self._capturing or layout is None:
             return  # the image-free forward's own layouts; or the end of a batch (its scores stay readable)
-        self._free = None
+        self._free = self._free_batch = None
         self._scores, self._heads, self._outliers, self._scale = {}, {}, {}, {}
 
     # ------------------------------------------------------------------ the image-free forward
 
-    def _run_image_free(self, layout: Any) -> None:
-        """One forward of the same prompts without images; edit_outputs records each target layer's last position."""
-        free = self._lvlm.image_free(layout)
-        self._free = {}
-        self._capturing = True
+    def _run_image_free(self, layout: Any, stop_at: int) -> None:
+        """A forward of the same prompts without images, cut after layer ``stop_at``; ``edit_outputs`` records the
+        target layers' outputs at the last position (all of them, or only ``stop_at`` in lockstep mode)."""
+        if self._free_batch is None:
+            self._free_batch = self._lvlm.image_free(layout)
+        if self._free is None:
+            self._free = {}
+        self._capturing, self._stop_at = True, stop_at
         try:
             with torch.no_grad():
-                self._lvlm.forward(free, image_free=True, use_cache=False, logits_to_keep=1)
+                self._lvlm.forward(self._free_batch, image_free=True, use_cache=False, logits_to_keep=1)
+        except _StopForward:
+            pass  # the layers after the last one needed are not run
         finally:
-            self._capturing = False
+            self._capturing, self._stop_at = False, None
 
     # ------------------------------------------------------------------ plan / edit
 
@@ -212,15 +229,24 @@ class VHR(Pass):
         if ctx.image_free:
             return Plan(outputs=True) if self._capturing and ctx.layer in self._targets else None
         if ctx.is_prefill:
-            if self._free is None:
-                # first text attention call of the prefill: every target layer needs the image-free outputs
-                self._run_image_free(ctx.layout)
+            if self.reinforce_image_free:
+                if ctx.layer not in self._targets:
+                    return None
+                # the image-free branch up to this layer, its earlier layers reinforced with the heads chosen so far
+                self._run_image_free(ctx.layout, ctx.layer)
+            elif self._free is None:
+                # first text attention call of the prefill: one plain image-free forward serves every target layer
+                self._run_image_free(ctx.layout, max(self._targets))
             return Plan(outputs=True) if ctx.layer in self._targets else None
         return Plan(outputs=True) if ctx.layer in self._scale else None
 
     def edit_outputs(self, ctx: AttentionContext, outputs: torch.Tensor) -> torch.Tensor:
         if ctx.image_free:
+            if self.reinforce_image_free and ctx.layer != self._stop_at:
+                return outputs * self._scale[ctx.layer]  # an earlier layer: its heads are chosen already
             self._free[ctx.layer] = outputs[:, -1].float()  # (B, H, D): the query of the first generated token
+            if ctx.layer == self._stop_at:
+                raise _StopForward
             return outputs
         if ctx.is_prefill:
             self._select(ctx, outputs[:, -1])

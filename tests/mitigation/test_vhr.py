@@ -32,31 +32,45 @@ def pair():
     return tiny_pair(**MODEL)
 
 
-def _reference_hooks(ref_model, free_inputs, layers, alpha, num_heads):
-    """Register the reference VHR on the plain model; returns (handles, record) with record['scores'/'heads'/...]."""
+def _reference_hooks(ref_model, free_inputs, layers, alpha, num_heads, lockstep=False):
+    """Register the reference VHR on the plain model; returns (handles, record) with record['scores'/'heads'/...].
+
+    ``lockstep``: layer l is scored against an image-free forward whose earlier layers are scaled with the heads
+    already chosen (run from inside layer l's hook); otherwise against one plain image-free forward run first.
+    """
     decoder = ref_model.model.language_model.layers
     free_out: dict[int, torch.Tensor] = {}
-
-    def capture(layer):
-        def hook(module, args):
-            x = args[0]
-            free_out[layer] = x[:, -1].reshape(x.shape[0], num_heads, -1).double()
-        return hook
-
-    handles = [decoder[i].self_attn.o_proj.register_forward_pre_hook(capture(i)) for i in layers]
-    with torch.no_grad():
-        ref_model(**free_inputs)
-    for h in handles:
-        h.remove()
-
+    state = {"free": False}
     record = {"scores": {}, "heads": {}, "outliers": {}}
 
-    def reinforce(layer):
+    def run_free():
+        state["free"] = True
+        try:
+            with torch.no_grad():
+                ref_model(**free_inputs)
+        finally:
+            state["free"] = False
+
+    def scale(per_head, layer):
+        new = per_head.clone()
+        for b, heads in enumerate(record["heads"][layer]):
+            for h in heads:
+                new[b, :, h] = per_head[b, :, h] * alpha
+        return new
+
+    def hook_for(layer):
         def hook(module, args):
             x = args[0]
             batch, q_len, _ = x.shape
             per_head = x.reshape(batch, q_len, num_heads, -1)
+            if state["free"]:  # inside an image-free forward
+                free_out[layer] = per_head[:, -1].double()
+                if lockstep and layer in record["heads"]:
+                    return (scale(per_head, layer).reshape(batch, q_len, -1),)
+                return None
             if q_len > 1:  # the prefill call predicts the first token: choose the heads here
+                if lockstep:
+                    run_free()
                 chosen, scores, outliers = [], [], []
                 for b in range(batch):
                     a, f = per_head[b, -1].double(), free_out[layer][b]
@@ -74,26 +88,25 @@ def _reference_hooks(ref_model, free_inputs, layers, alpha, num_heads):
                 record["heads"][layer] = chosen
                 record["scores"][layer] = torch.tensor(scores)
                 record["outliers"][layer] = torch.tensor(outliers)
-            new = per_head.clone()
-            for b, heads in enumerate(record["heads"][layer]):
-                for h in heads:
-                    new[b, :, h] = per_head[b, :, h] * alpha
-            return (new.reshape(batch, q_len, -1),)
+            return (scale(per_head, layer).reshape(batch, q_len, -1),)
         return hook
 
-    handles = [decoder[i].self_attn.o_proj.register_forward_pre_hook(reinforce(i)) for i in layers]
+    handles = [decoder[i].self_attn.o_proj.register_forward_pre_hook(hook_for(i)) for i in layers]
+    if not lockstep:
+        run_free()
     return handles, record
 
 
-def test_vhr_matches_reference_prefill_and_decode(pair):
+@pytest.mark.parametrize("lockstep", [False, True], ids=["plain-image-free", "reinforced-image-free"])
+def test_vhr_matches_reference_prefill_and_decode(pair, lockstep):
     lvlm, ref_model = pair
     batch = lvlm.prepare(images(), PROMPTS)
     assert int(batch.layout.num_pad.max()) > 0  # left padding: the two samples' images sit at different positions
     free_inputs = lvlm.prepare(None, PROMPTS).inputs
-    vhr = VHR(alpha=ALPHA, layers=LAYERS)
+    vhr = VHR(alpha=ALPHA, layers=LAYERS, reinforce_image_free=lockstep)
     gen = generation_kwargs(lvlm, new_tokens=3)
     real = batch.layout.attention_mask.bool()
-    handles, record = _reference_hooks(ref_model, free_inputs, LAYERS, ALPHA, lvlm.num_heads)
+    handles, record = _reference_hooks(ref_model, free_inputs, LAYERS, ALPHA, lvlm.num_heads, lockstep)
     try:
         with torch.no_grad():
             plain = lvlm.forward(batch).logits
