@@ -26,6 +26,8 @@ DEMO_IMAGE = DATA_DIR / "demo.png"
 # The module must import only light things at top level; it is imported when the parser is built.
 _EXTRA_COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("POPE and CHAIR evaluation", "attnzoo.eval._cli:add_arguments", "attnzoo.eval._cli:run"),
+    "testbed": ("synthetic co-occurrence scenes and the tiny testbed LLaVA", "attnzoo.eval._testbed_cli:add_arguments",
+                "attnzoo.eval._testbed_cli:run"),
     "convert": ("convert an official checkpoint to timm-layout safetensors", "attnzoo.vision.convert:add_arguments",
                 "attnzoo.vision.convert:run"),
 }
