@@ -114,7 +114,7 @@ def main() -> int:
 
     rng = np.random.default_rng(0)
     size = 336 if not args.tiny else 32
-    images = [Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")) for _ in range(max(batch_sizes))]
+    images = [Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")) for _ in range(max(batch_sizes + [2]))]
 
     # ---- correctness on this device
     batch = lvlm.prepare(images[:2], PROMPTS[:2])
@@ -122,24 +122,30 @@ def main() -> int:
     with torch.no_grad():
         lvlm.model.set_attn_implementation("sdpa")
         ref = lvlm.model(**batch.inputs).logits
+        lvlm.model.set_attn_implementation("eager")
+        ref_eager = lvlm.model(**batch.inputs).logits
         lvlm.model.set_attn_implementation("attnzoo")
         ours = lvlm.forward(batch).logits
         with lvlm.attach(IdentityWeights()):
             explicit = lvlm.forward(batch).logits
     diff = (ours[real] - ref[real]).abs().max().item()
-    diff_explicit = (explicit[real].float() - ref[real].float()).abs().max().item()
+    # The explicit path computes what eager attention computes (float32 softmax, weights cast to the model
+    # dtype): compare it with eager. Against SDPA, bf16 rounding differences grow through 32 random layers.
+    diff_explicit = (explicit[real].float() - ref_eager[real].float()).abs().max().item()
+    diff_explicit_sdpa = (explicit[real].float() - ref[real].float()).abs().max().item()
     scale = ref[real].float().abs().max().item()
     t_ref, _ = timed_generate(lvlm, batch, 8, True, device)
     t_ours, _ = timed_generate(lvlm, batch, 8, False, device)
     with lvlm.attach(IdentityWeights()):
         t_expl, _ = timed_generate(lvlm, batch, 8, False, device)
-    results["checks"] = {"no_pass_max_abs_logit_diff": diff, "explicit_max_abs_logit_diff": diff_explicit,
+    results["checks"] = {"no_pass_max_abs_logit_diff": diff, "explicit_vs_eager_max_abs_logit_diff": diff_explicit,
+                         "explicit_vs_sdpa_max_abs_logit_diff": diff_explicit_sdpa,
                          "logit_scale": scale, "greedy_identical": bool(torch.equal(t_ref, t_ours)),
                          "explicit_greedy_identical": bool(torch.equal(t_ref, t_expl))}
     save()
-    print(f"check: no-pass max |dlogit| = {diff:.3g} (must be 0), explicit-weights max |dlogit| = "
-          f"{diff_explicit:.3g} of max |logit| {scale:.3g}; greedy identical: {torch.equal(t_ref, t_ours)}",
-          flush=True)
+    print(f"check: no-pass max |dlogit| = {diff:.3g} (must be 0), explicit-weights vs eager max |dlogit| = "
+          f"{diff_explicit:.3g} (vs sdpa {diff_explicit_sdpa:.3g}) of max |logit| {scale:.3g}; greedy identical: "
+          f"{torch.equal(t_ref, t_ours)}", flush=True)
     if diff > 0.02 * scale or diff_explicit > 0.05 * scale:
         print("CORRECTNESS CHECK FAILED: the wrapped model differs from the plain one", flush=True)
         return 1
