@@ -255,8 +255,8 @@ def test_forward_shapes():
     model = timm.create_model("biformer_tiny", pretrained=False).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
-        features = model.forward_features(torch.randn(1, 3, 112, 336))
-        assert features.shape == (1, 512, 4, 11)
+        features = model.forward_features(torch.randn(1, 3, 224, 112))
+        assert features.shape == (1, 512, 7, 4)
         assert model.forward_head(features).shape == (1, 1000)
         assert model.forward_head(features, pre_logits=True).shape == (1, 512)
 
