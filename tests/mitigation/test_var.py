@@ -186,9 +186,9 @@ def test_known_sink_dims_table():
 
 
 def test_registry():
-    assert {"var", "cca"} <= set(mitigation.available())
+    assert {"var", "cca", "vhr", "causalmm", "lqcd"} <= set(mitigation.available())
     assert isinstance(mitigation.get("VAR", p=0.5), mitigation.VAR)
     with pytest.raises(ValueError, match="did you mean 'var'"):
-        mitigation.get("vra")
+        mitigation.get("varr")
     with pytest.raises(ValueError, match="no hyper-parameter alpha"):
         mitigation.get("var", alpha=2)

@@ -25,7 +25,7 @@ def test_configs_register_on_demand_only():
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_tower_builds_and_encodes(name):
+def test_tower_builds_encodes_and_locks(name):
     import open_clip
 
     register_open_clip_models()
@@ -38,6 +38,12 @@ def test_tower_builds_and_encodes(name):
         text_features = model.encode_text(tokenizer(["a dog on grass", "a red car"]), normalize=True)
     assert image_features.shape == text_features.shape == (2, 512)
     assert torch.isfinite(image_features).all() and torch.isfinite(text_features).all()
+    # what open_clip's timm adapter uses besides forward: layer-group locking (group_matcher) and
+    # gradient checkpointing (set_grad_checkpointing) of the trunk
+    model.lock_image_tower(unlocked_groups=1)
+    frozen = [p.requires_grad for p in model.visual.trunk.parameters()]
+    assert not all(frozen) and any(frozen), "lock_image_tower(unlocked_groups=1) should freeze all but the last group"
+    model.set_grad_checkpointing(True)
 
 
 def test_contrastive_step_lowers_the_loss():
