@@ -126,8 +126,8 @@ def _demo_models(names: Sequence[str], device: str, image: Path) -> list[dict[st
         cfg = resolve_data_config({}, model=model)
         x = create_transform(**cfg)(pil).unsqueeze(0).to(device)
         with torch.inference_mode():
-            model(x)  # warm-up (lazy buffers, kernel compilation)
             if device.startswith("cuda"):
+                model(x)  # warm-up: Triton compilation and autotuning happen on the first call
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             logits = model(x)
