@@ -240,6 +240,9 @@ class _RoutedAttention(torch.autograd.Function):
         q, k, v, idx, out, lse = ctx.saved_tensors
         nh, nw, scale = ctx.geometry
         dout = _last_contiguous(dout)
+        # dq is written with q's strides: for a strided view of q (e.g. a chunk of a fused qkv projection)
+        # empty_like would return a dense buffer with other strides, so give dq a dense q to mirror
+        q = q.contiguous()
         b, h, w, heads, dqk = q.shape
         dv_dim = v.shape[-1]
         topk = idx.shape[-1]

@@ -123,3 +123,20 @@ def test_routed_errors_name_the_fix(rng):
         region_routing(q.flatten(3), q.flatten(3), 2, topk=5)
     with pytest.raises(ValueError, match=r"width 8 is not divisible by 3 regions; pad it by 1"):
         region_routing(q.flatten(3)[:, :3], q.flatten(3)[:, :3], 3, topk=1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_strided_views_of_a_fused_qkv(rng, backend):
+    """q, k, v as chunks of one fused projection (non-contiguous views), as BiFormer produces them."""
+    qkv = torch.randn(1, 8, 8, 3, 2, 16, generator=rng).requires_grad_()
+    q, k, v = qkv.unbind(3)
+    assert not q.is_contiguous()
+    index = _random_index(rng, 1, 4, 2)
+    ref = routed_attention_reference(q, k, v, index, 2)
+    with use_backend(backend):
+        out = routed_attention(q, k, v, index, 2)
+    assert_close(out, ref, dtype=torch.float32)
+    grad = torch.randn_like(ref)
+    (got,) = torch.autograd.grad(out, qkv, grad.float())
+    (want,) = torch.autograd.grad(ref, qkv, grad)
+    assert_close(got, want, dtype=torch.float32, scale=4.0, msg="d(qkv) through strided views")
