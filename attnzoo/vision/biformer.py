@@ -95,10 +95,8 @@ class BiLevelRoutingAttention(nn.Module):
         # The routing sees detached region means; its softmax weights are unused in the official model.
         _, region_index = region_routing(q.detach(), k.detach(), self.n_win, self.topk, scale=self.scale)
         heads = (batch, hp, wp, self.num_heads, channels // self.num_heads)
-        # q is made dense: the fused backward (kernels/_routed_triton.py at 508b053) writes dq with q's
-        # strides into a dense buffer, which overruns it for a strided view of the qkv output.
-        out = routed_attention(q.reshape(heads).contiguous(), k.reshape(heads), v.reshape(heads), region_index,
-                               self.n_win, scale=self.scale)
+        out = routed_attention(q.reshape(heads), k.reshape(heads), v.reshape(heads), region_index, self.n_win,
+                               scale=self.scale)
         lepe = self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         out = self.proj(out.reshape(batch, hp, wp, channels) + lepe)
         if pad_b or pad_r:
