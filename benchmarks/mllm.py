@@ -66,10 +66,31 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed_generate(lvlm, batch, new_tokens: int, plain: bool, device: str) -> tuple[torch.Tensor, float]:
+class StepClock:
+    """A ``LogitsProcessor`` that only records the time of every generation step (after a device sync).
+
+    The differences between consecutive steps are the per-token decode times; their median over hundreds of
+    steps is far steadier than whole-``generate`` wall times, which host jitter spreads by 10-20%.
+    """
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        sync(self.device)
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+def timed_generate(lvlm, batch, new_tokens: int, plain: bool, device: str) -> tuple[torch.Tensor, float, list[float]]:
+    """(new token ids, wall seconds of the whole generate, per-step decode seconds)."""
+    from transformers import LogitsProcessorList
+
     lvlm.model.set_attn_implementation("sdpa" if plain else "attnzoo")
+    clock = StepClock(device)
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-               pad_token_id=lvlm.tokenizer.pad_token_id)
+               pad_token_id=lvlm.tokenizer.pad_token_id, logits_processor=LogitsProcessorList([clock]))
     sync(device)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -78,7 +99,8 @@ def timed_generate(lvlm, batch, new_tokens: int, plain: bool, device: str) -> tu
         else:
             out = lvlm.generate_ids(batch, **gen)
     sync(device)
-    return out, time.perf_counter() - t0
+    steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
+    return out, time.perf_counter() - t0, steps
 
 
 def main() -> int:
@@ -86,7 +108,7 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny LLaVA on the CPU (smoke run)")
     ap.add_argument("--batch-sizes", default=None, help="comma list (default 1,8; tiny: 1,2)")
     ap.add_argument("--new-tokens", type=int, default=None, help="tokens per answer (default 64; tiny: 8)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5; tiny: 2)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7; tiny: 2)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
 
@@ -94,7 +116,7 @@ def main() -> int:
     dtype = torch.float32 if args.tiny else torch.bfloat16
     batch_sizes = [int(b) for b in (args.batch_sizes or ("1,2" if args.tiny else "1,8")).split(",")]
     new_tokens = args.new_tokens or (8 if args.tiny else 64)
-    repeats = args.repeats or (2 if args.tiny else 5)
+    repeats = args.repeats or (2 if args.tiny else 7)
     out_path = Path(args.out) / "mllm_generate.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -135,10 +157,10 @@ def main() -> int:
     diff_explicit = (explicit[real].float() - ref_eager[real].float()).abs().max().item()
     diff_explicit_sdpa = (explicit[real].float() - ref[real].float()).abs().max().item()
     scale = ref[real].float().abs().max().item()
-    t_ref, _ = timed_generate(lvlm, batch, 8, True, device)
-    t_ours, _ = timed_generate(lvlm, batch, 8, False, device)
+    t_ref, _, _ = timed_generate(lvlm, batch, 8, True, device)
+    t_ours, _, _ = timed_generate(lvlm, batch, 8, False, device)
     with lvlm.attach(IdentityWeights()):
-        t_expl, _ = timed_generate(lvlm, batch, 8, False, device)
+        t_expl, _, _ = timed_generate(lvlm, batch, 8, False, device)
     results["checks"] = {"no_pass_max_abs_logit_diff": diff, "explicit_vs_eager_max_abs_logit_diff": diff_explicit,
                          "explicit_vs_sdpa_max_abs_logit_diff": diff_explicit_sdpa,
                          "logit_scale": scale, "greedy_identical": bool(torch.equal(t_ref, t_ours)),
@@ -162,33 +184,44 @@ def main() -> int:
     for bs in batch_sizes:
         batch = lvlm.prepare(images[:bs], [PROMPTS[i % len(PROMPTS)] for i in range(bs)])
         times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+        steps: dict[str, list[float]] = {name: [] for name, _, _ in variants}
 
-        def run(name: str, plain: bool, pass_cls: type | None, batch=batch) -> float:
+        def run(name: str, plain: bool, pass_cls: type | None, batch=batch) -> tuple[float, list[float]]:
             if pass_cls is None:
-                return timed_generate(lvlm, batch, new_tokens, plain, device)[1]
+                return timed_generate(lvlm, batch, new_tokens, plain, device)[1:]
             with lvlm.attach(pass_cls()):
-                return timed_generate(lvlm, batch, new_tokens, plain, device)[1]
+                return timed_generate(lvlm, batch, new_tokens, plain, device)[1:]
 
         for name, plain, pass_cls in variants:  # warm-up
             run(name, plain, pass_cls)
         for _ in range(repeats):
             for name, plain, pass_cls in variants:
-                times[name].append(run(name, plain, pass_cls))
+                wall, step_s = run(name, plain, pass_cls)
+                times[name].append(wall)
+                steps[name].extend(step_s)
         base = statistics.median(times["plain sdpa"])
+        base_step = statistics.median(steps["plain sdpa"])
         for name, _, _ in variants:
             med = statistics.median(times[name])
+            step = statistics.median(steps[name])
             row = {"batch": bs, "variant": name, "median_s": med, "tokens_per_s": bs * new_tokens / med,
                    "ms_per_step": 1000 * med / new_tokens, "overhead_pct": 100 * (med / base - 1),
+                   "decode_ms_median": 1000 * step, "decode_ms_q25_q75": [
+                       1000 * q for q in statistics.quantiles(steps[name], n=4)[::2]],
+                   "decode_steps": len(steps[name]), "decode_overhead_pct": 100 * (step / base_step - 1),
                    "times_s": times[name]}
             results["rows"].append(row)
             save()
     print(f"\n{results['device']}, {dtype}, {new_tokens} new tokens, prompt with "
-          f"{int(batch.layout.num_image_tokens[0])} image tokens, median of {repeats}")
-    print("| batch | variant | tokens/s | ms/step | overhead vs plain |")
-    print("|---|---|---|---|---|")
+          f"{int(batch.layout.num_image_tokens[0])} image tokens, median of {repeats} generates; decode: median over all steps")
+    print("| batch | variant | tokens/s (generate) | generate vs plain | decode ms/token median (IQR) | "
+          "decode vs plain | steps |")
+    print("|---|---|---|---|---|---|---|")
     for r in results["rows"]:
-        print(f"| {r['batch']} | {r['variant']} | {r['tokens_per_s']:.1f} | {r['ms_per_step']:.2f} | "
-              f"{r['overhead_pct']:+.1f}% |")
+        q25, q75 = r["decode_ms_q25_q75"]
+        print(f"| {r['batch']} | {r['variant']} | {r['tokens_per_s']:.1f} | {r['overhead_pct']:+.1f}% | "
+              f"{r['decode_ms_median']:.2f} ({q25:.2f}-{q75:.2f}) | {r['decode_overhead_pct']:+.1f}% | "
+              f"{r['decode_steps']} |")
     print(f"\nresults: {out_path}")
     return 0
 
