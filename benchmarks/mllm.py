@@ -213,7 +213,8 @@ def main() -> int:
             results["rows"].append(row)
             save()
     print(f"\n{results['device']}, {dtype}, {new_tokens} new tokens, prompt with "
-          f"{int(batch.layout.num_image_tokens[0])} image tokens, median of {repeats} generates; decode: median over all steps")
+          f"{int(batch.layout.num_image_tokens[0])} image tokens, median of {repeats} generates; "
+          "decode: median over all steps")
     print("| batch | variant | tokens/s (generate) | generate vs plain | decode ms/token median (IQR) | "
           "decode vs plain | steps |")
     print("|---|---|---|---|---|---|---|")
