@@ -185,3 +185,45 @@ def halo_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 
 __all__ += ["halo_attention_reference", "routed_attention_reference"]
+
+
+# --- key-group attention (attention-level mitigation passes) ---
+
+
+def key_group_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_groups: torch.Tensor,
+                                  num_groups: int, scale: float | None = None, causal: bool = True,
+                                  mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 per-key-group attention outputs and masses, from the full softmax matrix, one group at a time.
+
+    q: (B, H, Lq, D); k, v: (B, Hkv, Lkv, D) (GQA: head h reads kv head h // (H // Hkv)); key_groups: (B, Lkv)
+    ints, negative = key removed; mask: bool (B, 1|H, Lq, Lkv) keep-mask or None (then lower-right causal when
+    ``causal``). P = softmax over the kept keys of each (b, h, i); returns outputs (B, H, Lq, G, D) with
+    sum_{j: group j == g} P_j v_j and masses (B, H, Lq, G) with sum_{j: group j == g} P_j, float64; a row with
+    no kept key is all zeros.
+    """
+    batch, heads, q_len, dim = q.shape
+    kv_len = k.shape[2]
+    rep = heads // k.shape[1]
+    scale = dim ** -0.5 if scale is None else scale
+    kd = k.double().cpu().repeat_interleave(rep, dim=1)
+    vd = v.double().cpu().repeat_interleave(rep, dim=1)
+    logits = scale * q.double().cpu() @ kd.transpose(-1, -2)  # (B, H, Lq, Lkv)
+    if mask is None:
+        query_pos = torch.arange(kv_len - q_len, kv_len)[:, None]
+        mask = (query_pos >= torch.arange(kv_len)[None, :]) if causal else torch.ones(q_len, kv_len, dtype=torch.bool)
+        mask = mask[None, None]
+    keep = mask.cpu() & (key_groups.cpu() >= 0)[:, None, None, :]
+    keep = keep.expand(batch, heads, q_len, kv_len)
+    probs = torch.zeros_like(logits)
+    rows = keep.any(-1)
+    probs[rows] = logits[rows].masked_fill(~keep[rows], float("-inf")).softmax(-1)
+    outputs = torch.zeros(batch, heads, q_len, num_groups, dim, dtype=torch.float64)
+    masses = torch.zeros(batch, heads, q_len, num_groups, dtype=torch.float64)
+    for g in range(num_groups):
+        member = (key_groups.cpu() == g)[:, None, None, :].double()  # (B, 1, 1, Lkv)
+        masses[..., g] = (probs * member).sum(-1)
+        outputs[..., g, :] = (probs * member) @ vd
+    return outputs, masses
+
+
+__all__ += ["key_group_attention_reference"]

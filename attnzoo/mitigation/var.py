@@ -11,6 +11,14 @@ their attention. During prefill only queries after the image are redistributed (
 
 Unlike the official code (batch size 1), sinks, image spans and selections are per sample, so left-padded
 batches of any size work.
+
+Two implementations of the same edit (``fused`` field). The official code runs the whole model with eager
+attention to get the weights. Here the edit is a re-weighting of four key groups (other text, non-sink image,
+visual sink, text sink): the edited output of a cell is ``O_text + p * (O_vsink + O_tsink) + (1 + budget /
+M_image) * O_image`` with ``O_g`` the cell's attention output restricted to group g and ``M_g`` its mass, and
+the selection needs only the masses. ``fused=True`` (default) gets ``O_g`` and ``M_g`` from one fused kernel
+(:func:`attnzoo.kernels.key_group_attention`, no attention matrix); ``fused=False`` edits the explicit
+post-softmax weights (float32 matrix per layer), kept for comparison and as a cross-check.
 """
 
 from __future__ import annotations
@@ -101,6 +109,8 @@ class VAR(Pass):
             (use :func:`find_sink_dims` for other models).
         first_layer: sinks are detected (and attention redistributed) from this layer on (2).
         except_last_layer: leave the last decoder layer alone (True).
+        fused: implementation switch, not a paper hyper-parameter: fused key-group attention (True) or the
+            explicit post-softmax weights (False); both compute the same edit.
     """
 
     name: ClassVar[str] = "var"
@@ -113,9 +123,15 @@ class VAR(Pass):
     sink_dims: tuple[int, ...] | None = None
     first_layer: int = 2
     except_last_layer: bool = True
+    fused: bool = True
+
+    # key groups of the fused path
+    OTHER, IMAGE, VISUAL_SINK, TEXT_SINK = 0, 1, 2, 3
+    NUM_GROUPS: ClassVar[int] = 4
 
     def __post_init__(self) -> None:
         self._sinks: dict[int, torch.Tensor] = {}
+        self._groups: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._dims: tuple[int, ...] | None = None
         super().__post_init__()
 
@@ -154,6 +170,7 @@ class VAR(Pass):
     def on_layout(self, layout: Any) -> None:
         if layout is not None:
             self._sinks = {}  # a new batch: its sinks are found again at its prefill (kept after it ends)
+            self._groups = {}
 
     # ------------------------------------------------------------------ sink detection (prefill)
 
@@ -172,7 +189,7 @@ class VAR(Pass):
             return None
         if self.except_last_layer and ctx.layer == ctx.num_layers - 1:
             return None
-        return Plan(weights=True)
+        return Plan(key_groups=True) if self.fused else Plan(weights=True)
 
     def edit_weights(self, ctx: AttentionContext, weights: torch.Tensor) -> torch.Tensor:
         layout, kv = ctx.layout, ctx.kv_length
@@ -198,6 +215,45 @@ class VAR(Pass):
         share = receivers / receivers.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
         redistributed = torch.where(sink, weights * self.p, weights) + budget * share
         return torch.where(selected[..., None], redistributed, weights)
+
+    # ------------------------------------------------------------------ fused path (key groups)
+
+    def _layer_groups(self, ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per layer, computed once per batch: prompt key groups ``(B, L)`` int32, image key count, "has a
+        visual sink" and last image position, each ``(B, 1, 1)``."""
+        cached = self._groups.get(ctx.layer)
+        if cached is None:
+            layout = ctx.layout
+            image = layout.image_mask.to(ctx.device)
+            sink = self._sinks[ctx.layer].to(ctx.device)
+            ids = torch.where(image, torch.where(sink, self.VISUAL_SINK, self.IMAGE),
+                              torch.where(sink, self.TEXT_SINK, self.OTHER)).to(torch.int32)
+            positions = torch.arange(image.shape[1], device=ctx.device)
+            cached = (ids, image.sum(-1).float()[:, None, None], (sink & image).any(-1)[:, None, None],
+                      torch.where(image, positions, -1).amax(-1)[:, None, None])
+            self._groups[ctx.layer] = cached
+        return cached
+
+    def key_groups(self, ctx: AttentionContext) -> tuple[torch.Tensor, int]:
+        ids = self._layer_groups(ctx)[0]
+        extra = ctx.kv_length - ids.shape[1]  # generated tokens: neither image nor sink
+        return (torch.nn.functional.pad(ids, (0, extra), value=self.OTHER) if extra > 0 else ids), self.NUM_GROUPS
+
+    def combine_groups(self, ctx: AttentionContext, outputs: torch.Tensor, masses: torch.Tensor) -> torch.Tensor:
+        _, n_image, has_visual_sink, last_image = self._layer_groups(ctx)
+        m_image, m_visual_sink, m_text_sink = (masses[..., g] for g in (self.IMAGE, self.VISUAL_SINK, self.TEXT_SINK))
+        total_on_image = m_image + m_visual_sink  # (B, h, q)
+        # the official share keeps +1e-6 per image key in the denominator
+        portion = m_visual_sink / (total_on_image + 1e-6 * n_image)
+        selected = (portion <= self.rho) & (total_on_image >= self.summ) & has_visual_sink
+        if ctx.is_prefill:
+            selected &= ctx.query_positions[None, None, :] > last_image
+        # sinks keep p of their mass; the freed mass goes to the non-sink image keys in proportion
+        budget = (1.0 - self.p) * (m_visual_sink + m_text_sink)
+        image_gain = 1.0 + budget / m_image.clamp_min(torch.finfo(torch.float32).tiny)
+        sinks = outputs[..., self.VISUAL_SINK, :] + outputs[..., self.TEXT_SINK, :]
+        edited = outputs[..., self.OTHER, :] + self.p * sinks + image_gain[..., None] * outputs[..., self.IMAGE, :]
+        return torch.where(selected[..., None], edited, outputs.sum(-2))
 
     def sinks(self) -> dict[int, torch.Tensor]:
         """The sink tokens found at the last prefill: layer -> ``(B, L)`` bool over prompt positions."""

@@ -17,7 +17,11 @@ plans for stay on SDPA. Otherwise:
    ``edit_weights`` sees post-softmax weights ``(B, h, q, kv)`` float32; ``h`` = the pass's planned heads.
 3. ``edit_outputs`` sees per-head outputs ``(B, q, H, D)`` before ``o_proj`` (all heads).
 
-A pass may instead ``replace`` the whole computation (``attend``), e.g. with a fused kernel.
+A pass may instead ``replace`` the whole computation (``attend``), e.g. with a fused kernel, or plan
+``key_groups``: a re-weighting of whole groups of keys decided per (head, query) from the attention mass on
+each group (VAR). The runtime then asks the pass for a group id per key (``key_groups``), computes per-group
+partial outputs and masses with :func:`attnzoo.kernels.key_group_attention` (one fused pass, no attention
+matrix) and hands them to ``combine_groups``, which returns the heads' outputs.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ class Plan:
             ``edit_outputs`` in this call.
         replace: call ``attend`` to compute the whole attention (no other pass may plan scores/weights/replace
             in the same call).
+        key_groups: compute ``heads`` with the fused key-group attention and ``combine_groups`` (no other pass
+            may plan scores/weights/replace/key_groups in the same call; mask and output edits combine).
     """
 
     heads: Sequence[int] | torch.Tensor | None = None
@@ -60,6 +66,7 @@ class Plan:
     weights: bool = False
     outputs: bool = False
     replace: bool = False
+    key_groups: bool = False
 
     @property
     def explicit(self) -> bool:
@@ -185,6 +192,17 @@ class AttentionPass:
         mask bool ``(B, 1 or H, q, kv)``; return ``(B, H, q, D)`` in the input dtype."""
         raise NotImplementedError
 
+    def key_groups(self, ctx: AttentionContext) -> tuple[torch.Tensor, int]:
+        """For a ``Plan(key_groups=True)``: ``(group ids, G)`` with group ids ``(B, kv)`` integer in ``[0, G)``
+        (negative = key removed) on ``ctx.device``."""
+        raise NotImplementedError
+
+    def combine_groups(self, ctx: AttentionContext, outputs: torch.Tensor, masses: torch.Tensor) -> torch.Tensor:
+        """For a ``Plan(key_groups=True)``: per-group partial outputs ``(B, h, q, G, D)`` float32 and masses
+        ``(B, h, q, G)`` float32 of the heads ``ctx.heads`` (``outputs.sum(-2)`` is the plain attention) ->
+        the heads' outputs ``(B, h, q, D)`` (any float dtype; cast to the model dtype by the runtime)."""
+        return outputs.sum(-2)
+
     def edit_residual(self, ctx: AttentionContext, hidden: torch.Tensor) -> torch.Tensor | None:
         """Text site only: called with the residual stream ``(B, q, hidden)`` entering decoder layer
         ``ctx.layer`` (before its attention); return a replacement or None to keep it. ``ctx.kv_length`` is
@@ -309,7 +327,8 @@ def run_passes(passes: Sequence[AttentionPass], ctx: AttentionContext, backend: 
                scaling: float, dropout: float, kwargs: dict[str, Any]) -> tuple[torch.Tensor, None]:
     """Run one attention call with ``passes`` (each already asked for its plan). See the module docstring."""
     plans = [(p, p.plan(ctx)) for p in passes]
-    plans = [(p, pl) for p, pl in plans if pl is not None and (pl.mask or pl.explicit or pl.outputs or pl.replace)]
+    plans = [(p, pl) for p, pl in plans
+             if pl is not None and (pl.mask or pl.explicit or pl.outputs or pl.replace or pl.key_groups)]
     if not plans:
         return _default_attention(backend, module, query, key, value, attention_mask, scaling, dropout, kwargs)
 
@@ -325,7 +344,16 @@ def run_passes(passes: Sequence[AttentionPass], ctx: AttentionContext, backend: 
 
     replacers = [(p, pl) for p, pl in plans if pl.replace]
     explicit = [(p, pl) for p, pl in plans if pl.explicit and (pl.heads is None or len(pl.heads) > 0)]
-    if not replacers and not explicit and not any(pl.mask for _, pl in plans):
+    grouped = [(p, pl) for p, pl in plans if pl.key_groups and (pl.heads is None or len(pl.heads) > 0)]
+    if grouped:
+        if len(grouped) > 1 or replacers or explicit:
+            names = [type(p).__name__ for p, _ in grouped + replacers + explicit]
+            raise ValueError(f"passes {names} both take over attention weights at {ctx.site} layer {ctx.layer}; "
+                             "attach only one of them")
+        edited_mask = mask if any(pl.mask for _, pl in plans) or ctx.base_mask is not None else None
+        out = _grouped_heads(grouped[0][0], _head_list(grouped[0][1].heads, num_heads), ctx, module, query, key,
+                             value, edited_mask, scaling, dropout)
+    elif not replacers and not explicit and not any(pl.mask for _, pl in plans):
         # only per-head outputs change: the attention itself is the plain one
         out, _ = _default_attention(backend, module, query, key, value, attention_mask, scaling, dropout, kwargs)
     elif replacers:
@@ -385,6 +413,43 @@ def run_passes(passes: Sequence[AttentionPass], ctx: AttentionContext, backend: 
         if pl.outputs:
             out = p.edit_outputs(ctx.with_heads(None), out)
     return out, None
+
+
+def _grouped_heads(pass_obj: AttentionPass, heads: tuple[int, ...], ctx: AttentionContext, module: torch.nn.Module,
+                   query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                   scaling: float, dropout: float) -> torch.Tensor:
+    """A ``key_groups`` plan: fused per-group attention of ``heads``, combined by the pass; the other heads on
+    SDPA. ``mask`` is the (edited) bool keep-mask, or None for a plain causal call. Returns ``(B, q, H, D)``."""
+    from ..kernels.grouped_attention import key_group_attention
+
+    if module.training and dropout > 0:
+        raise ValueError(f"{type(pass_obj).__name__}: key_groups plans are inference-only (attention dropout "
+                         f"{dropout} in training mode); call model.eval()")
+    num_heads, num_kv = query.shape[1], key.shape[1]
+    n_rep = num_heads // num_kv
+    ids, groups = pass_obj.key_groups(ctx)
+    all_heads = len(heads) == num_heads
+    if all_heads:
+        q_s, k_s, v_s, m_s = query, key, value, mask
+    else:  # one kv head per selected query head (no GQA sharing inside the subset)
+        kv_of = tuple(h // n_rep for h in heads)
+        q_s, k_s, v_s = _take(query, heads), _take(key, kv_of), _take(value, kv_of)
+        m_s = mask if mask is None or mask.shape[1] == 1 else _take(mask, heads)
+    outputs, masses = key_group_attention(q_s, k_s, v_s, ids.to(query.device), groups, scale=scaling,
+                                          causal=ctx.causal, mask=m_s)
+    out_s = pass_obj.combine_groups(ctx.with_heads(_index(heads, query.device)), outputs, masses).to(query.dtype)
+    if all_heads:
+        return out_s.transpose(1, 2)
+    rest = tuple(h for h in range(num_heads) if h not in set(heads))
+    full = query.new_empty(query.shape[0], num_heads, query.shape[2], value.shape[-1])
+    _put(full, heads, out_s)
+    if rest:
+        kv_rest = tuple(h // n_rep for h in rest)
+        rest_mask = ctx.mask if mask is None else mask
+        _put(full, rest, _sdpa_heads(_take(query, rest), _take(key, kv_rest), _take(value, kv_rest),
+                                     rest_mask if rest_mask.shape[1] == 1 else _take(rest_mask, rest), scaling,
+                                     dropout, module))
+    return full.transpose(1, 2)
 
 
 def _sdpa_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float,

@@ -93,14 +93,15 @@ def _calibrate(lvlm, batch, dims):
     return float(torch.cat(values).quantile(0.85))
 
 
-def test_var_matches_reference_prefill_and_decode():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "explicit"])
+def test_var_matches_reference_prefill_and_decode(fused):
     lvlm, ref_model = tiny_pair()
     batch = lvlm.prepare(images(), PROMPTS)
     assert int(batch.layout.num_pad.max()) > 0
     dims = find_sink_dims(lvlm, images(), first_layer=FIRST)
     assert len(dims) == 2 and all(0 <= d < lvlm.hidden_size for d in dims)
     tau = _calibrate(lvlm, batch, dims)
-    var = mitigation.VAR(tau=tau, rho=RHO, summ=SUMM, p=P, sink_dims=dims, first_layer=FIRST)
+    var = mitigation.VAR(tau=tau, rho=RHO, summ=SUMM, p=P, sink_dims=dims, first_layer=FIRST, fused=fused)
 
     ids = batch.inputs["input_ids"]
     sinks, handles = _reference_sinks(ref_model, dims, tau, batch.inputs["attention_mask"])
@@ -141,7 +142,8 @@ def test_var_redistribution_preserves_mass_and_moves_it_to_the_image():
     lvlm, _ = tiny_pair()
     batch = lvlm.prepare(images(), PROMPTS)
     dims = find_sink_dims(lvlm, images(), first_layer=FIRST)
-    var = mitigation.VAR(tau=_calibrate(lvlm, batch, dims), sink_dims=dims, first_layer=FIRST, summ=0.0, rho=1.0)
+    var = mitigation.VAR(tau=_calibrate(lvlm, batch, dims), sink_dims=dims, first_layer=FIRST, summ=0.0, rho=1.0,
+                         fused=False)
     seen = []
     original = var.edit_weights
 

@@ -1,0 +1,159 @@
+"""Fused key-group attention forward in Triton (see :mod:`attnzoo.kernels.grouped_attention`).
+
+Every program owns BLOCK_M queries of one (batch, head) and sweeps the keys in tiles of BLOCK_N with one
+online softmax (the flash-attention forward). The only difference from plain attention is the accumulator:
+instead of one ``(BLOCK_M, D)`` output it keeps one per key group, stacked as ``(BLOCK_M * G, D)`` rows, and
+fills it with a single matmul of the group-expanded weights ``(BLOCK_M * G, BLOCK_N)`` (row ``m * G + g``
+holds query m's weights on the keys of group g, zeros elsewhere) with the value tile. The per-group masses
+are the row sums of the same expanded weights. All partial results share the running maximum and the
+running denominator, so one rescale per tile serves every group and the final division normalises them all.
+
+The CPU interpreter computes bfloat16 ``tl.dot`` wrongly (triton 3.8), so there bfloat16 tiles are upcast to
+float32 before the dots. Imported lazily (only when the triton backend runs). Forward only.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._backend import triton_interpreting
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _key_group_fwd_kernel(
+    Q, K, V, GID, MASK, O, MASS,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_gb, stride_mb, stride_mh, stride_mq,
+    stride_ob, stride_oh, stride_on, stride_og, stride_sb, stride_sh, stride_sn,
+    H, GROUP, Lq, Lkv, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_GROUPS: tl.constexpr, BLOCK_G: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)  # 64-bit batch offsets
+    h = bh % H
+    kvh = h // GROUP
+
+    qi = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_ok = qi < Lq
+    q_pos = Lkv - Lq + qi  # lower-right aligned: the query's own key position
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    q = tl.load(Q + b * stride_qb + h * stride_qh + qi[:, None] * stride_qn + d[None, :],
+                mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    g_idx = tl.arange(0, BLOCK_G)
+
+    # Online softmax in base 2; the finite floor keeps rows with no key in a tile NaN-free.
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    mass = tl.zeros([BLOCK_M, BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M * BLOCK_G, BLOCK_D], dtype=tl.float32)
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+    kv_end = Lkv
+    if CAUSAL:
+        kv_end = tl.minimum(Lkv, Lkv - Lq + (pid + 1) * BLOCK_M)  # keys after the tile's last query never count
+    for start in range(0, kv_end, BLOCK_N):
+        kn = start + tl.arange(0, BLOCK_N)
+        kv_ok = kn < Lkv
+        gid = tl.load(GID + b * stride_gb + kn, mask=kv_ok, other=-1)
+        kt = tl.load(k_base + kn[:, None] * stride_kn + d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
+        if DOT_F32:
+            kt = kt.to(tl.float32)
+        s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * qk_scale
+        keep = (gid >= 0)[None, :] & q_ok[:, None]
+        if HAS_MASK:
+            mk = tl.load(MASK + b * stride_mb + h * stride_mh + qi[:, None] * stride_mq + kn[None, :],
+                         mask=q_ok[:, None] & kv_ok[None, :], other=0)
+            keep = keep & (mk != 0)
+        elif CAUSAL:
+            keep = keep & (kn[None, :] <= q_pos[:, None])
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        # group-expanded weights: (BLOCK_M, BLOCK_G, BLOCK_N), zero outside each row's group
+        member = gid[None, :] == g_idx[:, None]
+        p_groups = tl.where(member[None, :, :], p[:, None, :], 0.0)
+        mass = mass * alpha[:, None] + tl.sum(p_groups, 2)
+        alpha_rows = tl.reshape(tl.broadcast_to(alpha[:, None], (BLOCK_M, BLOCK_G)), (BLOCK_M * BLOCK_G,))
+        vt = tl.load(v_base + kn[:, None] * stride_vn + d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
+        if DOT_F32:
+            vt = vt.to(tl.float32)
+        p_rows = tl.reshape(p_groups, (BLOCK_M * BLOCK_G, BLOCK_N))
+        acc = acc * alpha_rows[:, None] + tl.dot(p_rows.to(vt.dtype), vt, input_precision=DOT_PREC)
+        m_i = m_new
+
+    inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)  # a query with no key left: zeros
+    mass = mass * inv[:, None]
+    g_ok = g_idx < NUM_GROUPS
+    tl.store(MASS + b * stride_sb + h * stride_sh + qi[:, None] * stride_sn + g_idx[None, :], mass,
+             mask=q_ok[:, None] & g_ok[None, :])
+    inv_rows = tl.reshape(tl.broadcast_to(inv[:, None], (BLOCK_M, BLOCK_G)), (BLOCK_M * BLOCK_G,))
+    acc = acc * inv_rows[:, None]
+    r = tl.arange(0, BLOCK_M * BLOCK_G)
+    r_q = pid * BLOCK_M + r // BLOCK_G
+    r_g = r % BLOCK_G
+    r_ok = (r_q < Lq) & (r_g < NUM_GROUPS)
+    tl.store(O + b * stride_ob + h * stride_oh + r_q[:, None] * stride_on + r_g[:, None] * stride_og + d[None, :],
+             acc, mask=r_ok[:, None] & d_ok[None, :])
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """float32 inputs get float32-accurate dots (3xTF32 on tensor cores; numpy in the interpreter)."""
+    if dtype != torch.float32:
+        return "tf32"  # ignored for 16-bit inputs
+    return "ieee" if triton_interpreting() else "tf32x3"
+
+
+def _blocks(q_len: int, head_dim: int, groups: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): small tiles in the interpreter, H100-sized ones on the GPU."""
+    if triton_interpreting():
+        return 16, 16, 4
+    block_m = 16 if q_len <= 16 else 32
+    rows = block_m * groups
+    return block_m, 64 if head_dim <= 128 else 32, 8 if rows * head_dim >= 128 * 128 else 4
+
+
+def key_group_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_groups: torch.Tensor,
+                               num_groups: int, scale: float, causal: bool = True,
+                               mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton backend of :func:`attnzoo.kernels.key_group_attention` (arguments already validated)."""
+    batch, heads, q_len, dim = q.shape
+    kv_len = k.shape[2]
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    gid = key_groups.to(torch.int32).contiguous()
+    outputs = torch.empty(batch, heads, q_len, num_groups, dim, device=q.device, dtype=torch.float32)
+    masses = torch.empty(batch, heads, q_len, num_groups, device=q.device, dtype=torch.float32)
+    if mask is not None:
+        mask_t = mask.contiguous().view(torch.uint8)
+        mask_strides = (mask_t.stride(0), 0 if mask_t.shape[1] == 1 else mask_t.stride(1), mask_t.stride(2))
+    else:
+        mask_t, mask_strides = gid, (0, 0, 0)  # never read (HAS_MASK is False)
+    block_m, block_n, warps = _blocks(q_len, dim, triton.next_power_of_2(num_groups))
+    block_g = max(triton.next_power_of_2(num_groups), 1)
+    if block_m * block_g < 16:  # tl.dot needs at least 16 rows
+        block_m = 16 // block_g
+    grid = (triton.cdiv(q_len, block_m), batch * heads)
+    _key_group_fwd_kernel[grid](
+        q, k, v, gid, mask_t, outputs, masses,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), gid.stride(0), *mask_strides,
+        outputs.stride(0), outputs.stride(1), outputs.stride(2), outputs.stride(3),
+        masses.stride(0), masses.stride(1), masses.stride(2),
+        heads, heads // k.shape[1], q_len, kv_len, scale * LOG2E,
+        HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), NUM_GROUPS=num_groups, BLOCK_G=block_g,
+        CAUSAL=bool(causal) and mask is None, HAS_MASK=mask is not None,
+        DOT_F32=triton_interpreting() and q.dtype == torch.bfloat16, DOT_PREC=_dot_precision(q.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+    )
+    return outputs, masses

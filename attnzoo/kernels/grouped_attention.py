@@ -1,0 +1,140 @@
+"""Key-group attention: softmax attention split by groups of keys, in one pass, without the attention matrix.
+
+For every (batch, head, query) cell with post-softmax weights ``P`` over the keys, and a group id per key,
+:func:`key_group_attention` returns the per-group partial outputs and masses
+
+    O_g = sum_{j in g} P_j v_j        M_g = sum_{j in g} P_j
+
+so that ``sum_g O_g`` is the ordinary attention output and any re-weighting of whole key groups,
+``sum_g w_g O_g`` with ``w_g`` decided per cell from the masses, is exact. This is what attention-level
+hallucination-mitigation passes such as VAR (which scales sink keys and moves the freed mass to the image)
+need during prefill; the Triton kernel computes it with one online softmax over the keys (fp32 accumulators,
+the (Lq x Lkv) matrix is never stored).
+
+Backends (see :func:`attnzoo.kernels.set_backend`): a fused Triton forward on CUDA, a PyTorch path chunked
+over queries on the CPU ("flex" falls back to it). Forward only: this op serves inference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._backend import resolve_backend
+
+__all__ = ["key_group_attention"]
+
+# The PyTorch backend materialises at most this many fp32 scores per query chunk (256 MiB).
+_TORCH_CHUNK_ELEMENTS = 1 << 26
+
+
+def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_groups: torch.Tensor, num_groups: int,
+              mask: torch.Tensor | None) -> None:
+    fn = "key_group_attention"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{fn}: {name} must be a 4-D tensor (batch, heads, length, head_dim), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
+        raise ValueError(f"{fn}: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device == key_groups.device):
+        raise ValueError(f"{fn}: q, k, v, key_groups must be on one device, got {q.device}, {k.device}, "
+                         f"{v.device}, {key_groups.device}")
+    batch, heads, _, dim = q.shape
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[-1] != dim:
+        raise ValueError(f"{fn}: k {tuple(k.shape)} and v {tuple(v.shape)} must be (batch, kv_heads, kv_length, "
+                         f"head_dim) matching q {tuple(q.shape)} in batch and head_dim")
+    if heads % k.shape[1] != 0:
+        raise ValueError(f"{fn}: kv heads ({k.shape[1]}) must divide q heads ({heads}) for GQA/MQA")
+    if key_groups.shape != (batch, k.shape[2]) or key_groups.dtype.is_floating_point or key_groups.dtype == torch.bool:
+        raise ValueError(f"{fn}: key_groups must be an integer tensor of shape (batch, kv_length) = "
+                         f"{(batch, k.shape[2])}, got {key_groups.dtype} {tuple(key_groups.shape)}")
+    if not isinstance(num_groups, int) or num_groups < 1:
+        raise ValueError(f"{fn}: num_groups must be a positive int, got {num_groups!r}")
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[0] != batch or mask.shape[1] not in (1, heads) \
+                or tuple(mask.shape[2:]) != (q.shape[2], k.shape[2]):
+            raise ValueError(f"{fn}: mask must be bool of shape (batch, 1 or heads, q_length, kv_length) = "
+                             f"({batch}, 1|{heads}, {q.shape[2]}, {k.shape[2]}), got {mask.dtype} "
+                             f"{tuple(mask.shape)}")
+
+
+def key_group_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_groups: torch.Tensor,
+                        num_groups: int, scale: float | None = None, causal: bool = True,
+                        mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention split into per-key-group partial outputs and masses, in one pass.
+
+    Args:
+        q: ``(B, H, Lq, D)`` queries (float32, float16 or bfloat16).
+        k, v: ``(B, Hkv, Lkv, D)`` keys and values, same dtype; ``Hkv`` divides ``H`` (GQA: query head ``h``
+            reads kv head ``h // (H // Hkv)``), not repeated.
+        key_groups: ``(B, Lkv)`` integer group id of every key, in ``[0, num_groups)``; a negative id removes
+            the key (e.g. padding).
+        num_groups: ``G``, the number of groups.
+        scale: softmax scale (default ``D ** -0.5``).
+        causal: keys after the query are masked; lower-right aligned (query ``i`` sits at key position
+            ``Lkv - Lq + i``, as with a KV cache). Ignored when ``mask`` is given.
+        mask: optional bool keep-mask ``(B, 1 or H, Lq, Lkv)``, True = attend; replaces ``causal``.
+
+    Returns:
+        ``(outputs, masses)``: ``outputs`` ``(B, H, Lq, G, D)`` float32 with ``outputs[..., g, :] = sum over
+        keys j of group g of P_j v_j``, and ``masses`` ``(B, H, Lq, G)`` float32 with the summed weights
+        ``P_j`` of each group, where ``P`` is the softmax over all unmasked keys of the cell (so the masses
+        of a cell sum to 1 and ``outputs.sum(-2)`` is the plain attention output). A query with no key
+        left gets zeros in both.
+    """
+    _validate(q, k, v, key_groups, num_groups, mask)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    backend = resolve_backend(q.device, "key_group_attention")
+    if backend == "triton":
+        from ._grouped_attention_triton import key_group_attention_triton
+
+        return key_group_attention_triton(q, k, v, key_groups, num_groups, scale, causal, mask)
+    return key_group_attention_torch(q, k, v, key_groups, num_groups, scale, causal, mask)
+
+
+def _keep_mask(key_groups: torch.Tensor, q_len: int, causal: bool, mask: torch.Tensor | None,
+               q_start: int, q_stop: int) -> torch.Tensor:
+    """``(B, 1 or H, q_stop - q_start, Lkv)`` bool keep-mask of a query chunk."""
+    kv_len = key_groups.shape[1]
+    valid = (key_groups >= 0)[:, None, None, :]
+    if mask is not None:
+        return mask[:, :, q_start:q_stop] & valid
+    if not causal:
+        return valid
+    positions = torch.arange(kv_len - q_len + q_start, kv_len - q_len + q_stop, device=key_groups.device)
+    return valid & (positions[:, None] >= torch.arange(kv_len, device=key_groups.device)[None, :])
+
+
+def key_group_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_groups: torch.Tensor,
+                              num_groups: int, scale: float, causal: bool = True,
+                              mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch backend of :func:`key_group_attention` (same arguments, validated): float32 math, queries in
+    chunks so that at most ``_TORCH_CHUNK_ELEMENTS`` scores exist at a time."""
+    batch, heads, q_len, dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    rep = heads // kv_heads
+    # GQA without copies: the query heads of one kv head form an extra axis that broadcasts against k/v
+    qg = q.float().view(batch, kv_heads, rep, q_len, dim)
+    kf = k.float()[:, :, None]
+    vf = v.float()[:, :, None]
+    one_hot = torch.nn.functional.one_hot(key_groups.long().clamp_min(0), num_groups).float()
+    one_hot = one_hot * (key_groups >= 0)[..., None]  # (B, Lkv, G)
+    outputs = q.new_zeros(batch, heads, q_len, num_groups, dim, dtype=torch.float32)
+    masses = q.new_zeros(batch, heads, q_len, num_groups, dtype=torch.float32)
+    chunk = max(1, _TORCH_CHUNK_ELEMENTS // max(1, batch * heads * kv_len))
+    for start in range(0, q_len, chunk):
+        stop = min(q_len, start + chunk)
+        scores = torch.matmul(qg[:, :, :, start:stop], kf.transpose(-1, -2)) * scale  # (B, Hkv, rep, c, Lkv)
+        keep = _keep_mask(key_groups, q_len, causal, mask, start, stop)  # (B, 1|H, c, Lkv)
+        keep = keep.view(batch, kv_heads, rep, stop - start, kv_len) if keep.shape[1] == heads else keep[:, :, None]
+        scores = scores.masked_fill(~keep, float("-inf"))
+        top = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)  # finite on empty rows
+        weights = torch.exp(scores - top)
+        total = weights.sum(-1, keepdim=True)
+        weights = weights / torch.where(total > 0, total, torch.ones_like(total))
+        masses[:, :, start:stop] = torch.matmul(weights, one_hot[:, None, None]).reshape(
+            batch, heads, stop - start, num_groups)
+        for g in range(num_groups):
+            part = torch.matmul(weights * one_hot[:, None, None, None, :, g], vf)  # (B, Hkv, rep, c, D)
+            outputs[:, :, start:stop, g] = part.reshape(batch, heads, stop - start, dim)
+    return outputs, masses
