@@ -48,6 +48,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attnzoo import mitigation  # noqa: E402
+from attnzoo.kernels import key_group_attention, set_backend  # noqa: E402
+from attnzoo.kernels.reference import key_group_attention_reference  # noqa: E402
 from attnzoo.mitigation.var import find_sink_dims, known_sink_dims, rms_normalize  # noqa: E402
 from attnzoo.mllm import build_random_llava, build_tiny_llava, wrap  # noqa: E402
 
@@ -71,6 +73,40 @@ class StepClock:
         sync(self.device)
         self.times.append(time.perf_counter())
         return scores
+
+
+def check_kernel(device: str, dtype: torch.dtype, tiny: bool) -> dict:
+    """key_group_attention (the device's backend) vs the float64 reference on LLaVA-7B attention shapes (prefill
+    with left padding as group -1, and one decode query), and its prefill time next to SDPA's."""
+    gen = torch.Generator().manual_seed(0)
+    heads, dim, length = (4, 16, 40) if tiny else (32, 128, 600)
+    out: dict = {}
+    for name, q_len in (("prefill", length), ("decode", 1)):
+        q = torch.randn(1, heads, q_len, dim, generator=gen).to(device, dtype)
+        k, v = (torch.randn(1, heads, length, dim, generator=gen).to(device, dtype) for _ in range(2))
+        groups = torch.randint(0, 4, (1, length), generator=gen)
+        groups[:, :7] = -1
+        groups = groups.to(device)
+        o, m = key_group_attention(q, k, v, groups, 4)
+        ro, rm = key_group_attention_reference(q, k, v, groups, 4)
+        out[name] = {"max_abs_err_outputs": float((o.double().cpu() - ro).abs().max()),
+                     "max_abs_err_masses": float((m.double().cpu() - rm).abs().max()),
+                     "output_scale": float(ro.abs().max())}
+        if name == "prefill":
+            def timed(fn) -> float:
+                for _ in range(3):
+                    fn()
+                sync(device)
+                t0 = time.perf_counter()
+                for _ in range(20):
+                    fn()
+                sync(device)
+                return 1000 * (time.perf_counter() - t0) / 20
+
+            out[name]["ms"] = timed(lambda q=q, k=k, v=v, g=groups: key_group_attention(q, k, v, g, 4))
+            out[name]["sdpa_ms"] = timed(lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=True))
+    return out
 
 
 def calibrated_tau(lvlm, batch, dims: tuple[int, ...], first_layer: int = 2, quantile: float = 0.85) -> float:
@@ -198,6 +234,18 @@ def main() -> int:
     tau = calibrated_tau(lvlm, single, dims)
     var_kwargs = dict(sink_dims=dims, tau=tau)
     results["var"] = {"sink_dims": list(dims), "tau": tau}
+
+    # ---- the kernel on this device (falls back to the PyTorch backend if the Triton kernel fails)
+    try:
+        kernel = check_kernel(device, dtype, args.tiny)
+        results["checks"]["kernel"] = kernel
+        print(f"kernel check (vs float64): {json.dumps(kernel)}", flush=True)
+    except Exception as exc:
+        results["errors"]["kernel"] = repr(exc)
+        print(f"KERNEL FAILED: {exc!r}\n{traceback.format_exc()}\nfalling back to set_backend('torch')", flush=True)
+        set_backend("torch")
+        results["key_group_backend"] = "torch (fallback)"
+    save()
 
     # ---- correctness on this device: fused VAR == explicit VAR
     try:

@@ -6,6 +6,8 @@ PyTorch path on the CPU, and a FlexAttention path for comparison; see :func:`set
 - :func:`na1d`, :func:`na2d`, :func:`na3d`: neighborhood attention (NAT/DiNAT), NATTEN semantics.
 - :func:`routed_attention`: BiFormer's bi-level routing attention (token-to-token stage).
 - :func:`halo_attention`: HaloNet's blocked local attention, timm ``HaloAttn`` semantics.
+- :func:`key_group_attention`: softmax attention split into per-key-group outputs and masses (forward only;
+  attention-level mitigation passes such as VAR).
 
 Importing this package imports neither triton nor FlexAttention; they load on first use.
 """
@@ -37,3 +39,7 @@ __all__ += ["region_routing", "routed_attention"]
 from .halo import halo_attention  # noqa: E402
 
 __all__ += ["halo_attention"]
+# --- key-group attention (grouped_attention.py) ---
+from .grouped_attention import key_group_attention  # noqa: E402
+
+__all__ += ["key_group_attention"]
