@@ -6,8 +6,10 @@ Run on a CUDA machine: ``python benchmarks/na.py [--out DIR] [--shapes NAME,...]
    (odd sizes, borders, dilation, stride, per-axis causal, rpb, GQA, extra tokens), forward and backward,
    and the triton backend against the float32 torch backend on a NAT-T-sized problem.
 2. Speed (bf16, ``triton.testing.do_bench`` medians): forward and forward+backward of ours (fused Triton),
-   FlexAttention (compiled, NA block mask) and dense SDPA over the same tokens; effective TFLOP/s counts the
-   kept query-key pairs only; peak memory of one forward+backward.
+   FlexAttention (compiled, NA block mask) and dense SDPA over the same tokens, each timed twice: replayed
+   from a CUDA graph (device time; the headline columns) and as eager calls (what a Python loop sees,
+   host launch path included). Effective TFLOP/s (from the graph time) counts the kept query-key pairs only;
+   peak memory of one forward+backward.
 Results go to ``OUT/na_bench.json`` as they come (``$OUT`` or ``--out``), and a markdown table to stdout.
 """
 
@@ -143,6 +145,22 @@ def kept_pairs(spatial, kernel, dilation, causal) -> int:
     return math.prod(spatial) * math.prod(tup(kernel)) if valid is None else int(valid.sum())
 
 
+def graph_ms(fn) -> float:
+    """``do_bench`` median of ``fn`` captured once in a CUDA graph and replayed (warmed up on a side stream)."""
+    from triton.testing import do_bench
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return do_bench(graph.replay, warmup=10, rep=50)
+
+
 def bench_shape(name, cfg, device) -> dict:
     from triton.testing import do_bench
 
@@ -194,14 +212,19 @@ def bench_shape(name, cfg, device) -> dict:
                 torch.autograd.grad(out, insb, gb)
             fwd_bwd()
             fb_ms = do_bench(fwd_bwd, warmup=10, rep=50)
+            # The same calls replayed from a CUDA graph: device time without the host's launch path.
+            with torch.no_grad():
+                fwd_graph = graph_ms(f)
+            fb_graph = graph_ms(fwd_bwd)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base_mem = torch.cuda.memory_allocated()
             fwd_bwd()
             torch.cuda.synchronize()
             peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
-            variants[label] = dict(fwd_ms=fwd_ms, fwd_bwd_ms=fb_ms, peak_mib=peak,
-                                   fwd_tflops=flops_fwd / fwd_ms * 1e-9, fwd_bwd_tflops=3.5 * flops_fwd / fb_ms * 1e-9)
+            variants[label] = dict(fwd_ms=fwd_ms, fwd_bwd_ms=fb_ms, fwd_graph_ms=fwd_graph, fwd_bwd_graph_ms=fb_graph,
+                                   peak_mib=peak, fwd_tflops=flops_fwd / fwd_graph * 1e-9,
+                                   fwd_bwd_tflops=3.5 * flops_fwd / fb_graph * 1e-9)
         except Exception as e:  # report, keep going with the other variants and shapes
             variants[label] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
             print(f"  {name} {label} failed: {variants[label]['error']}", flush=True)
@@ -210,21 +233,23 @@ def bench_shape(name, cfg, device) -> dict:
 
 
 def fmt_table(rows) -> str:
-    head = ("| shape | B | H | D | pass | ours ms | flex ms | SDPA ms | ours TFLOP/s | flex TFLOP/s | "
-            "flex/ours | SDPA/ours (ideal) | peak MiB ours/flex/SDPA |")
-    lines = [head, "|" + "---|" * 13]
+    """Markdown: per shape and pass, device time (CUDA-graph replay) and eager time of ours / flex / SDPA."""
+    head = ("| shape | B | H | D | pass | ours ms | flex ms | SDPA ms | flex/ours | SDPA/ours (ideal) | "
+            "ours TFLOP/s | eager ms ours / flex / SDPA | eager flex/ours | peak MiB ours/flex/SDPA |")
+    lines = [head, "|" + "---|" * 14]
+    nan = float("nan")
     for r in rows:
         v = r["variants"]
-        for key, label in (("fwd_ms", "fwd"), ("fwd_bwd_ms", "fwd+bwd")):
-            get = lambda name, k=key, v=v: v.get(name, {}).get(k, float("nan"))
-            tf = "fwd_tflops" if key == "fwd_ms" else "fwd_bwd_tflops"
+        for key, label, tf in (("fwd", "fwd", "fwd_tflops"), ("fwd_bwd", "fwd+bwd", "fwd_bwd_tflops")):
+            g = {x: v.get(x, {}).get(f"{key}_graph_ms", nan) for x in ("ours", "flex", "sdpa")}
+            e = {x: v.get(x, {}).get(f"{key}_ms", nan) for x in ("ours", "flex", "sdpa")}
             ideal = r["tokens"] / r["window"]
-            peaks = "/".join(f"{v.get(x, {}).get('peak_mib', float('nan')):.0f}" for x in ("ours", "flex", "sdpa"))
+            peaks = "/".join(f"{v.get(x, {}).get('peak_mib', nan):.0f}" for x in ("ours", "flex", "sdpa"))
             lines.append(
-                f"| {r['shape']} | {r['batch']} | {r['heads']} | {r['head_dim']} | {label} | {get('ours'):.3f} | "
-                f"{get('flex'):.3f} | {get('sdpa'):.3f} | {v.get('ours', {}).get(tf, float('nan')):.1f} | "
-                f"{v.get('flex', {}).get(tf, float('nan')):.1f} | {get('flex') / get('ours'):.2f}x | "
-                f"{get('sdpa') / get('ours'):.1f}x ({ideal:.0f}x) | {peaks} |")
+                f"| {r['shape']} | {r['batch']} | {r['heads']} | {r['head_dim']} | {label} | {g['ours']:.3f} | "
+                f"{g['flex']:.3f} | {g['sdpa']:.3f} | {g['flex'] / g['ours']:.2f}x | "
+                f"{g['sdpa'] / g['ours']:.1f}x ({ideal:.0f}x) | {v.get('ours', {}).get(tf, nan):.1f} | "
+                f"{e['ours']:.3f} / {e['flex']:.3f} / {e['sdpa']:.3f} | {e['flex'] / e['ours']:.2f}x | {peaks} |")
     return "\n".join(lines)
 
 

@@ -79,7 +79,7 @@ def profile_configs(name, cfg, device, iters) -> list[dict]:
     rows = []
     for c in shipped + [c for c in EXTRA[na_dim] if c not in shipped]:
         T._GPU_CONFIGS[na_dim] = [c]
-        T._TUNED.clear()
+        T._PLANS.clear()
         try:
             out, lse = T.na_forward(q, k, v, *args)
 
@@ -94,7 +94,7 @@ def profile_configs(name, cfg, device, iters) -> list[dict]:
         print(row, flush=True)
         rows.append(row)
     T._GPU_CONFIGS[na_dim] = shipped
-    T._TUNED.clear()
+    T._PLANS.clear()
     return rows
 
 

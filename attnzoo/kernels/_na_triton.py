@@ -205,17 +205,21 @@ def _na_fwd_kernel(
 
 @triton.jit
 def _na_bwd_dq_kernel(
-    Q, K, V, RPB, DO, LSE, DELTA, DQ, DRPB,
+    Q, K, V, RPB, O, DO, LSE, GLSE, DELTA, DQ, DRPB,
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_ob, stride_on, stride_oh, stride_lb, stride_ln,
     H, GROUP, L0, L1, L2, KS0, KS1, KS2, ST0, ST1, ST2, DL0, DL1, DL2, NT0, NT1, NT2, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NDIM: tl.constexpr,
     CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, HAS_RPB: tl.constexpr,
     DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
-    RPB_GRAD: tl.constexpr,
+    RPB_GRAD: tl.constexpr, HAS_GLSE: tl.constexpr,
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, U0: tl.constexpr, U1: tl.constexpr, U2: tl.constexpr,
 ):
-    """dq (and drpb by atomics) for one query tile: recompute P from the logsumexp, dS = P * (dP - delta)."""
+    """dq (and drpb by atomics) for one query tile: recompute P from the logsumexp, dS = P * (dP - delta).
+
+    Also computes delta = rowsum(dO * O) (minus the logsumexp's own gradient) for its queries and stores it
+    for the dk/dv kernel, which runs next: no separate pass over O and dO. O, dO and dQ share one layout.
+    """
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)  # 64-bit batch offsets: batch * tokens * heads * dim may exceed 2**31
@@ -245,12 +249,18 @@ def _na_bwd_dq_kernel(
     qn = ((g0 + DL0 * p0) * L1 + (g1 + DL1 * p1)) * L2 + (g2 + DL2 * p2)
     row_mask = q_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + b * stride_qb + h * stride_qh + qn[:, None] * stride_qn + d[None, :], mask=row_mask, other=0.0)
-    do = tl.load(DO + b * stride_ob + h * stride_oh + qn[:, None] * stride_on + d[None, :], mask=row_mask, other=0.0)
+    o_off = b * stride_ob + h * stride_oh + qn[:, None] * stride_on + d[None, :]
+    do = tl.load(DO + o_off, mask=row_mask, other=0.0)
+    o = tl.load(O + o_off, mask=row_mask, other=0.0)
+    l_off = b * stride_lb + h + qn * stride_ln
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    if HAS_GLSE:
+        delta -= tl.load(GLSE + l_off, mask=q_ok, other=0.0)
+    tl.store(DELTA + l_off, delta, mask=q_ok)
     if DOT_F32:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse2 = tl.load(LSE + b * stride_lb + h + qn * stride_ln, mask=q_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + b * stride_lb + h + qn * stride_ln, mask=q_ok, other=0.0)
+    lse2 = tl.load(LSE + l_off, mask=q_ok, other=0.0) * 1.4426950408889634
 
     j0, j1, j2 = _tile_coords(U0, U1, U2)
     n1 = (hi1 - lo1 + U1) // U1
@@ -288,15 +298,14 @@ def _na_bwd_dq_kernel(
         if RPB_GRAD:
             tl.atomic_add(DRPB + rpb_off + rel, ds, mask=pair)
     dq = dq * scale
-    tl.store(DQ + b * stride_qb + h * stride_qh + qn[:, None] * stride_qn + d[None, :], dq.to(DQ.dtype.element_ty),
-             mask=row_mask)
+    tl.store(DQ + o_off, dq.to(DQ.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit
 def _na_bwd_dkdv_kernel(
     Q, K, V, RPB, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-    stride_ob, stride_on, stride_oh, stride_lb, stride_ln,
+    stride_ob, stride_on, stride_oh, stride_lb, stride_ln, stride_gb, stride_gn, stride_gh,
     HKV, GROUP, L0, L1, L2, KS0, KS1, KS2, ST0, ST1, ST2, DL0, DL1, DL2, NT0, NT1, NT2, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NDIM: tl.constexpr,
     CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, HAS_RPB: tl.constexpr,
@@ -304,7 +313,7 @@ def _na_bwd_dkdv_kernel(
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, U0: tl.constexpr, U1: tl.constexpr, U2: tl.constexpr,
 ):
     """dk, dv for one key tile (shape U) of one kv head: sweep the query tiles (shape T) that can see it,
-    for every query head of the GQA group (no atomics)."""
+    for every query head of the GQA group (no atomics). dK and dV share one dense layout (stride_g*)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // HKV).to(tl.int64)
@@ -375,25 +384,28 @@ def _na_bwd_dkdv_kernel(
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
     dk = dk * scale
-    tl.store(DK + b * stride_kb + kvh * stride_kh + kn[:, None] * stride_kn + d[None, :], dk.to(DK.dtype.element_ty),
-             mask=col_mask)
-    tl.store(DV + b * stride_vb + kvh * stride_vh + kn[:, None] * stride_vn + d[None, :], dv.to(DV.dtype.element_ty),
-             mask=col_mask)
+    g_off = b * stride_gb + kvh * stride_gh + kn[:, None] * stride_gn + d[None, :]
+    tl.store(DK + g_off, dk.to(DK.dtype.element_ty), mask=col_mask)
+    tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=col_mask)
 
 
 # --- launch -------------------------------------------------------------------------------------------------
 
-# (query tile, key tile, num_warps, num_stages) candidates per dimensionality; tiles are padded to 3-D.
+# (query tile, key tile, num_warps, num_stages) candidates per dimensionality; tiles are padded to 3-D. Chosen
+# from a per-kernel profile of every shape in benchmarks/na.py on an H100 (benchmarks/na_breakdown.py):
+# small 64-query tiles win everywhere (head_dim 32-64 leaves little work per key tile).
 _GPU_CONFIGS = {
-    1: [((1, 1, 64), (1, 1, 64), 4, 3), ((1, 1, 128), (1, 1, 64), 8, 3), ((1, 1, 128), (1, 1, 128), 8, 2)],
-    2: [((1, 8, 8), (1, 8, 8), 4, 3), ((1, 8, 16), (1, 8, 16), 4, 3), ((1, 16, 8), (1, 8, 16), 8, 2)],
-    3: [((4, 4, 4), (4, 4, 4), 4, 3), ((2, 4, 8), (2, 4, 8), 4, 3), ((4, 4, 8), (4, 4, 8), 8, 2)],
+    1: [((1, 1, 64), (1, 1, 64), 4, 3), ((1, 1, 64), (1, 1, 32), 4, 3), ((1, 1, 32), (1, 1, 64), 4, 3),
+        ((1, 1, 128), (1, 1, 32), 4, 3)],
+    2: [((1, 8, 8), (1, 8, 8), 4, 3), ((1, 8, 8), (1, 4, 8), 4, 3), ((1, 8, 16), (1, 8, 8), 4, 3),
+        ((1, 16, 8), (1, 8, 8), 4, 3), ((1, 4, 16), (1, 4, 16), 4, 3)],
+    3: [((4, 4, 4), (4, 4, 4), 4, 3), ((4, 4, 4), (2, 4, 4), 4, 3), ((2, 4, 8), (2, 4, 8), 4, 3)],
 }
 # Problems smaller than this (batch * heads * tokens) run the first config untuned: tuning would cost more.
 _TUNE_MIN_WORK = 2**16
 # Tiny tiles for the CPU interpreter: its cost is per program and per block dot.
 _INTERPRET_CONFIG = {1: ((1, 1, 16), (1, 1, 16)), 2: ((1, 4, 4), (1, 4, 4)), 3: ((1, 4, 4), (1, 4, 4))}
-_TUNED: dict[tuple, tuple] = {}
+_PLANS: dict[tuple, object] = {}  # launch plans by shapes, strides and arguments
 
 
 def _geometry(q: torch.Tensor, kernel_size, stride, dilation, is_causal):
@@ -463,79 +475,111 @@ def na_forward(q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb, ad
     _check_supported(q, v)
     # Views such as q, k, v = qkv.unbind(...) are read in place when their tokens are evenly strided.
     (q, q_strides), (k, k_strides), (v, v_strides) = (_token_view(t) for t in (q, k, v))
-    na_dim, spatial, ks, st, dl, causal = _geometry(q, kernel_size, stride, dilation, is_causal)
-    batch, heads, kv_heads, head_dim = q.shape[0], q.shape[-2], k.shape[-2], q.shape[-1]
-    n = math.prod(spatial)
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
-    rpb_f = rpb.detach().float().contiguous() if rpb is not None else lse  # placeholder pointer when absent
-    args = (q, k, v, rpb_f, out, lse, *q_strides, *k_strides, *v_strides,
-            n * heads * head_dim, heads * head_dim, head_dim, n * heads, heads, heads, heads // kv_heads,
-            *spatial, *ks, *st, *dl)
-
-    def grid(tile, kv_tile):
-        nt = _grid_tiles(spatial, dl, tile)
-        return lambda meta: (math.prod(dl) * math.prod(nt), batch * heads)
-
-    def launch_args(tile, kv_tile):
-        return (*args, *_grid_tiles(spatial, dl, tile), scale * LOG2E)
-
-    consts = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), NDIM=na_dim,
-                  CAUSAL0=causal[0], CAUSAL1=causal[1], CAUSAL2=causal[2], HAS_RPB=rpb is not None,
-                  DOT_F32=_dot_in_f32(q), DOT_PREC=_dot_precision(q))
-    key = ("fwd", spatial, ks, st, dl, causal, head_dim, q.dtype, rpb is not None, heads, kv_heads, batch * heads * n)
-    _launch_tiled(_na_fwd_kernel, grid, launch_args, consts, _configs(na_dim), key)
+    has_rpb = rpb is not None
+    key = ("fwd", q.shape, k.shape[-2], q_strides, k_strides, v_strides, q.dtype, kernel_size, stride, dilation,
+           is_causal, has_rpb)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _Plan(_na_fwd_kernel, q, k, kernel_size, stride, dilation, is_causal, has_rpb,
+                                   (*q_strides, *k_strides, *v_strides, *_dense_strides(out), lse.stride(0),
+                                    lse.stride(-2)), "query")
+    rpb_f = rpb.detach().float().contiguous() if has_rpb else lse  # placeholder pointer when absent
+    plan.launch((q, k, v, rpb_f, out, lse), (scale * LOG2E,), {})
     if additional_keys is not None:
         out, lse = _merge_extra(q, out, lse, additional_keys, additional_values, scale)
     return out, lse
 
 
-def _launch_tiled(kernel, grid, launch_args, consts, configs, key, time_fn=None):
-    """Launch ``kernel`` with the (query tile, key tile, warps, stages) tuned for ``key``.
+def _dense_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, token, head) strides of a dense (batch, *spatial, heads, dim) tensor."""
+    return t.stride(0), t.stride(-3), t.stride(-2)
 
-    On the GPU every candidate config is timed on first use of a key (cached per process); in the
-    interpreter the single tiny config runs. ``launch_args(tile, kv_tile)`` gives the positional arguments;
-    ``time_fn`` runs before each launch (e.g. zeroing an atomic accumulator).
+
+class _Plan:
+    """Everything about one kernel launch that depends only on shapes, strides and arguments, computed once.
+
+    Per call only the tensor pointers (and run-time scalars) change, so the host path is a dict lookup and
+    the launch itself. The tile config is tuned on first use (see ``_choose_config``) and then frozen here.
     """
-    if triton_interpreting():
-        tile, kv_tile, _, _ = configs[0]
-        kernel[grid(tile, kv_tile)](*launch_args(tile, kv_tile), **consts, T0=tile[0], T1=tile[1], T2=tile[2],
-                                    U0=kv_tile[0], U1=kv_tile[1], U2=kv_tile[2])
-        return
+
+    def __init__(self, kernel, q, k, kernel_size, stride, dilation, is_causal, has_rpb, strides, grid_by):
+        na_dim, spatial, ks, st, dl, causal = _geometry(q, kernel_size, stride, dilation, is_causal)
+        batch, heads, kv_heads, head_dim = q.shape[0], q.shape[-2], k.shape[-2], q.shape[-1]
+        self.kernel = kernel
+        self.spatial, self.dl = spatial, dl
+        rows = batch * (heads if grid_by == "query" else kv_heads)
+        self.grid_by, self.rows = grid_by, rows
+        self.int_args = (*strides, heads if grid_by == "query" else kv_heads, heads // kv_heads, *spatial, *ks,
+                         *st, *dl)
+        self.consts = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), NDIM=na_dim,
+                           CAUSAL0=causal[0], CAUSAL1=causal[1], CAUSAL2=causal[2], HAS_RPB=has_rpb,
+                           DOT_F32=_dot_in_f32(q), DOT_PREC=_dot_precision(q))
+        self.configs = _configs(na_dim)
+        self.work = batch * heads * math.prod(spatial)
+        self.ready: dict[tuple, tuple] = {}  # extra consts -> (grid, int args, meta)
+
+    def _prepared(self, cfg, extra_consts):
+        tile, kv_tile, warps, stages = cfg
+        own = tile if self.grid_by == "query" else kv_tile  # the dk/dv kernel's program tile is the key tile
+        nt = _grid_tiles(self.spatial, self.dl, own)
+        grid = (math.prod(self.dl) * math.prod(nt), self.rows)
+        meta = dict(self.consts, **extra_consts, T0=tile[0], T1=tile[1], T2=tile[2], U0=kv_tile[0],
+                    U1=kv_tile[1], U2=kv_tile[2])
+        if not triton_interpreting():
+            meta.update(num_warps=warps, num_stages=stages)
+        return grid, (*self.int_args, *nt), meta
+
+    def launch(self, ptrs, scalars, extra_consts, time_fn=None):
+        """Launch on ``ptrs`` (tensors) with run-time ``scalars``; tunes the tile config on first use."""
+        ekey = tuple(extra_consts.items())
+        hit = self.ready.get(ekey)
+        if hit is None:  # the chosen config has run on these inputs while it was chosen
+            self.ready[ekey] = self._prepared(_choose_config(self, ptrs, scalars, extra_consts, time_fn), extra_consts)
+            return
+        if time_fn is not None:
+            time_fn()
+        grid, int_args, meta = hit
+        self.kernel[grid](*ptrs, *int_args, *scalars, **meta)
+
+
+def _choose_config(plan: _Plan, ptrs, scalars, extra_consts, time_fn):
+    """The (query tile, key tile, warps, stages) for ``plan``: the single interpreter config, the first config that
+    fits for small problems, else the fastest candidate by ``do_bench`` (each candidate launched for real,
+    so the call that tunes also computes the result)."""
+    configs = plan.configs
 
     def run(cfg):
-        tile, kv_tile, warps, stages = cfg
-        kernel[grid(tile, kv_tile)](*launch_args(tile, kv_tile), **consts, T0=tile[0], T1=tile[1], T2=tile[2],
-                                    U0=kv_tile[0], U1=kv_tile[1], U2=kv_tile[2], num_warps=warps, num_stages=stages)
+        if time_fn is not None:
+            time_fn()
+        grid, int_args, meta = plan._prepared(cfg, extra_consts)
+        plan.kernel[grid](*ptrs, *int_args, *scalars, **meta)
 
-    if key not in _TUNED and (len(configs) == 1 or key[-1] < _TUNE_MIN_WORK):
-        # Untuned: the first config that fits this GPU (large fp32 head dims overflow shared memory).
-        tile, kv_tile, warps, _ = configs[0]
-        for cfg in [*configs, (tile, kv_tile, warps, 1)]:
+    tile, kv_tile, warps, _ = configs[0]
+    fallback = [*configs, (tile, kv_tile, warps, 1)]  # large fp32 head dims overflow shared memory
+    if triton_interpreting() or len(configs) == 1 or plan.work < _TUNE_MIN_WORK:
+        for cfg in fallback:
             try:
-                if time_fn is not None:
-                    time_fn()
                 run(cfg)
             except triton.runtime.errors.OutOfResources:
                 continue
-            _TUNED[key] = cfg
-            return
-        raise RuntimeError(f"no NA kernel config fits this GPU for {key}")
-    if key not in _TUNED:
-        from triton.testing import do_bench
+            return cfg
+        raise RuntimeError(f"no NA kernel config fits this GPU for {plan.kernel.__name__}")
+    from triton.testing import do_bench
 
-        best, best_ms = configs[0], float("inf")
-        for cfg in [*configs, (configs[0][0], configs[0][1], configs[0][2], 1)]:
-            try:
-                ms = do_bench(lambda cfg=cfg: (time_fn() if time_fn else None, run(cfg)), warmup=3, rep=15)
-            except triton.runtime.errors.OutOfResources:  # a config this GPU cannot run: skip it
-                continue
-            if ms < best_ms:
-                best, best_ms = cfg, ms
-        _TUNED[key] = best
-    if time_fn is not None:
-        time_fn()
-    run(_TUNED[key])
+    best, best_ms = None, float("inf")
+    for cfg in fallback:
+        try:
+            ms = do_bench(lambda cfg=cfg: run(cfg), warmup=3, rep=15)
+        except triton.runtime.errors.OutOfResources:  # a config this GPU cannot run: skip it
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    if best is None:
+        raise RuntimeError(f"no NA kernel config fits this GPU for {plan.kernel.__name__}")
+    run(best)  # leave the result of the chosen config in the outputs
+    return best
 
 
 def _merge_extra(q, out, lse, additional_keys, additional_values, scale):
@@ -555,56 +599,40 @@ def na_backward(grad_out, q, k, v, out, lse, kernel_size, stride, dilation, is_c
     """Fused backward from the saved output and logsumexp: (dq, dk, dv, drpb, d_extra_keys, d_extra_values).
 
     ``grad_lse`` (gradient of the returned logsumexp, or None) folds into delta: d lse / d score = P, so
-    dS = P * (dP - (rowsum(dO * O) - grad_lse)).
+    dS = P * (dP - (rowsum(dO * O) - grad_lse)). delta is computed inside the dq kernel. q, k, v are read in
+    place when evenly strided (as in the forward); out, dO, dq share out's dense layout, dk and dv a dense one.
     """
-    q, k, v, out = q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous()
+    (q, q_strides), (k, k_strides), (v, v_strides) = (_token_view(t) for t in (q, k, v))
+    out = out.contiguous()
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
-    na_dim, spatial, ks, st, dl, causal = _geometry(q, kernel_size, stride, dilation, is_causal)
-    batch, heads, kv_heads, head_dim = q.shape[0], q.shape[-2], k.shape[-2], q.shape[-1]
-    n = math.prod(spatial)
-    delta = (grad_out.float() * out.float()).sum(-1)  # (B, *S, H): rowsum(dO * O)
-    if grad_lse is not None:
-        delta = delta - grad_lse.float()
     lse = lse.contiguous()
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    delta = torch.empty_like(lse)
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     has_rpb = rpb is not None
     rpb_grad = has_rpb and need_rpb_grad
     rpb_f = rpb.detach().float().contiguous() if has_rpb else lse
     drpb = torch.zeros_like(rpb_f) if rpb_grad else lse
-    strides = (n * heads * head_dim, heads * head_dim, head_dim, n * kv_heads * head_dim, kv_heads * head_dim,
-               head_dim, n * kv_heads * head_dim, kv_heads * head_dim, head_dim, n * heads * head_dim,
-               heads * head_dim, head_dim, n * heads, heads)
-    geometry = (*spatial, *ks, *st, *dl)
-    consts = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), NDIM=na_dim,
-                  CAUSAL0=causal[0], CAUSAL1=causal[1], CAUSAL2=causal[2], HAS_RPB=has_rpb,
-                  DOT_F32=_dot_in_f32(q), DOT_PREC=_dot_precision(q))
-    key = (spatial, ks, st, dl, causal, head_dim, q.dtype, has_rpb, heads, kv_heads, batch * heads * n)
-
-    def dq_grid(tile, kv_tile):
-        return lambda meta: (math.prod(dl) * math.prod(_grid_tiles(spatial, dl, tile)), batch * heads)
-
-    _launch_tiled(_na_bwd_dq_kernel, dq_grid,
-                  lambda tile, kv_tile: (q, k, v, rpb_f, grad_out, lse, delta, dq, drpb, *strides, heads,
-                                         heads // kv_heads, *geometry, *_grid_tiles(spatial, dl, tile),
-                                         scale * LOG2E, scale),
-                  dict(consts, RPB_GRAD=rpb_grad), _configs(na_dim), ("dq", rpb_grad, *key),
-                  time_fn=(drpb.zero_ if rpb_grad else None))
-
-    def dkdv_grid(tile, kv_tile):
-        return lambda meta: (math.prod(dl) * math.prod(_grid_tiles(spatial, dl, kv_tile)), batch * kv_heads)
-
-    # The dk/dv kernel's own tile is the key tile (U); its grid and tile counts follow U.
-    _launch_tiled(_na_bwd_dkdv_kernel, dkdv_grid,
-                  lambda tile, kv_tile: (q, k, v, rpb_f, grad_out, lse, delta, dk, dv, *strides, kv_heads,
-                                         heads // kv_heads, *geometry, *_grid_tiles(spatial, dl, kv_tile),
-                                         scale * LOG2E, scale),
-                  consts, _configs(na_dim), ("dkdv", *key))
+    glse = grad_lse.float().contiguous() if grad_lse is not None else lse
+    strides = (*q_strides, *k_strides, *v_strides, *_dense_strides(out), lse.stride(0), lse.stride(-2))
+    key = ("bwd", q.shape, k.shape[-2], q_strides, k_strides, v_strides, q.dtype, kernel_size, stride, dilation,
+           is_causal, has_rpb)
+    plans = _PLANS.get(key)
+    if plans is None:
+        geo = (q, k, kernel_size, stride, dilation, is_causal, has_rpb)
+        plans = _PLANS[key] = (_Plan(_na_bwd_dq_kernel, *geo, strides, "query"),
+                               _Plan(_na_bwd_dkdv_kernel, *geo, (*strides, *_dense_strides(dk)), "key"))
+    dq_plan, dkdv_plan = plans
+    dq_plan.launch((q, k, v, rpb_f, out, grad_out, lse, glse, delta, dq, drpb), (scale * LOG2E, scale),
+                   dict(RPB_GRAD=rpb_grad, HAS_GLSE=grad_lse is not None), time_fn=(drpb.zero_ if rpb_grad else None))
+    dkdv_plan.launch((q, k, v, rpb_f, grad_out, lse, delta, dk, dv), (scale * LOG2E, scale), {})
 
     d_extra_k = d_extra_v = None
     if additional_keys is not None:
         # Extra tokens: dense over (queries x extras), in float32, with the same lse and delta.
+        batch, heads, kv_heads, head_dim = q.shape[0], q.shape[-2], k.shape[-2], q.shape[-1]
+        n = math.prod(q.shape[1:-2])
         s = _extra_scores(q, additional_keys, scale)
         p = torch.exp(s - lse[..., None])  # (B, *S, H, M)
         group = heads // kv_heads
@@ -619,3 +647,33 @@ def na_backward(grad_out, q, k, v, out, lse, kernel_size, stride, dilation, is_c
         dq = (dq.float() + dq_extra.reshape(q.shape)).to(q.dtype)
     drpb_out = drpb.to(rpb.dtype) if rpb_grad else None
     return dq, dk, dv, drpb_out, d_extra_k, d_extra_v
+
+
+class NAFunction(torch.autograd.Function):
+    """The fused op for eager mode: ``apply(q, k, v, rpb, additional_keys, additional_values, kernel_size,
+    stride, dilation, is_causal, scale)`` -> (out, lse). Saves only the inputs, the output and the logsumexp.
+
+    A plain ``autograd.Function`` costs the host less per call than a ``torch.library`` custom op (no
+    dispatcher round trip, no schema handling); ``attnzoo.kernels.na`` uses the custom op only while
+    torch.compile traces, where it keeps the graph whole.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, rpb, additional_keys, additional_values, kernel_size, stride, dilation, is_causal,
+                scale):
+        out, lse = na_forward(q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb, additional_keys,
+                              additional_values)
+        ctx.save_for_backward(q, k, v, rpb, additional_keys, additional_values, out, lse)
+        ctx.geometry = (kernel_size, stride, dilation, is_causal, scale)
+        ctx.set_materialize_grads(False)  # an unused lse (or output) arrives as None: no zero tensors
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, rpb, additional_keys, additional_values, out, lse = ctx.saved_tensors
+        if grad_out is None and grad_lse is None:
+            return (None,) * 11
+        dq, dk, dv, drpb, dak, dav = na_backward(grad_out, q, k, v, out, lse, *ctx.geometry, rpb, additional_keys,
+                                                 additional_values, need_rpb_grad=ctx.needs_input_grad[3],
+                                                 grad_lse=grad_lse)
+        return dq, dk, dv, drpb, dak, dav, None, None, None, None, None
