@@ -218,19 +218,23 @@ class VAR(Pass):
 
     # ------------------------------------------------------------------ fused path (key groups)
 
-    def _layer_groups(self, ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per layer, computed once per batch: prompt key groups ``(B, L)`` int32, image key count, "has a
-        visual sink" and last image position, each ``(B, 1, 1)``."""
+    def _layer_groups(self, ctx: AttentionContext) -> tuple[torch.Tensor, ...]:
+        """Per layer, computed once per batch (reused at every decode step): prompt key groups ``(B, L)`` int32;
+        ``1e-6 * (number of image keys)``, "has a visual sink" and the last image position, each ``(B, 1, 1)``;
+        the group weights of an edited cell without the image gain ``(G,)`` and the image group's unit vector."""
         cached = self._groups.get(ctx.layer)
         if cached is None:
-            layout = ctx.layout
-            image = layout.image_mask.to(ctx.device)
+            image = ctx.layout.image_mask.to(ctx.device)
             sink = self._sinks[ctx.layer].to(ctx.device)
             ids = torch.where(image, torch.where(sink, self.VISUAL_SINK, self.IMAGE),
                               torch.where(sink, self.TEXT_SINK, self.OTHER)).to(torch.int32)
             positions = torch.arange(image.shape[1], device=ctx.device)
-            cached = (ids, image.sum(-1).float()[:, None, None], (sink & image).any(-1)[:, None, None],
-                      torch.where(image, positions, -1).amax(-1)[:, None, None])
+            edited = torch.ones(self.NUM_GROUPS, device=ctx.device)
+            edited[[self.VISUAL_SINK, self.TEXT_SINK]] = self.p
+            image_axis = torch.zeros(self.NUM_GROUPS, device=ctx.device)
+            image_axis[self.IMAGE] = 1.0
+            cached = (ids, 1e-6 * image.sum(-1).float()[:, None, None], (sink & image).any(-1)[:, None, None],
+                      torch.where(image, positions, -1).amax(-1)[:, None, None], edited, image_axis)
             self._groups[ctx.layer] = cached
         return cached
 
@@ -240,20 +244,20 @@ class VAR(Pass):
         return (torch.nn.functional.pad(ids, (0, extra), value=self.OTHER) if extra > 0 else ids), self.NUM_GROUPS
 
     def combine_groups(self, ctx: AttentionContext, outputs: torch.Tensor, masses: torch.Tensor) -> torch.Tensor:
-        _, n_image, has_visual_sink, last_image = self._layer_groups(ctx)
+        _, image_eps, has_visual_sink, last_image, edited, image_axis = self._layer_groups(ctx)
         m_image, m_visual_sink, m_text_sink = (masses[..., g] for g in (self.IMAGE, self.VISUAL_SINK, self.TEXT_SINK))
         total_on_image = m_image + m_visual_sink  # (B, h, q)
         # the official share keeps +1e-6 per image key in the denominator
-        portion = m_visual_sink / (total_on_image + 1e-6 * n_image)
+        portion = m_visual_sink / (total_on_image + image_eps)
         selected = (portion <= self.rho) & (total_on_image >= self.summ) & has_visual_sink
         if ctx.is_prefill:
             selected &= ctx.query_positions[None, None, :] > last_image
-        # sinks keep p of their mass; the freed mass goes to the non-sink image keys in proportion
-        budget = (1.0 - self.p) * (m_visual_sink + m_text_sink)
-        image_gain = 1.0 + budget / m_image.clamp_min(torch.finfo(torch.float32).tiny)
-        sinks = outputs[..., self.VISUAL_SINK, :] + outputs[..., self.TEXT_SINK, :]
-        edited = outputs[..., self.OTHER, :] + self.p * sinks + image_gain[..., None] * outputs[..., self.IMAGE, :]
-        return torch.where(selected[..., None], edited, outputs.sum(-2))
+        # Selected cells: sink keys keep p of their weight, and the freed mass (1 - p) * (sink mass) goes to the
+        # non-sink image keys in proportion to their weight, i.e. the image group's output grows by that mass
+        # over the image group's mass. Other cells: every group weight 1 (the plain attention).
+        gain = (1.0 - self.p) * (m_visual_sink + m_text_sink) / m_image.clamp_min(torch.finfo(torch.float32).tiny)
+        weights = torch.where(selected[..., None], torch.addcmul(edited, gain[..., None], image_axis), 1.0)
+        return torch.matmul(weights.unsqueeze(-2), outputs).squeeze(-2)
 
     def sinks(self) -> dict[int, torch.Tensor]:
         """The sink tokens found at the last prefill: layer -> ``(B, L)`` bool over prompt positions."""

@@ -334,7 +334,9 @@ def run_passes(passes: Sequence[AttentionPass], ctx: AttentionContext, backend: 
 
     num_heads, num_kv = query.shape[1], key.shape[1]
     n_rep = num_heads // num_kv
-    mask = ctx.mask
+    grouped = [(p, pl) for p, pl in plans if pl.key_groups and (pl.heads is None or len(pl.heads) > 0)]
+    # a plain causal call of a key-group plan needs no mask tensor: the kernel applies causality itself
+    mask = None if grouped and ctx.base_mask is None and not any(pl.mask for _, pl in plans) else ctx.mask
     for p, pl in plans:
         if pl.mask:
             mask = p.edit_mask(ctx, mask)
@@ -344,15 +346,13 @@ def run_passes(passes: Sequence[AttentionPass], ctx: AttentionContext, backend: 
 
     replacers = [(p, pl) for p, pl in plans if pl.replace]
     explicit = [(p, pl) for p, pl in plans if pl.explicit and (pl.heads is None or len(pl.heads) > 0)]
-    grouped = [(p, pl) for p, pl in plans if pl.key_groups and (pl.heads is None or len(pl.heads) > 0)]
     if grouped:
         if len(grouped) > 1 or replacers or explicit:
             names = [type(p).__name__ for p, _ in grouped + replacers + explicit]
             raise ValueError(f"passes {names} both take over attention weights at {ctx.site} layer {ctx.layer}; "
                              "attach only one of them")
-        edited_mask = mask if any(pl.mask for _, pl in plans) or ctx.base_mask is not None else None
         out = _grouped_heads(grouped[0][0], _head_list(grouped[0][1].heads, num_heads), ctx, module, query, key,
-                             value, edited_mask, scaling, dropout)
+                             value, mask, scaling, dropout)
     elif not replacers and not explicit and not any(pl.mask for _, pl in plans):
         # only per-head outputs change: the attention itself is the plain one
         out, _ = _default_attention(backend, module, query, key, value, attention_mask, scaling, dropout, kwargs)
