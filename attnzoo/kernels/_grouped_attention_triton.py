@@ -118,7 +118,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def _blocks(q_len: int, head_dim: int, groups: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps): small tiles in the interpreter, H100-sized ones on the GPU."""
     if triton_interpreting():
-        return 16, 16, 4
+        return 16, 32, 4
     block_m = 16 if q_len <= 16 else 32
     rows = block_m * groups
     return block_m, 64 if head_dim <= 128 else 32, 8 if rows * head_dim >= 128 * 128 else 4

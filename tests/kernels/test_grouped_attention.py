@@ -1,0 +1,117 @@
+"""key_group_attention (PyTorch backend and the Triton kernel in the interpreter) against the float64 reference,
+which builds the full softmax matrix and sums it group by group."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close
+
+from attnzoo.kernels import grouped_attention, key_group_attention, use_backend
+from attnzoo.kernels.reference import key_group_attention_reference
+
+# (batch, heads, kv_heads, q_len, kv_len, head_dim, groups)
+CASES = {
+    "prefill": (2, 4, 4, 13, 13, 16, 4),
+    "gqa-odd": (2, 4, 2, 7, 19, 16, 3),  # queries at the end of a longer key sequence (KV cache)
+    "mqa-decode": (3, 4, 1, 1, 21, 8, 4),
+    "wide-dim": (1, 2, 1, 9, 9, 40, 5),  # head_dim and group count not powers of two
+    "long": (1, 2, 1, 37, 75, 16, 4),  # several query and key tiles in the Triton kernel (online rescaling)
+}
+
+
+def _inputs(case: str, dtype: torch.dtype, gen: torch.Generator, padding: bool = True, mask_kind: str | None = None):
+    b, h, hkv, lq, lkv, d, g = CASES[case]
+    q = torch.randn(b, h, lq, d, generator=gen).to(dtype)
+    k = torch.randn(b, hkv, lkv, d, generator=gen).to(dtype)
+    v = torch.randn(b, hkv, lkv, d, generator=gen).to(dtype)
+    groups = torch.randint(0, g, (b, lkv), generator=gen)
+    if padding:  # left padding of different lengths: group -1 removes the key
+        for i in range(b):
+            groups[i, : 2 * i] = -1
+    mask = None
+    if mask_kind is not None:
+        mask = torch.rand(b, h if mask_kind == "heads" else 1, lq, lkv, generator=gen) > 0.4
+    return q, k, v, groups, g, mask
+
+
+def _check(out, mass, ref_out, ref_mass, dtype):
+    assert out.dtype == torch.float32 and mass.dtype == torch.float32
+    # tolerances of the input dtype: on the GPU the kernel rounds the weights to it before the value matmul
+    assert_close(out, ref_out, dtype, msg="group outputs")
+    assert_close(mass, ref_mass, dtype, msg="group masses")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mask_kind", [None, "shared", "heads"], ids=["causal", "mask", "mask-per-head"])
+def test_torch_backend_matches_reference(case, dtype, mask_kind, rng):
+    q, k, v, groups, g, mask = _inputs(case, dtype, rng, mask_kind=mask_kind)
+    with use_backend("torch"):
+        out, mass = key_group_attention(q, k, v, groups, g, mask=mask)
+    ref_out, ref_mass = key_group_attention_reference(q, k, v, groups, g, mask=mask)
+    _check(out, mass, ref_out, ref_mass, dtype)
+
+
+def test_torch_backend_chunks_queries(rng, monkeypatch):
+    q, k, v, groups, g, _ = _inputs("gqa-odd", torch.float32, rng)
+    ref = key_group_attention_reference(q, k, v, groups, g)
+    monkeypatch.setattr(grouped_attention, "_TORCH_CHUNK_ELEMENTS", 2 * 4 * 19 * 2)  # 2 queries per chunk
+    with use_backend("torch"):
+        out, mass = key_group_attention(q, k, v, groups, g)
+    _check(out, mass, *ref, torch.float32)
+
+
+@pytest.mark.parametrize("case,dtype,mask_kind", [
+    ("prefill", torch.float32, None),
+    ("gqa-odd", torch.bfloat16, None),
+    ("mqa-decode", torch.float32, "shared"),
+    ("wide-dim", torch.float16, "heads"),
+    ("gqa-odd", torch.float32, "heads"),
+    ("long", torch.float32, None),
+    ("long", torch.bfloat16, "heads"),
+])
+def test_triton_kernel_matches_reference(case, dtype, mask_kind, rng):
+    q, k, v, groups, g, mask = _inputs(case, dtype, rng, mask_kind=mask_kind)
+    with use_backend("triton"):
+        out, mass = key_group_attention(q, k, v, groups, g, mask=mask)
+    _check(out, mass, *key_group_attention_reference(q, k, v, groups, g, mask=mask), dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_groups_add_up_to_plain_attention(backend, rng):
+    """Masses sum to 1 per cell and the group outputs to SDPA's output; non-causal too."""
+    q, k, v, groups, g, _ = _inputs("gqa-odd", torch.float32, rng, padding=False)
+    with use_backend(backend):
+        out, mass = key_group_attention(q, k, v, groups, g, causal=False)
+    plain = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
+    assert_close(out.sum(-2), plain, torch.float32)
+    assert_close(mass.sum(-1), torch.ones_like(mass[..., 0]), torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_query_without_keys_gets_zeros(backend, rng):
+    q, k, v, groups, g, _ = _inputs("prefill", torch.float32, rng, padding=False)
+    groups[:, :3] = -1  # causal: the first three queries see only removed keys
+    with use_backend(backend):
+        out, mass = key_group_attention(q, k, v, groups, g)
+    assert torch.equal(out[:, :, :3], torch.zeros_like(out[:, :, :3]))
+    assert torch.equal(mass[:, :, :3], torch.zeros_like(mass[:, :, :3]))
+    assert (mass[:, :, 3:].sum(-1) > 0.99).all()
+
+
+def test_argument_errors():
+    q = torch.randn(1, 4, 5, 8)
+    k = v = torch.randn(1, 3, 5, 8)
+    groups = torch.zeros(1, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"kv heads \(3\) must divide q heads \(4\)"):
+        key_group_attention(q, k, v, groups, 2)
+    k = v = torch.randn(1, 2, 5, 8)
+    with pytest.raises(ValueError, match=r"key_groups must be an integer tensor of shape \(batch, kv_length\)"):
+        key_group_attention(q, k, v, groups.float(), 2)
+    with pytest.raises(ValueError, match="num_groups must be a positive int"):
+        key_group_attention(q, k, v, groups, 0)
+    with pytest.raises(ValueError, match="mask must be bool of shape"):
+        key_group_attention(q, k, v, groups, 2, mask=torch.ones(1, 2, 5, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="must be a 4-D tensor"):
+        key_group_attention(q[0], k, v, groups, 2)
