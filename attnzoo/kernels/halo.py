@@ -32,6 +32,7 @@ import torch
 
 from ._backend import resolve_backend
 from ._checks import register_check
+from .routed import KernelContext
 
 __all__ = ["halo_attention"]
 
@@ -158,6 +159,73 @@ def _halo_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_rows: tor
     return out.transpose(1, 2).reshape(b, hq, wq, heads, -1)
 
 
+# The fused Triton path as torch.library custom ops: torch.compile keeps them in its graph as opaque calls
+# (no graph break), the fake implementations give the output shapes, and the autograd formula calls the
+# fused backward. The forward also returns the logsumexp the backward needs (not differentiable).
+
+
+@torch.library.custom_op("attnzoo::halo_forward", mutates_args=())
+def _halo_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qr: torch.Tensor | None, block_size: int,
+                     halo_size: int, block_stride: int, scale: float,
+                     bias_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward: (out (batch, Hq, Wq, heads, d_v) in q's dtype, lse (batch, heads, Hq*Wq) float32).
+
+    ``qr`` (batch, Hq, Wq, heads, 2 * (2 * win - 1)): q against both position tables, or None; its logits
+    are scaled by ``bias_scale``.
+    """
+    from ._halo_triton import _HaloAttention
+
+    ctx = KernelContext()
+    out = _HaloAttention.forward(ctx, q, k, v, qr, block_size, halo_size, block_stride, scale, bias_scale)
+    return out, ctx.saved_tensors[-1]
+
+
+@_halo_forward_op.register_fake
+def _(q, k, v, qr, block_size, halo_size, block_stride, scale, bias_scale):
+    b, hq, wq, heads, _ = q.shape
+    return q.new_empty((b, hq, wq, heads, v.shape[-1])), q.new_empty((b, heads, hq * wq), dtype=torch.float32)
+
+
+@torch.library.custom_op("attnzoo::halo_backward", mutates_args=())
+def _halo_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      qr: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, block_size: int, halo_size: int,
+                      block_stride: int, scale: float, bias_scale: float) -> list[torch.Tensor]:
+    """Fused backward: [dq, dk, dv] (+ [dqr] when ``qr`` is given), each shaped and typed like its input."""
+    from ._halo_triton import _HaloAttention
+
+    ctx = KernelContext()
+    ctx.save_for_backward(q, k, v, None if qr is None else qr.contiguous(), out, lse)  # as the forward saves them
+    ctx.config = (block_size, halo_size, block_stride, scale, bias_scale, qr is not None)
+    grads = _HaloAttention.backward(ctx, grad_out)[:4]
+    return [g.contiguous() for g in grads if g is not None]  # dense, as the fake implementation promises
+
+
+@_halo_backward_op.register_fake
+def _(grad_out, q, k, v, qr, out, lse, block_size, halo_size, block_stride, scale, bias_scale):
+    return [t.new_empty(t.shape) for t in (q, k, v, qr) if t is not None]
+
+
+def _halo_setup_context(ctx, inputs, output):
+    q, k, v, qr, *config = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, qr, out, lse)
+    ctx.config = config
+    ctx.set_materialize_grads(False)
+
+
+def _halo_autograd_backward(ctx, grad_out, grad_lse):
+    if grad_out is None:
+        return (None,) * 9
+    q, k, v, qr, out, lse = ctx.saved_tensors
+    grads = torch.ops.attnzoo.halo_backward(grad_out, q, k, v, qr, out, lse, *ctx.config)
+    dqr = grads[3] if qr is not None else None
+    return grads[0], grads[1], grads[2], dqr, None, None, None, None, None
+
+
+_halo_forward_op.register_autograd(_halo_autograd_backward, setup_context=_halo_setup_context)
+
+
 def halo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, halo_size: int,
                    rel_height: torch.Tensor | None = None, rel_width: torch.Tensor | None = None,
                    scale: float | None = None, block_stride: int = 1, scale_pos_embed: bool = False) -> torch.Tensor:
@@ -187,10 +255,11 @@ def halo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     backend = resolve_backend(q.device, "halo_attention")
     if backend == "triton":
-        from ._halo_triton import halo_attention_triton
-
-        return halo_attention_triton(q, k, v, rel_height, rel_width, block_size, halo_size, block_stride, scale,
-                                     scale_pos_embed)
+        # Position logits as one matmul, q @ [rel_height; rel_width]^T (B, Hq, Wq, heads, 2 * (2 * win - 1)),
+        # whose entries the kernels pick per (query, key); autograd takes their gradient on to q and the tables.
+        qr = None if rel_height is None else q @ torch.cat([rel_height, rel_width]).to(q.dtype).T
+        return torch.ops.attnzoo.halo_forward(q, k, v, qr, block_size, halo_size, block_stride, scale,
+                                              scale if scale_pos_embed else 1.0)[0]
     win, block_q = block_size + 2 * halo_size, block_size // block_stride
     bias_rows = bias_cols = None
     if rel_height is not None:

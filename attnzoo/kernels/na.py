@@ -120,36 +120,79 @@ def _validate(na_dim: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     return kernel_size, stride, dilation, is_causal, float(scale)
 
 
-class _NATriton(torch.autograd.Function):
-    """Fused Triton forward and backward; saves only the output and the logsumexp."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, rpb, additional_keys, additional_values, kernel_size, stride, dilation, is_causal,
-                scale):
-        from . import _na_triton
-
-        out, lse = _na_triton.na_forward(q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb,
-                                         additional_keys, additional_values)
-        ctx.save_for_backward(q, k, v, rpb, additional_keys, additional_values, out, lse)
-        ctx.args = (kernel_size, stride, dilation, is_causal, scale)
-        ctx.set_materialize_grads(False)  # an unused lse (or output) arrives as None: no zero tensors
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        from . import _na_triton
-
-        q, k, v, rpb, additional_keys, additional_values, out, lse = ctx.saved_tensors
-        grads = _na_triton.na_backward(grad_out, q, k, v, out, lse, *ctx.args, rpb, additional_keys,
-                                       additional_values, need_rpb_grad=ctx.needs_input_grad[3], grad_lse=grad_lse)
-        dq, dk, dv, drpb, dak, dav = grads
-        return dq, dk, dv, drpb, dak, dav, None, None, None, None, None
+# The fused Triton path as two torch.library custom ops: torch.compile keeps them in its graph as opaque
+# calls (no graph break; the kernels inside still tune their tiles per shape on first use), their fake
+# implementations give the output shapes, and the autograd formula calls the fused backward. Tuple
+# arguments travel as int/bool lists, absent tensors as None.
 
 
-@torch.compiler.disable
-def _na_triton_apply(*args):
-    """The fused path, opaque to torch.compile (a graph break: the kernels run as they are, tuned per shape)."""
-    return _NATriton.apply(*args)
+@torch.library.custom_op("attnzoo::na_forward", mutates_args=())
+def _na_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor | None,
+                   additional_keys: torch.Tensor | None, additional_values: torch.Tensor | None,
+                   kernel_size: list[int], stride: list[int], dilation: list[int], is_causal: list[bool],
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward: (out (batch, *spatial, heads, head_dim) in q's dtype, lse (batch, *spatial, heads) fp32)."""
+    from . import _na_triton
+
+    out, lse = _na_triton.na_forward(q, k, v, tuple(kernel_size), tuple(stride), tuple(dilation),
+                                     tuple(is_causal), scale, rpb, additional_keys, additional_values)
+    return out.contiguous(), lse.contiguous()  # dense, as the fake implementation promises
+
+
+@_na_forward_op.register_fake
+def _(q, k, v, rpb, additional_keys, additional_values, kernel_size, stride, dilation, is_causal, scale):
+    return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("attnzoo::na_backward", mutates_args=())
+def _na_backward_op(grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None, q: torch.Tensor,
+                    k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, rpb: torch.Tensor | None,
+                    additional_keys: torch.Tensor | None, additional_values: torch.Tensor | None,
+                    kernel_size: list[int], stride: list[int], dilation: list[int], is_causal: list[bool],
+                    scale: float, need_rpb_grad: bool) -> list[torch.Tensor]:
+    """Fused backward: [dq, dk, dv] + [drpb] when ``need_rpb_grad`` + [d_additional_keys, d_additional_values]
+    when extra tokens were given; every gradient dense, shaped and typed like its input."""
+    from . import _na_triton
+
+    dq, dk, dv, drpb, dak, dav = _na_triton.na_backward(
+        grad_out, q, k, v, out, lse, tuple(kernel_size), tuple(stride), tuple(dilation), tuple(is_causal), scale,
+        rpb, additional_keys, additional_values, need_rpb_grad=need_rpb_grad, grad_lse=grad_lse)
+    grads = [dq, dk, dv] + ([drpb] if need_rpb_grad else []) + ([dak, dav] if additional_keys is not None else [])
+    return [g.contiguous() for g in grads]
+
+
+@_na_backward_op.register_fake
+def _(grad_out, grad_lse, q, k, v, out, lse, rpb, additional_keys, additional_values, kernel_size, stride,
+      dilation, is_causal, scale, need_rpb_grad):
+    inputs = [q, k, v] + ([rpb] if need_rpb_grad else [])
+    if additional_keys is not None:
+        inputs += [additional_keys, additional_values]
+    return [t.new_empty(t.shape) for t in inputs]
+
+
+def _na_setup_context(ctx, inputs, output):
+    q, k, v, rpb, additional_keys, additional_values, kernel_size, stride, dilation, is_causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, rpb, additional_keys, additional_values, out, lse)
+    ctx.geometry = (kernel_size, stride, dilation, is_causal, scale)
+    ctx.set_materialize_grads(False)  # an unused lse (or output) arrives as None: no zero tensors
+
+
+def _na_autograd_backward(ctx, grad_out, grad_lse):
+    q, k, v, rpb, additional_keys, additional_values, out, lse = ctx.saved_tensors
+    no_grads = (None,) * 11
+    if grad_out is None and grad_lse is None:
+        return no_grads
+    need_rpb_grad = rpb is not None and ctx.needs_input_grad[3]
+    grads = iter(torch.ops.attnzoo.na_backward(grad_out, grad_lse, q, k, v, out, lse, rpb, additional_keys,
+                                               additional_values, *ctx.geometry, need_rpb_grad))
+    dq, dk, dv = next(grads), next(grads), next(grads)
+    drpb = next(grads) if need_rpb_grad else None
+    dak, dav = (next(grads), next(grads)) if additional_keys is not None else (None, None)
+    return (dq, dk, dv, drpb, dak, dav, *no_grads[6:])
+
+
+_na_forward_op.register_autograd(_na_autograd_backward, setup_context=_na_setup_context)
 
 
 def _na(na_dim: int, q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb, additional_keys,
@@ -158,8 +201,8 @@ def _na(na_dim: int, q, k, v, kernel_size, stride, dilation, is_causal, scale, r
         na_dim, q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb, additional_keys, additional_values)
     backend = resolve_backend(q.device, f"na{na_dim}d")
     if backend == "triton":
-        out, lse = _na_triton_apply(q, k, v, rpb, additional_keys, additional_values, kernel_size, stride, dilation,
-                                    is_causal, scale)
+        out, lse = torch.ops.attnzoo.na_forward(q, k, v, rpb, additional_keys, additional_values, list(kernel_size),
+                                                list(stride), list(dilation), list(is_causal), scale)
     elif backend == "flex":
         from ._na_flex import na_flex
 

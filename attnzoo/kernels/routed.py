@@ -94,7 +94,8 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region_index: t
         raise ValueError(f"region_index must be int64 (as torch.topk returns), got {region_index.dtype}")
     if region_index.device != q.device:
         raise ValueError(f"region_index is on {region_index.device} but q on {q.device}")
-    if region_index.device.type != "cuda" and region_index.numel():  # a CUDA check would sync every call
+    # A CUDA check would sync every call, and under torch.compile reading values is a graph break: eager CPU only.
+    if region_index.device.type != "cuda" and region_index.numel() and not torch.compiler.is_compiling():
         lo, hi = int(region_index.min()), int(region_index.max())
         if lo < 0 or hi >= nh * nw:
             raise ValueError(f"region_index values must lie in [0, {nh * nw}), found [{lo}, {hi}]")
@@ -176,6 +177,79 @@ def _routed_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region_index
     return out.transpose(1, 2).reshape(b, h, w, heads, -1)
 
 
+class KernelContext:
+    """Stands in for an autograd ctx so that a fused kernel's ``autograd.Function`` forward and backward run as
+    plain functions inside the custom ops below (the ops own autograd; the Function keeps the launch code)."""
+
+    saved_tensors: tuple[torch.Tensor | None, ...] = ()
+
+    def save_for_backward(self, *tensors: torch.Tensor | None) -> None:
+        self.saved_tensors = tensors
+
+
+# The fused Triton path as torch.library custom ops: torch.compile keeps them in its graph as opaque calls
+# (no graph break), the fake implementations give the output shapes, and the autograd formula calls the
+# fused backward. The forward also returns the logsumexp the backward needs (not differentiable).
+
+
+@torch.library.custom_op("attnzoo::routed_forward", mutates_args=())
+def _routed_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region_index: torch.Tensor, nh: int,
+                       nw: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward: (out (batch, H, W, heads, d_v) in q's dtype, lse (batch, heads, H*W) float32)."""
+    from ._routed_triton import _RoutedAttention
+
+    ctx = KernelContext()
+    out = _RoutedAttention.forward(ctx, q, k, v, region_index, nh, nw, scale)
+    return out, ctx.saved_tensors[-1]
+
+
+@_routed_forward_op.register_fake
+def _(q, k, v, region_index, nh, nw, scale):
+    b, h, w, heads, _ = q.shape
+    return q.new_empty((b, h, w, heads, v.shape[-1])), q.new_empty((b, heads, h * w), dtype=torch.float32)
+
+
+@torch.library.custom_op("attnzoo::routed_backward", mutates_args=())
+def _routed_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        region_index: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, nh: int, nw: int,
+                        scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused backward: (dq, dk, dv), dense, shaped and typed like q, k, v."""
+    from ._routed_triton import _last_contiguous, _RoutedAttention
+
+    ctx = KernelContext()
+    # the tensors _RoutedAttention.forward saves: unit-stride channels, int32 routing table
+    ctx.save_for_backward(_last_contiguous(q), _last_contiguous(k), _last_contiguous(v),
+                          region_index.to(torch.int32).contiguous(), out, lse)
+    ctx.geometry = (nh, nw, scale)
+    dq, dk, dv = _RoutedAttention.backward(ctx, grad_out)[:3]
+    return dq, dk, dv
+
+
+@_routed_backward_op.register_fake
+def _(grad_out, q, k, v, region_index, out, lse, nh, nw, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _routed_setup_context(ctx, inputs, output):
+    q, k, v, region_index, nh, nw, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, region_index, out, lse)
+    ctx.geometry = (nh, nw, scale)
+    ctx.set_materialize_grads(False)
+
+
+def _routed_autograd_backward(ctx, grad_out, grad_lse):
+    if grad_out is None:
+        return (None,) * 7
+    q, k, v, region_index, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.attnzoo.routed_backward(grad_out, q, k, v, region_index, out, lse, *ctx.geometry)
+    return dq, dk, dv, None, None, None, None
+
+
+_routed_forward_op.register_autograd(_routed_autograd_backward, setup_context=_routed_setup_context)
+
+
 def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region_index: torch.Tensor,
                      num_regions: int | tuple[int, int], scale: float | None = None) -> torch.Tensor:
     """Token-to-token stage of BiFormer's bi-level routing attention.
@@ -199,9 +273,7 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region_i
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     backend = resolve_backend(q.device, "routed_attention")
     if backend == "triton":
-        from ._routed_triton import routed_attention_triton
-
-        return routed_attention_triton(q, k, v, region_index, nh, nw, scale)
+        return torch.ops.attnzoo.routed_forward(q, k, v, region_index, nh, nw, scale)[0]
     if backend == "flex":
         return _routed_flex(q, k, v, region_index, nh, nw, scale)
     return _routed_torch(q, k, v, region_index, nh, nw, scale)
