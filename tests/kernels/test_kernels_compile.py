@@ -16,6 +16,9 @@ from helpers import assert_close
 import attnzoo  # noqa: F401  (registers the timm models)
 from attnzoo.kernels import halo_attention, na1d, na2d, na3d, region_routing, routed_attention, use_backend
 from attnzoo.kernels.na import _na_backward_op, _na_forward_op
+from attnzoo.vision import use_fused_attention
+from attnzoo.vision.biformer import BiLevelRoutingAttention
+from attnzoo.vision.halonet import FusedHaloAttn
 
 
 @pytest.fixture(autouse=True)
@@ -127,6 +130,39 @@ def test_tiny_dinat_compiles_as_one_graph():
     assert_close(got, want)
 
 
+class _GraphCaptured(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("name", "size", "op", "layer"), [
+    ("biformer_tiny", 224, "routed_forward", BiLevelRoutingAttention),
+    ("halonet26t", 256, "halo_forward", FusedHaloAttn),
+])
+def test_full_size_models_trace_as_one_graph(name, size, op, layer):
+    """BiFormer (routing inside the model) and timm's HaloNet on the fused halo kernel, full size: dynamo
+    captures one graph holding every fused attention call. The graph is not run (the interpreter would take
+    minutes); the backend only inspects it."""
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    if layer is FusedHaloAttn:
+        use_fused_attention(model)
+    graphs = []
+
+    def capture(gm: torch.fx.GraphModule, example_inputs):
+        graphs.append(gm)
+
+        def do_not_run(*args):
+            raise _GraphCaptured
+
+        return do_not_run
+
+    with use_backend("triton"), torch.no_grad(), pytest.raises(_GraphCaptured):
+        torch.compile(model, fullgraph=True, backend=capture)(torch.randn(1, 3, size, size))
+    calls = [n for n in graphs[0].graph.nodes if n.target is getattr(torch.ops.attnzoo, op)]
+    assert len(graphs) == 1
+    assert len(calls) == sum(isinstance(m, layer) for m in model.modules()) > 0
+
+
 def test_opcheck_custom_ops(rng):
     """torch.library.opcheck: schema, fake tensor shapes and strides, autograd registration, AOT dispatch."""
     q, k, v = _leaf(rng, 1, 7, 2, 16), _leaf(rng, 1, 7, 1, 16), _leaf(rng, 1, 7, 1, 16)
@@ -141,8 +177,11 @@ def test_opcheck_custom_ops(rng):
     torch.library.opcheck(_na_backward_op, (grad_out, grad_lse, *plain, *geometry, True),
                           test_utils=("test_schema", "test_faketensor"))
 
+    # routed / halo: AOT dispatch (the costly part) is what their compile tests above run, on real checks
+    cheap = ("test_schema", "test_autograd_registration", "test_faketensor")
     q, k, v = _leaf(rng, 1, 4, 4, 1, 16), _leaf(rng, 1, 4, 4, 1, 16), _leaf(rng, 1, 4, 4, 1, 16)
     index = torch.tensor([[[1], [0], [3], [2]]])
-    torch.library.opcheck(torch.ops.attnzoo.routed_forward.default, (q, k, v, index, 2, 2, 0.25))
+    torch.library.opcheck(torch.ops.attnzoo.routed_forward.default, (q, k, v, index, 2, 2, 0.25), test_utils=cheap)
     qr = _leaf(rng, 1, 4, 4, 1, 2 * (2 * 4 - 1))
-    torch.library.opcheck(torch.ops.attnzoo.halo_forward.default, (q, k, v, qr, 2, 1, 1, 0.25, 1.0))
+    torch.library.opcheck(torch.ops.attnzoo.halo_forward.default, (q, k, v, qr, 2, 1, 1, 0.25, 1.0),
+                          test_utils=cheap)
