@@ -257,7 +257,7 @@ class VAR(Pass):
         # over the image group's mass. Other cells: every group weight 1 (the plain attention).
         gain = (1.0 - self.p) * (m_visual_sink + m_text_sink) / m_image.clamp_min(torch.finfo(torch.float32).tiny)
         weights = torch.where(selected[..., None], torch.addcmul(edited, gain[..., None], image_axis), 1.0)
-        return torch.matmul(weights.unsqueeze(-2), outputs).squeeze(-2)
+        return (weights[..., None] * outputs).sum(-2)
 
     def sinks(self) -> dict[int, torch.Tensor]:
         """The sink tokens found at the last prefill: layer -> ``(B, L)`` bool over prompt positions."""
