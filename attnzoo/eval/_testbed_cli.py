@@ -1,7 +1,7 @@
 """``attnzoo testbed scenes|train``: write synthetic co-occurrence scenes; train the testbed's tiny LLaVA.
 
     attnzoo testbed scenes --out DIR --split eval --num-images 500 --cooccurrence 0.25 [--seed 1]
-    attnzoo testbed train  --out runs/testbed [--steps 3000] [--batch-size 32] [--resume] [--threads 1]
+    attnzoo testbed train  --out runs/testbed [--vision-steps 1200] [--steps 1500] [--resume] [--threads 1]
 
 Evaluate a trained model with ``attnzoo eval pope --model runs/testbed/model --coco-root DIR --coco-split eval``.
 Only light modules are imported at top level.
@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     result = train(args.out, config, resume=args.resume, data_root=args.data, progress=not args.no_progress)
     losses = result["losses"]
     tail = losses[-50:]
-    print(f"step {result['step']}; mean loss of the last {len(tail)} steps: {sum(tail) / max(1, len(tail)):.4f}")
+    print(f"step {result['step']} ({len(result['vision_losses'])} vision + {len(losses)} LLaVA steps); mean "
+          f"answer-token loss of the last {len(tail)} steps: {sum(tail) / max(1, len(tail)):.4f}")
     if result["model_dir"] is not None:
         print(f"model: {result['model_dir']} (attnzoo.mllm.load({str(result['model_dir'])!r}))")
     return 0

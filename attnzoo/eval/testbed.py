@@ -46,19 +46,28 @@ class TrainConfig:
     """Everything that decides the trained weights (stored in ``<out>/train_config.json``; a resume must match).
 
     Shapes: images ``image_size`` px, ``(image_size // patch_size) ** 2`` image tokens; vision tower and LLaMA
-    both ``hidden_size`` wide. Optimiser: AdamW, linear warm-up over ``warmup`` steps then cosine to 0.
+    both ``hidden_size`` wide. Two stages, each AdamW with linear warm-up over ``warmup`` steps then cosine to 0:
+
+    1. ``vision_steps`` steps (batch ``vision_batch_size``, lr ``vision_lr``): the vision tower alone learns
+       multi-label object recognition (binary cross-entropy of a linear head on the max over the image-token
+       features LLaVA reads, layer ``vision_feature_layer``); the head is dropped afterwards.
+    2. ``steps`` steps (batch ``batch_size``, lr ``lr``, the tower at ``lr * tower_lr_scale``): the whole LLaVA on
+       captions (``caption_fraction`` of the examples) and yes/no questions, loss on the answer tokens.
+
+    Both stages flip images horizontally at random and shift them by up to ``max_shift`` pixels (edge pixels
+    repeated); the captions and object lists do not depend on positions.
     """
 
-    steps: int = 3000
+    steps: int = 1500
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup: int = 100
     seed: int = 0
-    num_images: int = 4000
+    num_images: int = 16000
     cooccurrence: float = TRAIN_COOCCURRENCE
     image_size: int = 64
-    patch_size: int = 8
+    patch_size: int = 16
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
@@ -67,6 +76,11 @@ class TrainConfig:
     vocab_size: int = 512
     caption_fraction: float = 0.25
     checkpoint_every: int = 100
+    vision_steps: int = 1200
+    vision_batch_size: int = 64
+    vision_lr: float = 3e-3
+    tower_lr_scale: float = 0.1
+    max_shift: int = 8
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -136,6 +150,49 @@ class SceneData:
             out.append((self.images[k], question_text(obj) + ANSWER_SUFFIX, answer))
         return out
 
+    def pixel_values(self, image_processor: Any, chunk: int = 500) -> Any:
+        """Every image through ``image_processor`` (the model's preprocessing): float32 ``(N, 3, H, W)``."""
+        import torch
+
+        return torch.cat([image_processor(self.images[i:i + chunk], return_tensors="pt")["pixel_values"]
+                          for i in range(0, len(self), chunk)])
+
+    def targets(self) -> Any:
+        """Multi-label object presence: float32 ``(N, len(self.names))``, 1 where the category is in the scene."""
+        import torch
+
+        y = torch.zeros(len(self), len(self.names))
+        for k, objs in enumerate(self.objects):
+            y[k, [self.names.index(o) for o in objs]] = 1.0
+        return y
+
+
+def augment(pixel_values: Any, gen: Any, max_shift: int) -> Any:
+    """Random horizontal flip (p = 1/2) and shift by up to ``max_shift`` pixels per axis, per image.
+
+    ``pixel_values``: ``(B, 3, H, W)`` float; the shifted-in border repeats the edge pixels. ``gen`` is the
+    ``torch.Generator`` the draws come from. Returns a new tensor of the same shape.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    b, _, h, w = pixel_values.shape
+    flip = torch.rand(b, generator=gen) < 0.5
+    x = torch.where(flip[:, None, None, None], pixel_values.flip(-1), pixel_values)
+    if max_shift <= 0:
+        return x
+    padded = F.pad(x, (max_shift,) * 4, mode="replicate")
+    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, b), generator=gen).tolist()
+    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
+
+
+def image_features(model: Any, pixel_values: Any) -> Any:
+    """The vision features LLaVA feeds its projector: layer ``vision_feature_layer`` of the tower, CLS dropped
+    (the "default" strategy); ``(B, image tokens, vision hidden)``."""
+    layer = model.config.vision_feature_layer
+    hidden = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states[layer]
+    return hidden[:, 1:]
+
 
 def encode_batch(lvlm: Any, examples: list[tuple[Any, str, str]]) -> dict[str, Any]:
     """Processor inputs (right-padded) with ``labels``: the answer tokens and ``</s>``, -100 elsewhere.
@@ -168,11 +225,11 @@ def encode_batch(lvlm: Any, examples: list[tuple[Any, str, str]]) -> dict[str, A
     return inputs
 
 
-def _lr_lambda(config: TrainConfig):
+def _lr_lambda(warmup: int, steps: int):
     def fn(step: int) -> float:
-        if step < config.warmup:
-            return (step + 1) / config.warmup
-        progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return fn
 
@@ -200,22 +257,41 @@ def _latest_checkpoint(out: Path) -> Path | None:
     return None
 
 
+def _optimizer(config: TrainConfig, model: Any, stage: str, head: Any) -> tuple[Any, Any]:
+    """AdamW + warm-up/cosine schedule of a stage: "vision" (tower + head) or "llava" (all, tower slower)."""
+    import torch
+
+    tower = list(model.model.vision_tower.parameters())
+    if stage == "vision":
+        groups = [{"params": tower + list(head.parameters()), "lr": config.vision_lr}]
+        warmup, steps = min(config.warmup, config.vision_steps), config.vision_steps
+    else:
+        tower_ids = {id(p) for p in tower}
+        rest = [p for p in model.parameters() if id(p) not in tower_ids]
+        groups = [{"params": rest, "lr": config.lr}, {"params": tower, "lr": config.lr * config.tower_lr_scale}]
+        warmup, steps = min(config.warmup, config.steps), config.steps
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup, steps))
+
+
 def train(out: str | Path, config: TrainConfig | None = None, *, resume: bool = False,
           data_root: str | Path | None = None, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
-    """Train (or resume training) the testbed model in ``out``.
+    """Train (or resume training) the testbed model in ``out``: the two stages of :class:`TrainConfig`.
 
     Args:
-        out: run folder: ``train_config.json``, ``checkpoint/``, ``train_log.jsonl`` (step, loss, lr per step),
-            ``model/`` when finished. Training scenes are generated in ``out/scenes`` unless ``data_root``
-            (a folder from :func:`attnzoo.eval.scenes.generate_scenes` with a ``train`` split) is given.
+        out: run folder: ``train_config.json``, ``checkpoint/``, ``train_log.jsonl`` (global step, stage, loss,
+            lr per step), ``model/`` when finished. Training scenes are generated in ``out/scenes`` unless
+            ``data_root`` (a folder from :func:`attnzoo.eval.scenes.generate_scenes` with a ``train`` split) is
+            given.
         config: hyper-parameters; on resume None means the stored ones, and a different one raises ``ValueError``.
-        resume: continue from ``out/checkpoint`` (model, optimizer, scheduler, RNG, step); without it a folder
-            holding a checkpoint is refused.
-        stop_after: stop (after checkpointing) once this global step is reached, as an interruption would;
-            for tests and time-boxed runs.
+        resume: continue from ``out/checkpoint`` (model, recognition head, optimizer, scheduler, RNG, step); without
+            it a folder holding a checkpoint is refused.
+        stop_after: stop (after checkpointing) once this global step (vision steps count first) is reached, as an
+            interruption would; for tests and time-boxed runs.
 
     Returns:
-        ``{"step", "losses" (every step's mean answer-token loss so far), "model_dir" (None if unfinished)}``.
+        ``{"step" (global), "vision_losses" (recognition loss per vision step), "losses" (mean answer-token loss per
+        LLaVA step), "model_dir" (None if unfinished)}``.
     """
     import torch
     from tqdm.auto import tqdm
@@ -249,56 +325,78 @@ def train(out: str | Path, config: TrainConfig | None = None, *, resume: bool = 
 
     torch.manual_seed(config.seed)
     model, processor = build_testbed_model(config)
-    step, losses = 0, []
+    head = torch.nn.Linear(model.config.vision_config.hidden_size, len(data.names))
+    step, losses, vision_losses = 0, [], []
+    state = None
     if ckpt is not None:
         from transformers import LlavaForConditionalGeneration
 
         model = LlavaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32)
+        state = torch.load(ckpt / STATE_FILE, weights_only=False)
+        head.load_state_dict(state["head"])
+        step, losses, vision_losses = state["step"], list(state["losses"]), list(state["vision_losses"])
+        logger.info("resuming %s at step %d", ckpt, step)
     model.train()
     lvlm = wrap(model, processor)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
-    if ckpt is not None:
-        state = torch.load(ckpt / STATE_FILE, weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        step, losses = state["step"], list(state["losses"])
-        logger.info("resuming %s at step %d", ckpt, step)
+    total = config.vision_steps + config.steps
     log_path = out / "train_log.jsonl"
     # drop log lines of steps after the checkpoint: they are about to be redone
     kept = [ln for ln in (log_path.read_text().splitlines() if log_path.is_file() else [])
             if ln.strip() and json.loads(ln)["step"] <= step]
     log_path.write_text("".join(ln + "\n" for ln in kept))
 
-    last = config.steps if stop_after is None else min(config.steps, stop_after)
-    bar = tqdm(total=config.steps, initial=step, desc="testbed train", disable=not progress)
+    last = total if stop_after is None else min(total, stop_after)
+    bar = tqdm(total=total, initial=step, desc="testbed train", disable=not progress)
+    stage, optimizer, scheduler = None, None, None
+    pixels = targets = None
     with log_path.open("a") as log:
         while step < last:
-            examples = data.sample(random.Random(f"{config.seed}-{step}"), config.batch_size, config.caption_fraction)
-            inputs = encode_batch(lvlm, examples)
-            loss = model(**inputs).loss
+            want = "vision" if step < config.vision_steps else "llava"
+            if want != stage:
+                stage = want
+                optimizer, scheduler = _optimizer(config, model, stage, head)
+                if state is not None and state["stage"] == stage:  # resuming inside this stage
+                    optimizer.load_state_dict(state["optimizer"])
+                    scheduler.load_state_dict(state["scheduler"])
+                    torch.set_rng_state(state["torch_rng"])
+                if stage == "vision" and pixels is None:
+                    pixels, targets = data.pixel_values(processor.image_processor), data.targets()
+                bar.set_description(f"testbed train ({stage})")
+            rng = random.Random(f"{config.seed}-{step}")
+            gen = torch.Generator().manual_seed(rng.randrange(2**63))
+            if stage == "vision":
+                idx = torch.tensor([rng.randrange(len(data)) for _ in range(config.vision_batch_size)])
+                feats = image_features(model, augment(pixels[idx], gen, config.max_shift))
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(head(feats.amax(1)), targets[idx])
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+            else:
+                inputs = encode_batch(lvlm, data.sample(rng, config.batch_size, config.caption_fraction))
+                inputs["pixel_values"] = augment(inputs["pixel_values"], gen, config.max_shift)
+                loss = model(**inputs).loss
+                params = list(model.parameters())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             scheduler.step()
             step += 1
-            losses.append(loss.item())
-            log.write(json.dumps({"step": step, "loss": losses[-1], "lr": scheduler.get_last_lr()[0]}) + "\n")
+            (vision_losses if stage == "vision" else losses).append(loss.item())
+            log.write(json.dumps({"step": step, "stage": stage, "loss": loss.item(),
+                                  "lr": scheduler.get_last_lr()[0]}) + "\n")
             log.flush()
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}")
             if step % config.checkpoint_every == 0 or step == last:
                 _save_checkpoint(out, model, processor, {
-                    "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(), "losses": losses})
+                    "step": step, "stage": stage, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "losses": losses,
+                    "vision_losses": vision_losses, "head": head.state_dict()})
     bar.close()
     model_dir = None
-    if step >= config.steps:
+    if step >= total:
         model.eval()
         model_dir = out / "model"
         model.save_pretrained(model_dir)
         processor.save_pretrained(model_dir)
         logger.info("finished %d steps; model in %s", step, model_dir)
-    return {"step": step, "losses": losses, "model_dir": model_dir}
+    return {"step": step, "vision_losses": vision_losses, "losses": losses, "model_dir": model_dir}

@@ -13,13 +13,15 @@ from attnzoo.eval.testbed import (
     CAPTION_PROMPT,
     SceneData,
     TrainConfig,
+    augment,
     build_testbed_model,
     encode_batch,
+    image_features,
     train,
 )
 
 TINY = dict(batch_size=4, num_images=24, image_size=32, patch_size=8, hidden_size=32, num_layers=1, num_heads=2,
-            num_kv_heads=1, vision_layers=1, vocab_size=480, warmup=2)
+            num_kv_heads=1, vision_layers=2, vocab_size=480, warmup=2, vision_steps=3, vision_batch_size=6, max_shift=2)
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +59,47 @@ def test_labels_are_the_answer_tokens(scenes):
     assert (inputs["labels"][inputs["attention_mask"] == 0] == -100).all()
 
 
+def test_augment_flips_and_shifts():
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).reshape(2, 3, 6, 6)
+    flips = set()
+    for seed in range(8):
+        y = augment(x, torch.Generator().manual_seed(seed), 0)
+        for b in range(2):
+            assert torch.equal(y[b], x[b]) or torch.equal(y[b], x[b].flip(-1))
+            flips.add(torch.equal(y[b], x[b]))
+    assert flips == {True, False}
+    for seed in range(8):
+        gen = torch.Generator().manual_seed(seed)
+        y = augment(x, gen, 2)
+        for b in range(2):
+            # every output equals some shift (dy, dx) in [-2, 2]^2 of x[b] or of its mirror, edges repeated
+            padded = [torch.nn.functional.pad(v[None], (2,) * 4, mode="replicate")[0] for v in (x[b], x[b].flip(-1))]
+            assert any(torch.equal(y[b], p[:, i:i + 6, j:j + 6]) for p in padded for i in range(5) for j in range(5))
+    assert torch.equal(augment(x, torch.Generator().manual_seed(3), 2), augment(x, torch.Generator().manual_seed(3), 2))
+
+
+def test_pixel_cache_matches_the_processor(scenes):
+    config = TrainConfig(**TINY)
+    model, processor = build_testbed_model(config)
+    data = SceneData(scenes, "train")
+    cached = data.pixel_values(processor.image_processor, chunk=7)
+    direct = processor(images=data.images[:3], text=["<image>"] * 3, return_tensors="pt")["pixel_values"]
+    assert cached.shape == (24, 3, 32, 32) and torch.equal(cached[:3], direct)
+    y = data.targets()
+    assert y.shape == (24, len(data.names)) and y.sum().item() == sum(len(o) for o in data.objects)
+    feats = image_features(model, cached[:2])
+    assert feats.shape == (2, (32 // 8) ** 2, 32)
+
+
 def test_training_lowers_the_loss(tmp_path, scenes):
     config = TrainConfig(steps=12, lr=5e-3, checkpoint_every=100, **TINY)
     result = train(tmp_path, config, data_root=scenes, progress=False)
     losses = result["losses"]
-    assert len(losses) == 12 and result["step"] == 12
+    assert len(losses) == 12 and len(result["vision_losses"]) == 3 and result["step"] == 15
     assert sum(losses[-3:]) / 3 < losses[0] - 0.5, losses
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == list(range(1, 13))
+    assert [r["step"] for r in log] == list(range(1, 16))
+    assert [r["stage"] for r in log] == ["vision"] * 3 + ["llava"] * 12
     # the finished model loads through attnzoo.mllm and answers
     from PIL import Image
 
@@ -78,20 +113,23 @@ def test_training_lowers_the_loss(tmp_path, scenes):
 
 def test_resume_repeats_the_uninterrupted_run(tmp_path, scenes):
     config = TrainConfig(steps=5, lr=3e-3, checkpoint_every=2, **TINY)
-    full = train(tmp_path / "full", config, data_root=scenes, progress=False)["losses"]
-    # interrupted after step 3 (checkpoint at 2, then the stop writes one at 3)...
-    part = train(tmp_path / "part", config, data_root=scenes, progress=False, stop_after=3)
-    assert part["model_dir"] is None and part["losses"] == full[:3]
+    run = train(tmp_path / "full", config, data_root=scenes, progress=False)
+    full, full_vision = run["losses"], run["vision_losses"]
+    # interrupted inside the vision stage (checkpoint at 2), resumed, interrupted inside the LLaVA stage (at 6)...
+    part = train(tmp_path / "part", config, data_root=scenes, progress=False, stop_after=2)
+    assert part["model_dir"] is None and part["vision_losses"] == full_vision[:2] and part["losses"] == []
+    part = train(tmp_path / "part", None, data_root=scenes, progress=False, resume=True, stop_after=6)
+    assert part["model_dir"] is None and part["vision_losses"] == full_vision and part["losses"] == full[:3]
     with pytest.raises(ValueError, match="resume"):
         train(tmp_path / "part", config, data_root=scenes, progress=False)
     other = TrainConfig(steps=5, lr=1e-3, checkpoint_every=2, **TINY)
     with pytest.raises(ValueError, match="other settings"):
         train(tmp_path / "part", other, data_root=scenes, progress=False, resume=True)
     resumed = train(tmp_path / "part", None, data_root=scenes, progress=False, resume=True)
-    assert resumed["step"] == 5
+    assert resumed["step"] == 8
     assert resumed["losses"] == full  # bit-identical: same batches, weights, optimizer state, RNG
     log = [json.loads(line)["loss"] for line in (tmp_path / "part" / "train_log.jsonl").read_text().splitlines()]
-    assert log == full
+    assert log == full_vision + full
 
 
 def test_cli_scenes_and_train(tmp_path, scenes, capsys):
@@ -103,5 +141,5 @@ def test_cli_scenes_and_train(tmp_path, scenes, capsys):
     args = ["testbed", "train", "--out", str(tmp_path / "run"), "--data", str(scenes), "--steps", "2",
             "--no-progress", "--threads", "1"] + [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
     assert main(args) == 0
-    assert "step 2" in capsys.readouterr().out
+    assert "3 vision + 2 LLaVA steps" in capsys.readouterr().out
     assert (tmp_path / "run" / "model" / "config.json").is_file()
