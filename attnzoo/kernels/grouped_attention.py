@@ -109,32 +109,36 @@ def key_group_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               num_groups: int, scale: float, causal: bool = True,
                               mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch backend of :func:`key_group_attention` (same arguments, validated): float32 math, queries in
-    chunks so that at most ``_TORCH_CHUNK_ELEMENTS`` scores exist at a time."""
+    chunks so that at most ``_TORCH_CHUNK_ELEMENTS`` scores exist at a time.
+
+    One matmul per chunk gives every group's output and mass: the values are spread over ``G`` column blocks
+    (key j's value in block ``group(j)``, zeros elsewhere) followed by the keys' one-hot group columns."""
     batch, heads, q_len, dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     rep = heads // kv_heads
-    # GQA without copies: the query heads of one kv head form an extra axis that broadcasts against k/v
-    qg = q.float().view(batch, kv_heads, rep, q_len, dim)
-    kf = k.float()[:, :, None]
-    vf = v.float()[:, :, None]
     one_hot = torch.nn.functional.one_hot(key_groups.long().clamp_min(0), num_groups).float()
     one_hot = one_hot * (key_groups >= 0)[..., None]  # (B, Lkv, G)
-    outputs = q.new_zeros(batch, heads, q_len, num_groups, dim, dtype=torch.float32)
-    masses = q.new_zeros(batch, heads, q_len, num_groups, dtype=torch.float32)
+    spread = (v.float()[:, :, :, None, :] * one_hot[:, None, :, :, None]).flatten(3)  # (B, Hkv, Lkv, G * D)
+    spread = torch.cat([spread, one_hot[:, None].expand(-1, kv_heads, -1, -1)], dim=-1)  # + (G) mass columns
+    # GQA without copies of k/v: the query heads of one kv head are stacked along the query axis
+    qg = q.float().view(batch, kv_heads, rep, q_len, dim)
+    kt = k.float().transpose(-1, -2)
+    outputs = q.new_empty(batch, heads, q_len, num_groups, dim, dtype=torch.float32)
+    masses = q.new_empty(batch, heads, q_len, num_groups, dtype=torch.float32)
     chunk = max(1, _TORCH_CHUNK_ELEMENTS // max(1, batch * heads * kv_len))
     for start in range(0, q_len, chunk):
         stop = min(q_len, start + chunk)
-        scores = torch.matmul(qg[:, :, :, start:stop], kf.transpose(-1, -2)) * scale  # (B, Hkv, rep, c, Lkv)
+        size = stop - start
+        scores = torch.matmul(qg[:, :, :, start:stop].reshape(batch, kv_heads, rep * size, dim), kt) * scale
         keep = _keep_mask(key_groups, q_len, causal, mask, start, stop)  # (B, 1|H, c, Lkv)
-        keep = keep.view(batch, kv_heads, rep, stop - start, kv_len) if keep.shape[1] == heads else keep[:, :, None]
+        keep = keep.reshape(batch, kv_heads, rep * size, kv_len) if keep.shape[1] == heads else \
+            keep.expand(-1, -1, size, -1).repeat(1, 1, rep, 1)
         scores = scores.masked_fill(~keep, float("-inf"))
         top = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)  # finite on empty rows
         weights = torch.exp(scores - top)
         total = weights.sum(-1, keepdim=True)
         weights = weights / torch.where(total > 0, total, torch.ones_like(total))
-        masses[:, :, start:stop] = torch.matmul(weights, one_hot[:, None, None]).reshape(
-            batch, heads, stop - start, num_groups)
-        for g in range(num_groups):
-            part = torch.matmul(weights * one_hot[:, None, None, None, :, g], vf)  # (B, Hkv, rep, c, D)
-            outputs[:, :, start:stop, g] = part.reshape(batch, heads, stop - start, dim)
+        both = torch.matmul(weights, spread).view(batch, heads, size, num_groups * (dim + 1))
+        outputs[:, :, start:stop] = both[..., :num_groups * dim].unflatten(-1, (num_groups, dim))
+        masses[:, :, start:stop] = both[..., num_groups * dim:]
     return outputs, masses
