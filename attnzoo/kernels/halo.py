@@ -162,9 +162,14 @@ def _halo_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_rows: tor
 # The fused Triton path as torch.library custom ops: torch.compile keeps them in its graph as opaque calls
 # (no graph break), the fake implementations give the output shapes, and the autograd formula calls the
 # fused backward. The forward also returns the logsumexp the backward needs (not differentiable).
+# Schemas spelled out as in na.py.
 
 
-@torch.library.custom_op("attnzoo::halo_forward", mutates_args=())
+_HALO_FORWARD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor? qr, SymInt block_size, SymInt halo_size, "
+                        "SymInt block_stride, float scale, float bias_scale) -> (Tensor, Tensor)")
+
+
+@torch.library.custom_op("attnzoo::halo_forward", mutates_args=(), schema=_HALO_FORWARD_SCHEMA)
 def _halo_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qr: torch.Tensor | None, block_size: int,
                      halo_size: int, block_stride: int, scale: float,
                      bias_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,7 +191,12 @@ def _(q, k, v, qr, block_size, halo_size, block_stride, scale, bias_scale):
     return q.new_empty((b, hq, wq, heads, v.shape[-1])), q.new_empty((b, heads, hq * wq), dtype=torch.float32)
 
 
-@torch.library.custom_op("attnzoo::halo_backward", mutates_args=())
+_HALO_BACKWARD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? qr, Tensor out, Tensor lse, "
+                         "SymInt block_size, SymInt halo_size, SymInt block_stride, float scale, "
+                         "float bias_scale) -> Tensor[]")
+
+
+@torch.library.custom_op("attnzoo::halo_backward", mutates_args=(), schema=_HALO_BACKWARD_SCHEMA)
 def _halo_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       qr: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, block_size: int, halo_size: int,
                       block_stride: int, scale: float, bias_scale: float) -> list[torch.Tensor]:

@@ -123,10 +123,16 @@ def _validate(na_dim: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
 # The fused Triton path as two torch.library custom ops: torch.compile keeps them in its graph as opaque
 # calls (no graph break; the kernels inside still tune their tiles per shape on first use), their fake
 # implementations give the output shapes, and the autograd formula calls the fused backward. Tuple
-# arguments travel as int/bool lists, absent tensors as None.
+# arguments travel as int/bool lists, absent tensors as None. The schemas are spelled out (as torch 2.14
+# infers them from the annotations) because older torch releases infer fewer annotation forms.
 
 
-@torch.library.custom_op("attnzoo::na_forward", mutates_args=())
+_NA_FORWARD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor? rpb, Tensor? additional_keys, Tensor? additional_values, "
+                      "SymInt[] kernel_size, SymInt[] stride, SymInt[] dilation, bool[] is_causal, "
+                      "float scale) -> (Tensor, Tensor)")
+
+
+@torch.library.custom_op("attnzoo::na_forward", mutates_args=(), schema=_NA_FORWARD_SCHEMA)
 def _na_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor | None,
                    additional_keys: torch.Tensor | None, additional_values: torch.Tensor | None,
                    kernel_size: list[int], stride: list[int], dilation: list[int], is_causal: list[bool],
@@ -144,7 +150,13 @@ def _(q, k, v, rpb, additional_keys, additional_values, kernel_size, stride, dil
     return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.custom_op("attnzoo::na_backward", mutates_args=())
+_NA_BACKWARD_SCHEMA = ("(Tensor? grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+                       "Tensor? rpb, Tensor? additional_keys, Tensor? additional_values, SymInt[] kernel_size, "
+                       "SymInt[] stride, SymInt[] dilation, bool[] is_causal, float scale, "
+                       "bool need_rpb_grad) -> Tensor[]")
+
+
+@torch.library.custom_op("attnzoo::na_backward", mutates_args=(), schema=_NA_BACKWARD_SCHEMA)
 def _na_backward_op(grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None, q: torch.Tensor,
                     k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, rpb: torch.Tensor | None,
                     additional_keys: torch.Tensor | None, additional_values: torch.Tensor | None,

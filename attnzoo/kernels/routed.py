@@ -190,9 +190,14 @@ class KernelContext:
 # The fused Triton path as torch.library custom ops: torch.compile keeps them in its graph as opaque calls
 # (no graph break), the fake implementations give the output shapes, and the autograd formula calls the
 # fused backward. The forward also returns the logsumexp the backward needs (not differentiable).
+# Schemas spelled out as in na.py.
 
 
-@torch.library.custom_op("attnzoo::routed_forward", mutates_args=())
+_ROUTED_FORWARD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor region_index, SymInt nh, SymInt nw, "
+                          "float scale) -> (Tensor, Tensor)")
+
+
+@torch.library.custom_op("attnzoo::routed_forward", mutates_args=(), schema=_ROUTED_FORWARD_SCHEMA)
 def _routed_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region_index: torch.Tensor, nh: int,
                        nw: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused forward: (out (batch, H, W, heads, d_v) in q's dtype, lse (batch, heads, H*W) float32)."""
@@ -209,7 +214,11 @@ def _(q, k, v, region_index, nh, nw, scale):
     return q.new_empty((b, h, w, heads, v.shape[-1])), q.new_empty((b, heads, h * w), dtype=torch.float32)
 
 
-@torch.library.custom_op("attnzoo::routed_backward", mutates_args=())
+_ROUTED_BACKWARD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor region_index, Tensor out, "
+                           "Tensor lse, SymInt nh, SymInt nw, float scale) -> (Tensor, Tensor, Tensor)")
+
+
+@torch.library.custom_op("attnzoo::routed_backward", mutates_args=(), schema=_ROUTED_BACKWARD_SCHEMA)
 def _routed_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         region_index: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, nh: int, nw: int,
                         scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
