@@ -107,3 +107,51 @@ def test_key_group_plan_conflicts_with_explicit_weights():
     batch = lvlm.prepare(images(), PROMPTS)
     with lvlm.attach(_GroupSum(None)), lvlm.attach(Reader()), pytest.raises(ValueError, match="attach only one"):
         lvlm.forward(batch)
+
+
+class _Layout:
+    """The two TokenLayout methods VAR reads, for a hand-made batch."""
+
+    def __init__(self, image_mask):
+        self.image_mask = image_mask
+
+    def keys(self, mask, kv_length):
+        return torch.nn.functional.pad(mask, (0, kv_length - mask.shape[1]), value=False)
+
+    def image_keys(self, kv_length):
+        return self.keys(self.image_mask, kv_length)
+
+
+@pytest.mark.parametrize("q_length,kv_length", [(12, 12), (1, 15)], ids=["prefill", "decode"])
+def test_combine_groups_equals_edited_weights_cell_by_cell(q_length, kv_length, rng):
+    """Group outputs combined by VAR == attention with VAR's edited weights, on random weights, including a
+    sample without visual sinks and one whose image keys are all sinks (no receiver: the budget is dropped)."""
+    from attnzoo.kernels.reference import key_group_attention_reference
+    from attnzoo.mllm.attention import AttentionContext
+
+    batch, heads, length, dim = 3, 2, 12, 8
+    image = torch.zeros(batch, length, dtype=torch.bool)
+    image[:, 3:9] = True
+    sinks = torch.zeros(batch, length, dtype=torch.bool)
+    sinks[0, [0, 4, 5]] = True  # text and visual sinks
+    sinks[1, [1]] = True  # text sink only: no visual sink, nothing is selected
+    sinks[2, 3:9] = True  # every image key is a sink
+    var = mitigation.VAR(sink_dims=(0,), tau=1.0, summ=0.0, rho=1.0)
+    var._sinks = {5: sinks}
+    ctx = AttentionContext(site="text", layer=5, num_layers=8, num_heads=heads, num_kv_heads=heads, head_dim=dim,
+                           batch_size=batch, q_length=q_length, kv_length=kv_length,
+                           is_prefill=q_length == kv_length, step=kv_length - length, layout=_Layout(image),
+                           image_free=False, module=None, scaling=dim ** -0.5, causal=True,
+                           device=torch.device("cpu"))
+    q = torch.randn(batch, heads, q_length, dim, generator=rng, dtype=torch.float64)
+    k, v = (torch.randn(batch, heads, kv_length, dim, generator=rng, dtype=torch.float64) for _ in range(2))
+    ids, groups = var.key_groups(ctx)
+    outputs, masses = key_group_attention_reference(q, k, v, ids, groups)
+    fused = var.combine_groups(ctx, outputs.float(), masses.float())
+
+    causal = torch.arange(kv_length - q_length, kv_length)[:, None] >= torch.arange(kv_length)[None, :]
+    weights = (q @ k.transpose(-1, -2) * dim ** -0.5).masked_fill(~causal, float("-inf")).softmax(-1)
+    explicit = var.edit_weights(ctx, weights.float()).double() @ v
+    assert_close(fused, explicit, torch.float32)
+    changed = (fused.double() - weights @ v).abs().amax((1, 2, 3))
+    assert changed[0] > 1e-3 and changed[1] < 1e-6, "sample 0 must be edited, sample 1 (no visual sink) not"
