@@ -112,10 +112,17 @@ class EfficientLocalAttention(nn.Module):
         return torch.sigmoid(self.gn(self.conv(z)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W) -> (B, C, H, W)."""
-        y_h = self._gate(x.mean(dim=3))  # (B, C, H)
-        y_w = self._gate(x.mean(dim=2))  # (B, C, W)
-        return x * y_h.unsqueeze(-1) * y_w.unsqueeze(-2)
+        """x: (B, C, H, W) -> (B, C, H, W), in x's dtype."""
+        z_h, z_w = x.mean(dim=3), x.mean(dim=2)  # (B, C, H), (B, C, W)
+        if z_h.shape == z_w.shape:
+            # Square maps: both strips through the shared conv + GroupNorm in one batch (GroupNorm's statistics
+            # are per sample, so stacking along the batch changes nothing but the number of launches).
+            y_h, y_w = self._gate(torch.cat([z_h, z_w])).chunk(2)
+        else:
+            y_h, y_w = self._gate(z_h), self._gate(z_w)
+        # Gates in x's dtype: under autocast GroupNorm runs in float32, and a float32 gate would promote the
+        # whole feature map to float32 (twice the memory traffic, plus a cast back before the next conv).
+        return x * y_h.to(x.dtype).unsqueeze(-1) * y_w.to(x.dtype).unsqueeze(-2)
 
 
 def _ela_as_se_layer(channels: int, act_layer: Any = None, version: str = "S", device: Any = None,
