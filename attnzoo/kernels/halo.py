@@ -159,9 +159,10 @@ def _halo_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_rows: tor
     return out.transpose(1, 2).reshape(b, hq, wq, heads, -1)
 
 
-# The fused Triton path as torch.library custom ops: torch.compile keeps them in its graph as opaque calls
-# (no graph break), the fake implementations give the output shapes, and the autograd formula calls the
-# fused backward. The forward also returns the logsumexp the backward needs (not differentiable).
+# The fused Triton path under torch.compile, as torch.library custom ops: the compiler keeps them in its
+# graph as opaque calls (no graph break), the fake implementations give the output shapes, and the autograd
+# formula calls the fused backward. The forward also returns the logsumexp the backward needs (not
+# differentiable). Eager calls use the kernels' autograd.Function directly (no op dispatch cost).
 # Schemas spelled out as in na.py.
 
 
@@ -268,8 +269,12 @@ def halo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size
         # Position logits as one matmul, q @ [rel_height; rel_width]^T (B, Hq, Wq, heads, 2 * (2 * win - 1)),
         # whose entries the kernels pick per (query, key); autograd takes their gradient on to q and the tables.
         qr = None if rel_height is None else q @ torch.cat([rel_height, rel_width]).to(q.dtype).T
-        return torch.ops.attnzoo.halo_forward(q, k, v, qr, block_size, halo_size, block_stride, scale,
-                                              scale if scale_pos_embed else 1.0)[0]
+        args = (q, k, v, qr, block_size, halo_size, block_stride, scale, scale if scale_pos_embed else 1.0)
+        if torch.compiler.is_compiling():
+            return torch.ops.attnzoo.halo_forward(*args)[0]
+        from ._halo_triton import _HaloAttention  # eager: the Function, without op dispatch
+
+        return _HaloAttention.apply(*args)
     win, block_q = block_size + 2 * halo_size, block_size // block_stride
     bias_rows = bias_cols = None
     if rel_height is not None:

@@ -187,9 +187,10 @@ class KernelContext:
         self.saved_tensors = tensors
 
 
-# The fused Triton path as torch.library custom ops: torch.compile keeps them in its graph as opaque calls
-# (no graph break), the fake implementations give the output shapes, and the autograd formula calls the
-# fused backward. The forward also returns the logsumexp the backward needs (not differentiable).
+# The fused Triton path under torch.compile, as torch.library custom ops: the compiler keeps them in its
+# graph as opaque calls (no graph break), the fake implementations give the output shapes, and the autograd
+# formula calls the fused backward. The forward also returns the logsumexp the backward needs (not
+# differentiable). Eager calls use the kernels' autograd.Function directly (no op dispatch cost).
 # Schemas spelled out as in na.py.
 
 
@@ -282,7 +283,11 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region_i
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     backend = resolve_backend(q.device, "routed_attention")
     if backend == "triton":
-        return torch.ops.attnzoo.routed_forward(q, k, v, region_index, nh, nw, scale)[0]
+        if torch.compiler.is_compiling():
+            return torch.ops.attnzoo.routed_forward(q, k, v, region_index, nh, nw, scale)[0]
+        from ._routed_triton import routed_attention_triton  # eager: the Function, without op dispatch
+
+        return routed_attention_triton(q, k, v, region_index, nh, nw, scale)
     if backend == "flex":
         return _routed_flex(q, k, v, region_index, nh, nw, scale)
     return _routed_torch(q, k, v, region_index, nh, nw, scale)
