@@ -32,7 +32,7 @@ import torch
 
 from ._backend import resolve_backend
 from ._checks import register_check
-from .routed import KernelContext
+from .routed import _KernelContext
 
 __all__ = ["halo_attention"]
 
@@ -181,7 +181,7 @@ def _halo_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qr: torc
     """
     from ._halo_triton import _HaloAttention
 
-    ctx = KernelContext()
+    ctx = _KernelContext()
     out = _HaloAttention.forward(ctx, q, k, v, qr, block_size, halo_size, block_stride, scale, bias_scale)
     return out, ctx.saved_tensors[-1]
 
@@ -204,7 +204,7 @@ def _halo_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     """Fused backward: [dq, dk, dv] (+ [dqr] when ``qr`` is given), each shaped and typed like its input."""
     from ._halo_triton import _HaloAttention
 
-    ctx = KernelContext()
+    ctx = _KernelContext()
     ctx.save_for_backward(q, k, v, None if qr is None else qr.contiguous(), out, lse)  # as the forward saves them
     ctx.config = (block_size, halo_size, block_stride, scale, bias_scale, qr is not None)
     grads = _HaloAttention.backward(ctx, grad_out)[:4]

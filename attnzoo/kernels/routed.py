@@ -177,7 +177,7 @@ def _routed_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region_index
     return out.transpose(1, 2).reshape(b, h, w, heads, -1)
 
 
-class KernelContext:
+class _KernelContext:
     """Stands in for an autograd ctx so that a fused kernel's ``autograd.Function`` forward and backward run as
     plain functions inside the custom ops below (the ops own autograd; the Function keeps the launch code)."""
 
@@ -204,7 +204,7 @@ def _routed_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region
     """Fused forward: (out (batch, H, W, heads, d_v) in q's dtype, lse (batch, heads, H*W) float32)."""
     from ._routed_triton import _RoutedAttention
 
-    ctx = KernelContext()
+    ctx = _KernelContext()
     out = _RoutedAttention.forward(ctx, q, k, v, region_index, nh, nw, scale)
     return out, ctx.saved_tensors[-1]
 
@@ -226,7 +226,7 @@ def _routed_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     """Fused backward: (dq, dk, dv), dense, shaped and typed like q, k, v."""
     from ._routed_triton import _last_contiguous, _RoutedAttention
 
-    ctx = KernelContext()
+    ctx = _KernelContext()
     # the tensors _RoutedAttention.forward saves: unit-stride channels, int32 routing table
     ctx.save_for_backward(_last_contiguous(q), _last_contiguous(k), _last_contiguous(v),
                           region_index.to(torch.int32).contiguous(), out, lse)
