@@ -648,32 +648,3 @@ def na_backward(grad_out, q, k, v, out, lse, kernel_size, stride, dilation, is_c
     drpb_out = drpb.to(rpb.dtype) if rpb_grad else None
     return dq, dk, dv, drpb_out, d_extra_k, d_extra_v
 
-
-class NAFunction(torch.autograd.Function):
-    """The fused op for eager mode: ``apply(q, k, v, rpb, additional_keys, additional_values, kernel_size,
-    stride, dilation, is_causal, scale)`` -> (out, lse). Saves only the inputs, the output and the logsumexp.
-
-    A plain ``autograd.Function`` costs the host less per call than a ``torch.library`` custom op (no
-    dispatcher round trip, no schema handling); ``attnzoo.kernels.na`` uses the custom op only while
-    torch.compile traces, where it keeps the graph whole.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, rpb, additional_keys, additional_values, kernel_size, stride, dilation, is_causal,
-                scale):
-        out, lse = na_forward(q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb, additional_keys,
-                              additional_values)
-        ctx.save_for_backward(q, k, v, rpb, additional_keys, additional_values, out, lse)
-        ctx.geometry = (kernel_size, stride, dilation, is_causal, scale)
-        ctx.set_materialize_grads(False)  # an unused lse (or output) arrives as None: no zero tensors
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        q, k, v, rpb, additional_keys, additional_values, out, lse = ctx.saved_tensors
-        if grad_out is None and grad_lse is None:
-            return (None,) * 11
-        dq, dk, dv, drpb, dak, dav = na_backward(grad_out, q, k, v, out, lse, *ctx.geometry, rpb, additional_keys,
-                                                 additional_values, need_rpb_grad=ctx.needs_input_grad[3],
-                                                 grad_lse=grad_lse)
-        return dq, dk, dv, drpb, dak, dav, None, None, None, None, None
