@@ -52,9 +52,13 @@ def use_backend(name: str | None) -> Iterator[None]:
         set_backend(previous)
 
 
+# Looked up once, at import and without importing triton: torch.compile (2.11) refuses to trace find_spec.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """True when triton is installed (without importing it)."""
-    return importlib.util.find_spec("triton") is not None
+    """True when triton is installed (checked once, at import, without importing it)."""
+    return _TRITON_INSTALLED
 
 
 def triton_interpreting() -> bool:
