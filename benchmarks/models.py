@@ -5,7 +5,7 @@ Each row is one (model, attention backend) pair at a fixed batch, bf16 autocast:
   gather/unfold PyTorch backend ("torch", the official formulation);
 - anchors: timm's swin_tiny_patch4_window7_224 and convnext_tiny at the same batch;
 - HaloNet: timm's own halonet26t / halonet50ts vs the same weights on our halo kernel;
-- hosts vs their attention variants (resnet50 vs resnet50_ela, tnt_s vs ptnt_s, ...).
+- hosts vs their attention variants (resnet50 vs resnet50_ela, tnt_s_patch16_224 vs ptnt_s_patch16_256, ...).
 
 Before timing, each model on a kernel backend is checked against the same model on the torch backend
 (same weights, float32, small batch). Results are appended to a JSON-lines file as they are measured
@@ -57,8 +57,10 @@ for _name in KERNEL_MODELS:
 for _name in ["swin_tiny_patch4_window7_224", "convnext_tiny"]:
     ROWS.append((f"{_name} [timm]", _timm(_name), None, 128, 224))
 for _name in ["agent_deit_small", "agent_swin_tiny", "agent_pvt_small", "resnet50", "resnet50_ela",
-              "tnt_s_patch16_224", "ptnt_s"]:
+              "tnt_s_patch16_224"]:
     ROWS.append((f"{_name} [timm/sdpa]", _timm(_name), None, 128, 224))
+# PyramidTNT runs at its native 256 (sizes must be multiples of 64); TNT-S at its 224.
+ROWS.append(("ptnt_s_patch16_256 [timm/sdpa]", _timm("ptnt_s_patch16_256"), None, 128, 256))
 for _name in ["halonet26t", "halonet50ts"]:
     ROWS.append((f"{_name} [timm HaloAttn]", _timm(_name), None, 128, 256))
     ROWS.append((f"{_name} [attnzoo halo]", _halo_fused(_name), "triton", 128, 256))
