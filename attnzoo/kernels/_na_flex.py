@@ -21,9 +21,20 @@ from ._na_torch import axis_neighbors
 logger = get_logger("attnzoo.kernels")
 
 
+# flex_attention specialises on each map size, kernel size, dilation and grad mode: a NAT/DiNAT model needs
+# more than dynamo's default 8 compiled variants (past the limit it silently runs flex_attention eagerly,
+# materialising the full score matrix: out of memory at batch 128). Our compiled call gets its own limit.
+_FLEX_RECOMPILE_LIMIT = 64
+
+
 @functools.cache
 def _compiled_flex():
-    return torch.compile(flex_attention, dynamic=False)
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def call(*args, **kwargs):
+        with torch._dynamo.config.patch(recompile_limit=_FLEX_RECOMPILE_LIMIT):
+            return compiled(*args, **kwargs)
+    return call
 
 
 def _axis_intervals(length: int, kernel_size: int, stride: int, dilation: int, causal: bool,

@@ -145,7 +145,14 @@ def flex_attention_fn(device: torch.device):
     if device.type != "cuda":
         return flex_attention
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        compiled = torch.compile(flex_attention, dynamic=False)
+
+        def call(*args, **kwargs):
+            # one compiled variant per stage shape and grad mode: more than dynamo's default limit of 8 in a
+            # BiFormer training loop (past it flex_attention silently runs eagerly and unfused)
+            with torch._dynamo.config.patch(recompile_limit=64):
+                return compiled(*args, **kwargs)
+        _compiled_flex = call
     return _compiled_flex
 
 
