@@ -225,6 +225,38 @@ def encode_batch(lvlm: Any, examples: list[tuple[Any, str, str]]) -> dict[str, A
     return inputs
 
 
+class WordAlignedHead:
+    """Stage-1 recognition head that scores image tokens against the language model's word embeddings.
+
+    The logit of category ``c`` is ``exp(log_scale) * max_t <z_t, e_c> + bias_c``, where ``z_t`` are the projected
+    image tokens (what the LM reads) and ``e_c`` the mean input embedding of the tokens of `` name_c`` (as the
+    question spells it), fixed at the LM's initial embeddings. Trained with the tower and the projector, it puts
+    each object's image tokens near the embedding of its name (LLaVA's feature alignment): then "is there a
+    {name}" can be answered by comparing the question's word with the image tokens, a comparison a randomly
+    initialised LM picks up quickly, whereas features in an unrelated space leave it guessing for thousands of steps.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, names: list[str]) -> None:
+        import torch
+
+        emb = model.get_input_embeddings().weight.detach()
+        ids = [tokenizer(" " + n, add_special_tokens=False)["input_ids"] for n in names]
+        self.words = torch.stack([emb[i].mean(0) for i in ids])  # (C, d)
+        self.module = torch.nn.ParameterDict({
+            "log_scale": torch.nn.Parameter(torch.zeros(())), "bias": torch.nn.Parameter(torch.zeros(len(names)))})
+
+    def to(self, device: Any) -> WordAlignedHead:
+        self.words = self.words.to(device)
+        self.module.to(device)
+        return self
+
+    def __call__(self, model: Any, pixel_values: Any) -> Any:
+        """Logits ``(B, C)`` of every category for a batch of images ``(B, 3, H, W)``."""
+        z = model.model.multi_modal_projector(image_features(model, pixel_values))  # (B, T, d)
+        scores = (z @ self.words.T).amax(1)  # (B, C): the best-matching image token per category
+        return scores * self.module["log_scale"].exp() + self.module["bias"]
+
+
 def _lr_lambda(warmup: int, steps: int):
     def fn(step: int) -> float:
         if step < warmup:
@@ -258,12 +290,13 @@ def _latest_checkpoint(out: Path) -> Path | None:
 
 
 def _optimizer(config: TrainConfig, model: Any, stage: str, head: Any) -> tuple[Any, Any]:
-    """AdamW + warm-up/cosine schedule of a stage: "vision" (tower + head) or "llava" (all, tower slower)."""
+    """AdamW + warm-up/cosine schedule of a stage: "vision" (tower, projector, head) or "llava" (all, tower slower)."""
     import torch
 
     tower = list(model.model.vision_tower.parameters())
     if stage == "vision":
-        groups = [{"params": tower + list(head.parameters()), "lr": config.vision_lr}]
+        projector = list(model.model.multi_modal_projector.parameters())
+        groups = [{"params": tower + projector + list(head.module.parameters()), "lr": config.vision_lr}]
         warmup, steps = min(config.warmup, config.vision_steps), config.vision_steps
     else:
         tower_ids = {id(p) for p in tower}
@@ -275,7 +308,8 @@ def _optimizer(config: TrainConfig, model: Any, stage: str, head: Any) -> tuple[
 
 
 def train(out: str | Path, config: TrainConfig | None = None, *, resume: bool = False,
-          data_root: str | Path | None = None, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
+          data_root: str | Path | None = None, progress: bool = True, stop_after: int | None = None,
+          device: str | None = None) -> dict[str, Any]:
     """Train (or resume training) the testbed model in ``out``: the two stages of :class:`TrainConfig`.
 
     Args:
@@ -288,6 +322,7 @@ def train(out: str | Path, config: TrainConfig | None = None, *, resume: bool = 
             it a folder holding a checkpoint is refused.
         stop_after: stop (after checkpointing) once this global step (vision steps count first) is reached, as an
             interruption would; for tests and time-boxed runs.
+        device: where to train ("cpu" by default, "cuda"); checkpoints and the model are saved from there.
 
     Returns:
         ``{"step" (global), "vision_losses" (recognition loss per vision step), "losses" (mean answer-token loss per
@@ -325,7 +360,7 @@ def train(out: str | Path, config: TrainConfig | None = None, *, resume: bool = 
 
     torch.manual_seed(config.seed)
     model, processor = build_testbed_model(config)
-    head = torch.nn.Linear(model.config.vision_config.hidden_size, len(data.names))
+    head = WordAlignedHead(model, processor.tokenizer, data.names)
     step, losses, vision_losses = 0, [], []
     state = None
     if ckpt is not None:
@@ -333,9 +368,12 @@ def train(out: str | Path, config: TrainConfig | None = None, *, resume: bool = 
 
         model = LlavaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32)
         state = torch.load(ckpt / STATE_FILE, weights_only=False)
-        head.load_state_dict(state["head"])
+        head.module.load_state_dict(state["head"])
         step, losses, vision_losses = state["step"], list(state["losses"]), list(state["vision_losses"])
         logger.info("resuming %s at step %d", ckpt, step)
+    device = torch.device(device or "cpu")
+    model.to(device)
+    head.to(device)
     model.train()
     lvlm = wrap(model, processor)
     total = config.vision_steps + config.steps
@@ -360,19 +398,20 @@ def train(out: str | Path, config: TrainConfig | None = None, *, resume: bool = 
                     scheduler.load_state_dict(state["scheduler"])
                     torch.set_rng_state(state["torch_rng"])
                 if stage == "vision" and pixels is None:
-                    pixels, targets = data.pixel_values(processor.image_processor), data.targets()
+                    pixels = data.pixel_values(processor.image_processor).to(device)
+                    targets = data.targets().to(device)
                 bar.set_description(f"testbed train ({stage})")
             rng = random.Random(f"{config.seed}-{step}")
             gen = torch.Generator().manual_seed(rng.randrange(2**63))
             if stage == "vision":
-                idx = torch.tensor([rng.randrange(len(data)) for _ in range(config.vision_batch_size)])
-                feats = image_features(model, augment(pixels[idx], gen, config.max_shift))
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(head(feats.amax(1)), targets[idx])
+                idx = torch.tensor([rng.randrange(len(data)) for _ in range(config.vision_batch_size)], device=device)
+                logits = head(model, augment(pixels[idx].cpu(), gen, config.max_shift).to(device))
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets[idx])
                 params = [p for g in optimizer.param_groups for p in g["params"]]
             else:
                 inputs = encode_batch(lvlm, data.sample(rng, config.batch_size, config.caption_fraction))
                 inputs["pixel_values"] = augment(inputs["pixel_values"], gen, config.max_shift)
-                loss = model(**inputs).loss
+                loss = model(**inputs.to(device)).loss
                 params = list(model.parameters())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -390,7 +429,7 @@ def train(out: str | Path, config: TrainConfig | None = None, *, resume: bool = 
                 _save_checkpoint(out, model, processor, {
                     "step": step, "stage": stage, "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "losses": losses,
-                    "vision_losses": vision_losses, "head": head.state_dict()})
+                    "vision_losses": vision_losses, "head": head.module.state_dict()})
     bar.close()
     model_dir = None
     if step >= total:
@@ -400,3 +439,134 @@ def train(out: str | Path, config: TrainConfig | None = None, *, resume: bool = 
         processor.save_pretrained(model_dir)
         logger.info("finished %d steps; model in %s", step, model_dir)
     return {"step": step, "vision_losses": vision_losses, "losses": losses, "model_dir": model_dir}
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+BUNDLED_NAME = "attnzoo/testbed-llava"
+TABLE_COLUMNS = ("passes", "benchmark", "accuracy", "F1", "yes-ratio", "yes on absent companions", "CHAIR_s",
+                 "CHAIR_i", "time")
+
+
+def companion_yes_rate(records: list[dict[str, Any]], image_objects: dict[str, Any]) -> tuple[float | None, int]:
+    """Share of "yes" answers to POPE questions about an *absent companion* of a present object.
+
+    ``records``: answer records (``image`` path, ``text`` question, ``label``, ``answer``); ``image_objects``:
+    file name -> object names. These questions are where the training prior (companions almost always together)
+    pushes towards a hallucinated "yes". Returns ``(rate in [0, 1] or None when there is none, number of such
+    questions)``.
+    """
+    from .pope import parse_yes_no
+    from .scenes import companion
+
+    asked = []
+    for r in records:
+        if r["label"] != "no":
+            continue
+        obj = r["text"].removeprefix("Is there ").removesuffix(" in the image?")
+        obj = obj.removeprefix("an ") if obj.startswith("an ") else obj.removeprefix("a ")
+        if any(companion(o) == obj for o in image_objects[Path(r["image"]).name]):
+            asked.append(parse_yes_no(r["answer"]) == "yes")
+    return (sum(asked) / len(asked) if asked else None), len(asked)
+
+
+def testbed_pass(name: str, lvlm: Any, images: list[Any]) -> Any:
+    """The registered pass ``name`` with its paper defaults, set up for ``lvlm`` where a pass needs per-model
+    settings: VAR gets the model's sink dimensions from :func:`attnzoo.mitigation.var.find_sink_dims` on
+    ``images`` (PIL images; the published ones exist only for LLaVA-1.5 and the like)."""
+    from attnzoo.mitigation import get
+
+    if name == "var":
+        from attnzoo.mitigation.var import find_sink_dims
+
+        return get("var", sink_dims=find_sink_dims(lvlm, images))
+    return get(name)
+
+
+def evaluate_testbed(lvlm: Any, data_root: str | Path, out: str | Path, *, split: str = "eval",
+                     pope_images: int = 100, chair_images: int = 50, passes: list[list[str]] | None = None,
+                     batch_size: int = 32, pope_max_new_tokens: int = 4, chair_max_new_tokens: int = 40,
+                     seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
+    """POPE (random, popular, adversarial) and CHAIR of ``lvlm`` on a scene split, once per pass combination.
+
+    Args:
+        lvlm: an :class:`attnzoo.mllm.LVLM` (the bundled ``"attnzoo/testbed-llava"`` or a trained model).
+        data_root, split: a folder from :func:`attnzoo.eval.scenes.generate_scenes` (``annotations/``, images).
+        out: run folders ``out/<benchmark>_<passes>/`` (answers, results; a rerun resumes them).
+        pope_images: images sampled for POPE (each gives 3 yes and 3 no questions per split, so 6 x this many
+            questions per split); chair_images: images described for CHAIR.
+        passes: pass combinations by registry name, e.g. ``[[], ["var"], ["vhr"]]`` (``[]`` is the baseline);
+            default: the baseline and every registered pass alone (:func:`attnzoo.mitigation.available`). Each
+            is built by :func:`testbed_pass` (VAR's sink dimensions found on 8 images of the split).
+        pope_max_new_tokens, chair_max_new_tokens: generation limits (the model answers "Yes"/"No" and
+            one-sentence captions, so short limits lose nothing).
+
+    Returns:
+        One row per (pass combination, benchmark) with the :data:`TABLE_COLUMNS` keys, numbers as fractions in
+        [0, 1] (``None`` where a column does not apply) and ``time`` in seconds of generation.
+    """
+    import time
+
+    from .chair import Chair, coco_ground_truth
+    from .coco import CocoDataset
+    from .evaluate import execute, mitigation_label, plan_chair, plan_pope
+    from .pope import build_all_splits, read_jsonl
+    from .runner import MERGED_FILE, available_passes, prepare_output
+
+    if passes is None:
+        passes = [[]] + [[p] for p in available_passes()]
+    dataset = CocoDataset(data_root, split, captions=True)
+    image_objects = dataset.image_objects()
+    questions = build_all_splits(image_objects, num_images=pope_images, seed=seed, image_ids=dataset.file_to_id())
+    chair_ids = dataset.sample_image_ids(chair_images, seed)
+    truth = coco_ground_truth(Chair(), dataset, chair_ids)
+    chair_list = [(i, str(dataset.image_path(i))) for i in chair_ids]
+    out = Path(out)
+    from PIL import Image
+
+    probe_images = [Image.open(dataset.image_path(i)).convert("RGB") for i in chair_ids[:8]]
+    rows: list[dict[str, Any]] = []
+    for combo in passes:
+        label = mitigation_label(combo)
+        names = [testbed_pass(n, lvlm, probe_images) for n in combo]
+        plans = [(f"POPE {s}", plan_pope(q, dataset.image_dir, split=s, model=BUNDLED_NAME, mitigation=names,
+                                         gen_kwargs={"max_new_tokens": pope_max_new_tokens}))
+                 for s, q in questions.items()]
+        plans.append(("CHAIR", plan_chair(chair_list, truth, model=BUNDLED_NAME, split=split, mitigation=names,
+                                          gen_kwargs={"max_new_tokens": chair_max_new_tokens})))
+        for bench, plan in plans:
+            folder = out / f"{bench.lower().replace(' ', '_')}_{label}"
+            prepare_output(folder, plan.config)
+            t0 = time.perf_counter()
+            result = execute(lvlm, plan, folder, batch_size=batch_size, progress=progress, model_label=BUNDLED_NAME)
+            seconds = time.perf_counter() - t0
+            m = result["metrics"]
+            row: dict[str, Any] = dict.fromkeys(TABLE_COLUMNS)
+            row.update(passes=label, benchmark=bench, time=seconds)
+            if plan.task == "pope":
+                rate, _ = companion_yes_rate(read_jsonl(folder / MERGED_FILE), image_objects)
+                row.update({"accuracy": m["accuracy"], "F1": m["f1"], "yes-ratio": m["yes_ratio"],
+                            "yes on absent companions": rate})
+            else:
+                row.update(CHAIR_s=m["chair_s"], CHAIR_i=m["chair_i"])
+            rows.append(row)
+    return rows
+
+
+def format_testbed_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of :func:`evaluate_testbed` rows: fractions as percentages (1 decimal), time in seconds."""
+    def cell(key: str, value: Any) -> str:
+        if value is None:
+            return "-"
+        if key == "time":
+            return f"{value:.1f} s"
+        if isinstance(value, float):
+            return f"{100 * value:.1f}"
+        return str(value)
+
+    cells = [[cell(k, r.get(k)) for k in TABLE_COLUMNS] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(TABLE_COLUMNS)]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(TABLE_COLUMNS, widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |" for row in cells]
+    return "\n".join(lines)

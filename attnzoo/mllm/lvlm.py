@@ -581,13 +581,20 @@ class _VisionRecorder(AttentionPass):
         return weights
 
 
+# Models shipped inside the package, loadable offline by name.
+BUNDLED_MODELS: dict[str, Path] = {
+    "attnzoo/testbed-llava": Path(__file__).resolve().parent.parent / "data" / "testbed-llava",
+}
+
+
 def load(name_or_path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
          attn_backend: str = "sdpa", **from_pretrained_kwargs: Any) -> LVLM:
     """Load an LVLM and its processor, routed through the "attnzoo" attention function.
 
     Args:
-        name_or_path: a hub id (needs network) or a local folder written by ``save_pretrained`` (model and
-            processor).
+        name_or_path: a hub id (needs network), a local folder written by ``save_pretrained`` (model and
+            processor), or a bundled name of :data:`BUNDLED_MODELS` (``"attnzoo/testbed-llava"``: the offline
+            testbed's tiny LLaVA, see docs/testbed.md).
         dtype: weight dtype (``torch.bfloat16``, "float16", ...); default: the checkpoint's / float32.
         device: where to put the model ("cuda", "cpu", ...); default CPU.
         attn_backend: attention used wherever no pass acts: "sdpa" (default) or "eager".
@@ -601,6 +608,10 @@ def load(name_or_path: str | Path, dtype: torch.dtype | str | None = None, devic
     if attn_backend not in BACKENDS:
         raise ValueError(f"attn_backend {attn_backend!r} not supported; choose one of {BACKENDS}")
     register()
+    if str(name_or_path) in BUNDLED_MODELS:
+        name_or_path = BUNDLED_MODELS[str(name_or_path)]
+        if not (name_or_path / "config.json").is_file():
+            raise FileNotFoundError(f"bundled model folder {name_or_path} is missing; reinstall attnzoo")
     config = AutoConfig.from_pretrained(name_or_path)
     family = _family_of(config)
     if isinstance(dtype, str):
