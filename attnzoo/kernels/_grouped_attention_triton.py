@@ -108,6 +108,100 @@ def _key_group_fwd_kernel(
              acc, mask=r_ok[:, None] & d_ok[None, :])
 
 
+@triton.jit
+def _var_fwd_kernel(
+    Q, K, V, GID, AFTER, IMAGE_EPS, MASK, O,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_gb, stride_mb, stride_mh, stride_mq, stride_ob, stride_on, stride_oh,
+    H, GROUP, Lq, Lkv, Lg, qk_scale, keep_sink, summ, rho,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # VAR in one pass: the online softmax keeps the plain output, the non-sink image keys' output and the sink
+    # keys' output (three accumulators, one dot each) and the masses of groups 1-3; the epilogue decides per
+    # (head, query) whether the cell is image-centric and writes the edited output in the input dtype.
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    kvh = h // GROUP
+
+    qi = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_ok = qi < Lq
+    q_pos = Lkv - Lq + qi
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    q = tl.load(Q + b * stride_qb + h * stride_qh + qi[:, None] * stride_qn + d[None, :],
+                mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    mass_image = tl.zeros([BLOCK_M], dtype=tl.float32)
+    mass_vsink = tl.zeros([BLOCK_M], dtype=tl.float32)
+    mass_tsink = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc_image = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc_sink = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+    kv_end = Lkv
+    if CAUSAL:
+        kv_end = tl.minimum(Lkv, Lkv - Lq + (pid + 1) * BLOCK_M)
+    for start in range(0, kv_end, BLOCK_N):
+        kn = start + tl.arange(0, BLOCK_N)
+        kv_ok = kn < Lkv
+        gid = tl.load(GID + b * stride_gb + kn, mask=kn < Lg, other=0)  # keys past the ids: generated text
+        kt = tl.load(k_base + kn[:, None] * stride_kn + d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
+        if DOT_F32:
+            kt = kt.to(tl.float32)
+        s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * qk_scale
+        keep = (kv_ok & (gid >= 0))[None, :] & q_ok[:, None]
+        if HAS_MASK:
+            mk = tl.load(MASK + b * stride_mb + h * stride_mh + qi[:, None] * stride_mq + kn[None, :],
+                         mask=q_ok[:, None] & kv_ok[None, :], other=0)
+            keep = keep & (mk != 0)
+        elif CAUSAL:
+            keep = keep & (kn[None, :] <= q_pos[:, None])
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p_image = tl.where((gid == 1)[None, :], p, 0.0)
+        p_vsink = tl.where((gid == 2)[None, :], p, 0.0)
+        p_tsink = tl.where((gid == 3)[None, :], p, 0.0)
+        mass_image = mass_image * alpha + tl.sum(p_image, 1)
+        mass_vsink = mass_vsink * alpha + tl.sum(p_vsink, 1)
+        mass_tsink = mass_tsink * alpha + tl.sum(p_tsink, 1)
+        vt = tl.load(v_base + kn[:, None] * stride_vn + d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
+        if DOT_F32:
+            vt = vt.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
+        acc_image = acc_image * alpha[:, None] + tl.dot(p_image.to(vt.dtype), vt, input_precision=DOT_PREC)
+        acc_sink = acc_sink * alpha[:, None] + tl.dot((p_vsink + p_tsink).to(vt.dtype), vt,
+                                                      input_precision=DOT_PREC)
+        m_i = m_new
+
+    inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)  # a query with no key left: zeros
+    mass_image = mass_image * inv
+    mass_vsink = mass_vsink * inv
+    mass_tsink = mass_tsink * inv
+    on_image = mass_image + mass_vsink
+    share = mass_vsink / (on_image + tl.load(IMAGE_EPS + b))  # the official +1e-6 per image key
+    selected = (share <= rho) & (on_image >= summ) & (q_pos > tl.load(AFTER + b))
+    # selected cells: sinks keep keep_sink of their weight, the freed mass goes to the non-sink image keys in
+    # proportion, i.e. out = plain + gain * O_image + (keep_sink - 1) * O_sink
+    gain = (1.0 - keep_sink) * (mass_vsink + mass_tsink) / tl.maximum(mass_image, 1.1754943508222875e-38)
+    image_weight = tl.where(selected, gain, 0.0) * inv
+    sink_weight = tl.where(selected, keep_sink - 1.0, 0.0) * inv
+    out = acc * inv[:, None] + acc_image * image_weight[:, None] + acc_sink * sink_weight[:, None]
+    tl.store(O + b * stride_ob + qi[:, None] * stride_on + h * stride_oh + d[None, :],
+             out.to(O.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     """float32 inputs get float32-accurate dots (3xTF32 on tensor cores; numpy in the interpreter)."""
     if dtype != torch.float32:
@@ -157,3 +251,44 @@ def key_group_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )
     return outputs, masses
+
+
+def var_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_groups: torch.Tensor,
+                         redistribute_after: torch.Tensor, image_eps: torch.Tensor, p: float, summ: float,
+                         rho: float, scale: float, causal: bool = True, mask: torch.Tensor | None = None,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton backend of :func:`attnzoo.kernels.var_attention` (arguments already validated): one launch, the
+    edited output written as ``(B, Lq, H, D)`` in the input dtype (into ``out`` when given)."""
+    batch, heads, q_len, dim = q.shape
+    kv_len = k.shape[2]
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    if out is None:
+        out = torch.empty(batch, q_len, heads, dim, device=q.device, dtype=q.dtype)
+    if mask is not None:
+        mask_t = mask.view(torch.uint8) if mask.stride(-1) == 1 else mask.contiguous().view(torch.uint8)
+        mask_strides = (mask_t.stride(0), 0 if mask_t.shape[1] == 1 else mask_t.stride(1), mask_t.stride(2))
+    else:
+        mask_t, mask_strides = key_groups, (0, 0, 0)  # never read (HAS_MASK is False)
+    if triton_interpreting():
+        block_m, block_n, warps = 16, 32, 4
+    else:
+        block_m, block_n, warps = (16, 64, 4) if q_len <= 16 else (32, 64, 4)
+    grid = (triton.cdiv(q_len, block_m), batch * heads)
+    _var_fwd_kernel[grid](
+        q, k, v, key_groups, redistribute_after, image_eps, mask_t, out,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), key_groups.stride(0), *mask_strides,
+        out.stride(0), out.stride(1), out.stride(2),
+        heads, heads // k.shape[1], q_len, kv_len, key_groups.shape[1], scale * LOG2E, float(p), float(summ),
+        float(rho),
+        HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)),
+        CAUSAL=bool(causal) and mask is None, HAS_MASK=mask is not None,
+        DOT_F32=triton_interpreting() and q.dtype == torch.bfloat16, DOT_PREC=_dot_precision(q.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+    )
+    return out

@@ -11,6 +11,9 @@ hallucination-mitigation passes such as VAR (which scales sink keys and moves th
 need during prefill; the Triton kernel computes it with one online softmax over the keys (fp32 accumulators,
 the (Lq x Lkv) matrix is never stored).
 
+:func:`var_attention` is VAR's re-weighting fused into the same pass: the kernel's epilogue makes VAR's
+per-cell decision from the group masses and writes the edited output directly (one launch per layer).
+
 Backends (see :func:`attnzoo.kernels.set_backend`): a fused Triton forward on CUDA, a PyTorch path chunked
 over queries on the CPU ("flex" falls back to it). Forward only: this op serves inference.
 """
@@ -21,7 +24,7 @@ import torch
 
 from ._backend import resolve_backend
 
-__all__ = ["key_group_attention"]
+__all__ = ["key_group_attention", "var_attention"]
 
 # The PyTorch backend materialises at most this many fp32 scores per query chunk (256 MiB).
 _TORCH_CHUNK_ELEMENTS = 1 << 26
@@ -142,3 +145,93 @@ def key_group_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         outputs[:, :, start:stop] = both[..., :num_groups * dim].unflatten(-1, (num_groups, dim))
         masses[:, :, start:stop] = both[..., num_groups * dim:]
     return outputs, masses
+
+
+# VAR's key groups (see attnzoo.mitigation.var)
+VAR_OTHER, VAR_IMAGE, VAR_VISUAL_SINK, VAR_TEXT_SINK = 0, 1, 2, 3
+
+
+def var_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_groups: torch.Tensor,
+                  redistribute_after: torch.Tensor, image_eps: torch.Tensor, p: float, summ: float, rho: float,
+                  scale: float | None = None, causal: bool = True, mask: torch.Tensor | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention with VAR's redistribution applied per (head, query) cell, in one fused pass.
+
+    The keys fall into four groups: 0 other text, 1 non-sink image, 2 visual sink, 3 text sink. With ``M_g``
+    the softmax mass of a cell on group g, the cell is *image-centric* when ``M_1 + M_2 >= summ``,
+    ``M_2 / (M_1 + M_2 + image_eps[b]) <= rho`` and its query position is ``> redistribute_after[b]``. There,
+    sink weights are multiplied by ``p`` and the freed mass ``(1 - p) (M_2 + M_3)`` is added to the non-sink
+    image keys in proportion to their weight; other cells get the plain attention.
+
+    Args:
+        q: ``(B, H, Lq, D)`` queries (float32, float16 or bfloat16); k, v: ``(B, Hkv, Lkv, D)``, same dtype,
+            ``Hkv`` divides ``H`` (GQA).
+        key_groups: ``(B, Lg)`` int32 group ids of the first ``Lg <= Lkv`` keys (negative: key removed); keys
+            ``Lg ..`` are group 0 (tokens generated after the prompt), so a prompt's ids serve every decode step.
+        redistribute_after: ``(B,)`` int32 key position; only queries at later positions are redistributed
+            (queries sit at ``Lkv - Lq + i``). VAR: the last image position, or ``>= Lkv`` (e.g. ``2**30``)
+            for a sample without visual sinks.
+        image_eps: ``(B,)`` float32 added to a cell's image mass in the visual-sink share's denominator.
+        p, summ, rho: VAR's hyper-parameters (floats in [0, 1]).
+        scale: softmax scale (default ``D ** -0.5``).
+        causal, mask: as in :func:`key_group_attention` (lower-right causal, or a bool keep-mask
+            ``(B, 1 or H, Lq, Lkv)`` that replaces it).
+        out: optional preallocated ``(B, Lq, H, D)`` output (contiguous, dtype of q).
+
+    Returns:
+        ``(B, Lq, H, D)`` in the dtype of ``q`` (the layout attention functions hand to ``o_proj``).
+    """
+    fn = "var_attention"
+    if key_groups.dim() != 2 or key_groups.dtype != torch.int32 or key_groups.shape[0] != q.shape[0] \
+            or key_groups.shape[1] > k.shape[2] or key_groups.stride(-1) != 1:
+        raise ValueError(f"{fn}: key_groups must be contiguous int32 (batch, Lg) with Lg <= kv length {k.shape[2]}, "
+                         f"got {key_groups.dtype} {tuple(key_groups.shape)}")
+    if redistribute_after.shape != (q.shape[0],) or redistribute_after.dtype != torch.int32 \
+            or image_eps.shape != (q.shape[0],) or image_eps.dtype != torch.float32:
+        raise ValueError(f"{fn}: redistribute_after must be int32 and image_eps float32, both of shape "
+                         f"({q.shape[0]},), got {redistribute_after.dtype} {tuple(redistribute_after.shape)} and "
+                         f"{image_eps.dtype} {tuple(image_eps.shape)}")
+    if out is not None and (out.shape != (q.shape[0], q.shape[2], q.shape[1], q.shape[3]) or out.dtype != q.dtype
+                            or not out.is_contiguous()):
+        raise ValueError(f"{fn}: out must be a contiguous {q.dtype} tensor of shape (B, Lq, H, D) = "
+                         f"{(q.shape[0], q.shape[2], q.shape[1], q.shape[3])}, got {out.dtype} {tuple(out.shape)}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if resolve_backend(q.device, fn) == "triton":
+        if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[1] % k.shape[1] or q.dtype != k.dtype \
+                or k.dtype != v.dtype:
+            raise ValueError(f"{fn}: q (B, H, Lq, D) and k, v (B, Hkv, Lkv, D) of one dtype with Hkv dividing H, "
+                             f"got {q.dtype} {tuple(q.shape)}, {k.dtype} {tuple(k.shape)}, {v.dtype} {tuple(v.shape)}")
+        from ._grouped_attention_triton import var_attention_triton
+
+        return var_attention_triton(q, k, v, key_groups, redistribute_after, image_eps, p, summ, rho, scale, causal,
+                                    mask, out)
+    ids = key_groups
+    if ids.shape[1] < k.shape[2]:
+        ids = torch.nn.functional.pad(ids, (0, k.shape[2] - ids.shape[1]), value=VAR_OTHER)
+    _validate(q, k, v, ids, 4, mask)
+    outputs, masses = key_group_attention_torch(q, k, v, ids, 4, scale, causal, mask)
+    positions = torch.arange(k.shape[2] - q.shape[2], k.shape[2], device=q.device)
+    edited = var_combine(outputs, masses, positions, redistribute_after, image_eps, p, summ, rho)
+    edited = edited.to(q.dtype).transpose(1, 2)
+    if out is None:
+        return edited.contiguous()
+    out.copy_(edited)
+    return out
+
+
+def var_combine(outputs: torch.Tensor, masses: torch.Tensor, query_positions: torch.Tensor,
+                redistribute_after: torch.Tensor, image_eps: torch.Tensor, p: float, summ: float,
+                rho: float) -> torch.Tensor:
+    """VAR's edit (the rule of :func:`var_attention`) applied to per-group outputs ``(B, H, Lq, 4, D)`` and
+    masses ``(B, H, Lq, 4)`` float32 from :func:`key_group_attention` with VAR's groups; ``query_positions``
+    ``(Lq,)`` are the queries' key positions. Returns the edited ``(B, H, Lq, D)`` float32."""
+    m_image, m_vsink, m_tsink = masses[..., VAR_IMAGE], masses[..., VAR_VISUAL_SINK], masses[..., VAR_TEXT_SINK]
+    on_image = m_image + m_vsink
+    share = m_vsink / (on_image + image_eps[:, None, None])
+    later = query_positions[None, None, :] > redistribute_after[:, None, None]
+    selected = (share <= rho) & (on_image >= summ) & later
+    gain = (1.0 - p) * (m_vsink + m_tsink) / m_image.clamp_min(torch.finfo(torch.float32).tiny)
+    image_weight = torch.where(selected, gain, 0.0)[..., None]
+    sink_weight = torch.where(selected, p - 1.0, 0.0)[..., None]
+    sinks = outputs[..., VAR_VISUAL_SINK, :] + outputs[..., VAR_TEXT_SINK, :]
+    return outputs.sum(-2) + image_weight * outputs[..., VAR_IMAGE, :] + sink_weight * sinks

@@ -115,3 +115,94 @@ def test_argument_errors():
         key_group_attention(q, k, v, groups, 2, mask=torch.ones(1, 2, 5, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="must be a 4-D tensor"):
         key_group_attention(q[0], k, v, groups, 2)
+
+
+# ---------------------------------------------------------------- var_attention (VAR fused into the epilogue)
+
+def _var_reference(q, k, v, groups, after, image_eps, p, summ, rho, mask=None):
+    """Float64 VAR on the explicit softmax matrix: edit the weights of image-centric cells, then multiply by v.
+    ``groups`` (B, Lkv) covers every key. Returns (B, Lq, H, D) float64."""
+    batch, heads, q_len, _ = q.shape
+    kv_len = k.shape[2]
+    rep = heads // k.shape[1]
+    kd, vd = (t.double().repeat_interleave(rep, dim=1) for t in (k, v))
+    logits = q.double() @ kd.transpose(-1, -2) * q.shape[-1] ** -0.5
+    if mask is None:
+        mask = (torch.arange(kv_len - q_len, kv_len)[:, None] >= torch.arange(kv_len)[None, :])[None, None]
+    keep = (mask & (groups >= 0)[:, None, None, :]).expand(batch, heads, q_len, kv_len)
+    weights = torch.zeros_like(logits)
+    rows = keep.any(-1)
+    weights[rows] = logits[rows].masked_fill(~keep[rows], float("-inf")).softmax(-1)
+    edited = weights.clone()
+    for b in range(batch):
+        image, vsink, tsink = (groups[b] == g for g in (1, 2, 3))
+        sink = vsink | tsink
+        for h in range(heads):
+            for i in range(q_len):
+                w = weights[b, h, i]
+                on_image = w[image | vsink].sum()
+                share = w[vsink].sum() / (on_image + float(image_eps[b]))
+                if not (on_image >= summ and share <= rho and kv_len - q_len + i > int(after[b])):
+                    continue
+                budget = (1 - p) * w[sink].sum()
+                new = w.clone()
+                new[sink] = w[sink] * p
+                receivers = w[image].sum()
+                if receivers > 0:
+                    new[image] = w[image] + budget * w[image] / receivers
+                edited[b, h, i] = new
+    return (edited @ vd).transpose(1, 2)
+
+
+def _var_inputs(case, dtype, gen, mask_kind=None, prompt_ids=True):
+    q, k, v, groups, _, mask = _inputs(case, dtype, gen, mask_kind=mask_kind)
+    groups = torch.randint(0, 4, groups.shape, generator=gen).masked_fill(groups < 0, -1)
+    batch, kv_len = groups.shape
+    if prompt_ids:  # the last keys are generated tokens: group 0, not in the ids handed to var_attention
+        groups[:, kv_len - 3:] = 0
+    ids = groups[:, : kv_len - 3 if prompt_ids else kv_len].to(torch.int32).contiguous()
+    after = torch.tensor([kv_len - q.shape[2] + 1, -1, 2**30][:batch], dtype=torch.int32)
+    image_eps = 1e-6 * (groups == 1).sum(-1).float()
+    return q, k, v, groups, ids, after, image_eps, mask
+
+
+VAR_CASES = [("prefill", torch.float32, None), ("gqa-odd", torch.bfloat16, None),
+             ("mqa-decode", torch.float32, "shared"), ("long", torch.float16, "heads"),
+             ("wide-dim", torch.float32, None)]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case,dtype,mask_kind", VAR_CASES, ids=[f"{c}-{str(d)[6:]}-{m}" for c, d, m in VAR_CASES])
+def test_var_attention_matches_reference(backend, case, dtype, mask_kind, rng):
+    """Selection thresholds that split the cells (some edited, some not), left padding, generated-token keys past
+    the ids, a sample whose queries are all before ``redistribute_after`` and one with none."""
+    q, k, v, groups, ids, after, image_eps, mask = _var_inputs(case, dtype, rng, mask_kind)
+    p, summ, rho = 0.6, 0.2, 0.7
+    ref = _var_reference(q, k, v, groups, after, image_eps, p, summ, rho, mask)
+    plain = _var_reference(q, k, v, groups, after, image_eps, 1.0, 2.0, rho, mask)  # nothing selected
+    assert (ref - plain).abs().amax() > 1e-2, "no cell was edited: the test could not fail"
+    with use_backend(backend):
+        out = grouped_attention.var_attention(q, k, v, ids, after, image_eps, p, summ, rho, mask=mask)
+    assert out.dtype == dtype and out.shape == (q.shape[0], q.shape[2], q.shape[1], q.shape[3])
+    assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_var_attention_writes_into_out(backend, rng):
+    q, k, v, _, ids, after, image_eps, _ = _var_inputs("gqa-odd", torch.float32, rng)
+    out = torch.empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3])
+    with use_backend(backend):
+        got = grouped_attention.var_attention(q, k, v, ids, after, image_eps, 0.6, 0.2, 0.5, out=out)
+        fresh = grouped_attention.var_attention(q, k, v, ids, after, image_eps, 0.6, 0.2, 0.5)
+    assert got.data_ptr() == out.data_ptr()
+    assert torch.equal(out, fresh)
+
+
+def test_var_attention_argument_errors():
+    q = k = v = torch.randn(1, 2, 5, 8)
+    after, eps = torch.zeros(1, dtype=torch.int32), torch.zeros(1)
+    with pytest.raises(ValueError, match="key_groups must be contiguous int32"):
+        grouped_attention.var_attention(q, k, v, torch.zeros(1, 6, dtype=torch.int32), after, eps, 0.6, 0.2, 0.5)
+    with pytest.raises(ValueError, match="redistribute_after must be int32"):
+        grouped_attention.var_attention(q, k, v, torch.zeros(1, 5, dtype=torch.int32), after.long(), eps, 0.6, 0.2,
+                                        0.5)
