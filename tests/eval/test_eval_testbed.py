@@ -13,6 +13,7 @@ from attnzoo.eval.testbed import (
     CAPTION_PROMPT,
     SceneData,
     TrainConfig,
+    WordAlignedHead,
     augment,
     build_testbed_model,
     encode_batch,
@@ -143,3 +144,26 @@ def test_cli_scenes_and_train(tmp_path, scenes, capsys):
     assert main(args) == 0
     assert "3 vision + 2 LLaVA steps" in capsys.readouterr().out
     assert (tmp_path / "run" / "model" / "config.json").is_file()
+
+
+def test_word_aligned_head_scores_image_tokens_against_name_embeddings(scenes):
+    config = TrainConfig(**TINY)
+    model, processor = build_testbed_model(config)
+    data = SceneData(scenes, "train")
+    head = WordAlignedHead(model, processor.tokenizer, data.names)
+    emb = model.get_input_embeddings().weight.detach().double()
+    tok = processor.tokenizer
+    for c, name in enumerate(data.names):
+        ids = tok(" " + name, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == " " + name
+        assert torch.allclose(head.words[c].double(), emb[ids].mean(0))
+    with torch.no_grad():
+        head.module["log_scale"].fill_(0.7)
+        head.module["bias"].copy_(torch.linspace(-1, 1, len(data.names)))
+        pixels = data.pixel_values(processor.image_processor)[:3]
+        logits = head(model, pixels).double()
+        z = model.model.multi_modal_projector(image_features(model, pixels)).double()  # (3, T, d)
+    ref = torch.tensor([[max(float(z[b, t] @ head.words[c].double()) for t in range(z.shape[1]))
+                         for c in range(len(data.names))] for b in range(3)], dtype=torch.float64)
+    ref = ref * torch.tensor(0.7, dtype=torch.float64).exp() + torch.linspace(-1, 1, len(data.names)).double()
+    assert torch.allclose(logits, ref, rtol=1e-5, atol=1e-6)
