@@ -16,9 +16,13 @@ Two implementations of the same edit (``fused`` field). The official code runs t
 attention to get the weights. Here the edit is a re-weighting of four key groups (other text, non-sink image,
 visual sink, text sink): the edited output of a cell is ``O_text + p * (O_vsink + O_tsink) + (1 + budget /
 M_image) * O_image`` with ``O_g`` the cell's attention output restricted to group g and ``M_g`` its mass, and
-the selection needs only the masses. ``fused=True`` (default) gets ``O_g`` and ``M_g`` from one fused kernel
-(:func:`attnzoo.kernels.key_group_attention`, no attention matrix); ``fused=False`` edits the explicit
-post-softmax weights (float32 matrix per layer), kept for comparison and as a cross-check.
+the selection needs only the masses. ``fused=True`` (default) runs the whole edit in one fused kernel
+(:func:`attnzoo.kernels.grouped_attention.var_attention`: one online softmax accumulates ``O_g`` and ``M_g``, and
+its epilogue selects the cells and writes the edited output; no attention matrix, one launch per edited layer,
+the prompt's group ids and per-sample constants computed once per batch and reused at every decode step);
+``fused=False`` edits the explicit post-softmax weights (float32 matrix per layer), kept for comparison and as a
+cross-check. ``combine_groups`` (the same edit on the outputs of :func:`attnzoo.kernels.key_group_attention`)
+serves runtimes that plan key groups without the fused call.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Any, ClassVar
 import torch
 
 from .._logging import get_logger, log_once
+from ..kernels.grouped_attention import var_attention
 from ..mllm.attention import AttentionContext, Plan
 from .base import Pass, check_range, register_pass
 
@@ -221,20 +226,26 @@ class VAR(Pass):
     def _layer_groups(self, ctx: AttentionContext) -> tuple[torch.Tensor, ...]:
         """Per layer, computed once per batch (reused at every decode step): prompt key groups ``(B, L)`` int32;
         ``1e-6 * (number of image keys)``, "has a visual sink" and the last image position, each ``(B, 1, 1)``;
-        the group weights of an edited cell without the image gain ``(G,)`` and the image group's unit vector."""
+        the group weights of an edited cell without the image gain ``(G,)`` and the image group's unit vector;
+        for :func:`var_attention`: the position after which queries are redistributed ``(B,)`` int32 (past any
+        sequence for a sample without visual sinks) and ``1e-6 * (number of image keys)`` ``(B,)`` float32."""
         cached = self._groups.get(ctx.layer)
         if cached is None:
             image = ctx.layout.image_mask.to(ctx.device)
             sink = self._sinks[ctx.layer].to(ctx.device)
             ids = torch.where(image, torch.where(sink, self.VISUAL_SINK, self.IMAGE),
-                              torch.where(sink, self.TEXT_SINK, self.OTHER)).to(torch.int32)
+                              torch.where(sink, self.TEXT_SINK, self.OTHER)).to(torch.int32).contiguous()
             positions = torch.arange(image.shape[1], device=ctx.device)
             edited = torch.ones(self.NUM_GROUPS, device=ctx.device)
             edited[[self.VISUAL_SINK, self.TEXT_SINK]] = self.p
             image_axis = torch.zeros(self.NUM_GROUPS, device=ctx.device)
             image_axis[self.IMAGE] = 1.0
-            cached = (ids, 1e-6 * image.sum(-1).float()[:, None, None], (sink & image).any(-1)[:, None, None],
-                      torch.where(image, positions, -1).amax(-1)[:, None, None], edited, image_axis)
+            image_eps = 1e-6 * image.sum(-1).float()
+            has_visual_sink = (sink & image).any(-1)
+            last_image = torch.where(image, positions, -1).amax(-1)
+            after = torch.where(has_visual_sink, last_image, 2**30).to(torch.int32)
+            cached = (ids, image_eps[:, None, None], has_visual_sink[:, None, None], last_image[:, None, None],
+                      edited, image_axis, after, image_eps)
             self._groups[ctx.layer] = cached
         return cached
 
@@ -244,7 +255,7 @@ class VAR(Pass):
         return (torch.nn.functional.pad(ids, (0, extra), value=self.OTHER) if extra > 0 else ids), self.NUM_GROUPS
 
     def combine_groups(self, ctx: AttentionContext, outputs: torch.Tensor, masses: torch.Tensor) -> torch.Tensor:
-        _, image_eps, has_visual_sink, last_image, edited, image_axis = self._layer_groups(ctx)
+        _, image_eps, has_visual_sink, last_image, edited, image_axis, _, _ = self._layer_groups(ctx)
         m_image, m_visual_sink, m_text_sink = (masses[..., g] for g in (self.IMAGE, self.VISUAL_SINK, self.TEXT_SINK))
         total_on_image = m_image + m_visual_sink  # (B, h, q)
         # the official share keeps +1e-6 per image key in the denominator
@@ -258,6 +269,14 @@ class VAR(Pass):
         gain = (1.0 - self.p) * (m_visual_sink + m_text_sink) / m_image.clamp_min(torch.finfo(torch.float32).tiny)
         weights = torch.where(selected[..., None], torch.addcmul(edited, gain[..., None], image_axis), 1.0)
         return (weights[..., None] * outputs).sum(-2)
+
+    def fused_key_groups(self, ctx: AttentionContext, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         mask: torch.Tensor | None) -> torch.Tensor:
+        """The edited outputs ``(B, q, H, D)`` of all heads from one :func:`var_attention` call: the prompt's
+        group ids (keys after the prompt are generated text, group 0), no per-step allocation but the output."""
+        ids, _, _, _, _, _, after, image_eps = self._layer_groups(ctx)
+        return var_attention(query, key, value, ids, after, image_eps, self.p, self.summ, self.rho,
+                             scale=ctx.scaling, causal=ctx.causal, mask=mask)
 
     def sinks(self) -> dict[int, torch.Tensor]:
         """The sink tokens found at the last prefill: layer -> ``(B, L)`` bool over prompt positions."""

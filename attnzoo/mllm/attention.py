@@ -21,7 +21,8 @@ A pass may instead ``replace`` the whole computation (``attend``), e.g. with a f
 ``key_groups``: a re-weighting of whole groups of keys decided per (head, query) from the attention mass on
 each group (VAR). The runtime then asks the pass for a group id per key (``key_groups``), computes per-group
 partial outputs and masses with :func:`attnzoo.kernels.key_group_attention` (one fused pass, no attention
-matrix) and hands them to ``combine_groups``, which returns the heads' outputs.
+matrix) and hands them to ``combine_groups``, which returns the heads' outputs. A pass whose re-weighting
+is fused into a kernel returns the finished outputs from ``fused_key_groups`` instead (all heads planned).
 """
 
 from __future__ import annotations
@@ -202,6 +203,14 @@ class AttentionPass:
         ``(B, h, q, G)`` float32 of the heads ``ctx.heads`` (``outputs.sum(-2)`` is the plain attention) ->
         the heads' outputs ``(B, h, q, D)`` (any float dtype; cast to the model dtype by the runtime)."""
         return outputs.sum(-2)
+
+    def fused_key_groups(self, ctx: AttentionContext, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         mask: torch.Tensor | None) -> torch.Tensor | None:
+        """For a ``Plan(key_groups=True)`` on all heads: the finished outputs ``(B, q, H, D)`` in the model dtype
+        from one fused call, or None (default) to go through ``key_groups`` and ``combine_groups``. q
+        ``(B, H, q, D)``, k/v ``(B, Hkv, kv, D)``; ``mask`` bool keep-mask ``(B, 1 or H, q, kv)`` or None for a
+        plain causal call."""
+        return None
 
     def edit_residual(self, ctx: AttentionContext, hidden: torch.Tensor) -> torch.Tensor | None:
         """Text site only: called with the residual stream ``(B, q, hidden)`` entering decoder layer
@@ -427,8 +436,12 @@ def _grouped_heads(pass_obj: AttentionPass, heads: tuple[int, ...], ctx: Attenti
                          f"{dropout} in training mode); call model.eval()")
     num_heads, num_kv = query.shape[1], key.shape[1]
     n_rep = num_heads // num_kv
-    ids, groups = pass_obj.key_groups(ctx)
     all_heads = len(heads) == num_heads
+    if all_heads:
+        fused = pass_obj.fused_key_groups(ctx, query, key, value, mask)
+        if fused is not None:
+            return fused
+    ids, groups = pass_obj.key_groups(ctx)
     if all_heads:
         q_s, k_s, v_s, m_s = query, key, value, mask
     else:  # one kv head per selected query head (no GQA sharing inside the subset)

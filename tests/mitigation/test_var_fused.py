@@ -7,6 +7,8 @@ batch (different image positions) at prefill and at every decode step.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from helpers import assert_close
@@ -28,7 +30,22 @@ def _run(lvlm, batch, var):
     return logits, out
 
 
-def test_var_fused_equals_explicit_with_the_triton_kernel():
+def _recording(var, name, log):
+    """Wrap ``var.<name>`` so that every call appends ``(layer, q_length)`` to ``log``."""
+    original = getattr(var, name)
+
+    def wrapper(ctx, *args):
+        log.append((ctx.layer, ctx.q_length))
+        return original(ctx, *args)
+
+    setattr(var, name, wrapper)
+    return var
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_var_epilogue_equals_group_combine_and_explicit(backend):
+    """Three implementations of VAR on a left-padded batch of 2, at prefill and at every decode step: the kernel
+    epilogue (var_attention, the default), key-group attention + combine_groups, and explicit weights."""
     lvlm, _ = tiny_pair()
     batch = lvlm.prepare(images(), PROMPTS)
     assert int(batch.layout.num_pad.max()) > 0 and batch.layout.batch_size == 2
@@ -37,28 +54,30 @@ def test_var_fused_equals_explicit_with_the_triton_kernel():
     kw = dict(tau=_calibrate(lvlm, batch, dims), sink_dims=dims, first_layer=2)
     real = batch.layout.attention_mask.bool()
 
-    explicit_var = mitigation.VAR(fused=False, **kw)
     calls = []
-    original = explicit_var.edit_weights
-    explicit_var.edit_weights = lambda ctx, w: calls.append(ctx.layer) or original(ctx, w)
-    explicit, explicit_gen = _run(lvlm, batch, explicit_var)
+    explicit, explicit_gen = _run(lvlm, batch, _recording(mitigation.VAR(fused=False, **kw), "edit_weights", calls))
     assert calls, "the explicit path never ran"
 
-    fused_var = mitigation.VAR(fused=True, **kw)
-    combined = []
-    original_combine = fused_var.combine_groups
-    fused_var.combine_groups = lambda ctx, o, m: combined.append((ctx.layer, ctx.q_length)) or original_combine(
-        ctx, o, m)
-    with use_backend("triton"):
-        fused, fused_gen = _run(lvlm, batch, fused_var)
-    assert {q for _, q in combined} == {batch.layout.prompt_length, 1}, "fused path must run at prefill and decode"
+    epilogue_calls, combine_calls = [], []
+    epilogue_var = _recording(mitigation.VAR(fused=True, **kw), "fused_key_groups", epilogue_calls)
+    groups_var = _recording(mitigation.VAR(fused=True, **kw), "combine_groups", combine_calls)
+    groups_var.fused_key_groups = lambda *args: None  # the runtime falls back to key_groups + combine_groups
+    with use_backend(backend):
+        epilogue, epilogue_gen = _run(lvlm, batch, epilogue_var)
+        grouped, grouped_gen = _run(lvlm, batch, groups_var)
+    prompt = batch.layout.prompt_length
+    assert {q for _, q in epilogue_calls} == {prompt, 1}, "the fused epilogue must run at prefill and decode"
+    assert {q for _, q in combine_calls} == {prompt, 1}, "combine_groups must run at prefill and decode"
     with torch.no_grad():
         plain = lvlm.forward(batch).logits
-    assert not torch.allclose(fused[real], plain[real], atol=1e-4), "VAR changed nothing: the test could not fail"
-    assert_close(fused[real], explicit[real], torch.float32, msg="prefill logits")
-    for step, (a, b) in enumerate(zip(fused_gen.logits, explicit_gen.logits)):
-        assert_close(a, b, torch.float32, msg=f"decode step {step}")
-    assert torch.equal(fused_gen.sequences, explicit_gen.sequences)
+    assert not torch.allclose(epilogue[real], plain[real], atol=1e-4), "VAR changed nothing: the test could not fail"
+    assert_close(epilogue[real], grouped[real], torch.float32, msg="prefill logits: epilogue vs combine_groups")
+    assert_close(epilogue[real], explicit[real], torch.float32, msg="prefill logits: epilogue vs explicit")
+    for step, (a, b, c) in enumerate(zip(epilogue_gen.logits, grouped_gen.logits, explicit_gen.logits)):
+        assert_close(a, b, torch.float32, msg=f"decode step {step}: epilogue vs combine_groups")
+        assert_close(a, c, torch.float32, msg=f"decode step {step}: epilogue vs explicit")
+    assert torch.equal(epilogue_gen.sequences, explicit_gen.sequences)
+    assert torch.equal(grouped_gen.sequences, explicit_gen.sequences)
 
 
 class _GroupSum(AttentionPass):
@@ -155,3 +174,70 @@ def test_combine_groups_equals_edited_weights_cell_by_cell(q_length, kv_length, 
     assert_close(fused, explicit, torch.float32)
     changed = (fused.double() - weights @ v).abs().amax((1, 2, 3))
     assert changed[0] > 1e-3 and changed[1] < 1e-6, "sample 0 must be edited, sample 1 (no visual sink) not"
+
+
+class _CountedLaunch:
+    """Stands in for a Triton kernel: each launch runs inside a profiler range, so that the host ops the
+    interpreter issues for it (copies to and from numpy) are counted as the one launch a GPU would see."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            with torch.profiler.record_function("triton_launch"):
+                return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def _host_ops(profile) -> int:
+    """Top-level aten ops (not called from inside another aten op or a kernel launch) plus the launches."""
+    count = 0
+    for event in profile.events():
+        if event.name == "triton_launch":
+            count += 1
+            continue
+        if not event.name.startswith("aten::"):
+            continue
+        parent = event.cpu_parent
+        while parent is not None and not (parent.name.startswith("aten::") or parent.name == "triton_launch"):
+            parent = parent.cpu_parent
+        count += parent is None
+    return count
+
+
+def test_var_decode_adds_at_most_three_host_ops_per_edited_layer(monkeypatch):
+    """Decode is launch-bound on the GPU: VAR's fused path must cost about what SDPA costs per layer. Counts aten
+    ops (torch.profiler, CPU) per decode step of the tiny LLaVA with the Triton path, VAR vs no pass."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import attnzoo.kernels._grouped_attention_triton as triton_module
+
+    monkeypatch.setattr(triton_module, "_var_fwd_kernel", _CountedLaunch(triton_module._var_fwd_kernel))
+    lvlm, _ = tiny_pair()
+    batch = lvlm.prepare(images(), PROMPTS)
+    dims = find_sink_dims(lvlm, images(), first_layer=FIRST)
+    var = mitigation.VAR(tau=_calibrate(lvlm, batch, dims), sink_dims=dims, first_layer=FIRST)
+    edited = lvlm.num_layers - 1 - FIRST  # the last layer is skipped
+
+    def ops(new_tokens, warm_up=False):
+        gen = {**generation_kwargs(lvlm, new_tokens=new_tokens), "output_logits": False}
+        if warm_up:  # Triton compiles, caches fill
+            lvlm.model.generate(**batch.inputs, **gen)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            lvlm.model.generate(**batch.inputs, **gen)
+        return _host_ops(prof), sum(e.name == "triton_launch" for e in prof.events())
+
+    per_step = {}
+    with torch.no_grad(), use_backend("triton"), lvlm.use_layout(batch.layout):
+        for name in ("no pass", "var"):
+            with var.apply(lvlm) if name == "var" else contextlib.nullcontext():
+                (short, short_launches), (long, long_launches) = ops(2, warm_up=True), ops(4)
+            per_step[name] = (long - short) / 2
+            if name == "var":
+                assert long_launches - short_launches == 2 * edited, "VAR's kernel must run in every edited layer"
+    extra = (per_step["var"] - per_step["no pass"]) / edited
+    print(f"aten ops per decode step: no pass {per_step['no pass']}, VAR {per_step['var']} "
+          f"({extra:+.1f} per edited layer)")
+    assert extra <= 3, per_step
