@@ -276,8 +276,8 @@ def var_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_
         mask_t, mask_strides = key_groups, (0, 0, 0)  # never read (HAS_MASK is False)
     if triton_interpreting():
         block_m, block_n, warps = 16, 32, 4
-    else:
-        block_m, block_n, warps = (16, 64, 4) if q_len <= 16 else (32, 64, 4)
+    else:  # sm_90 (ptxas -v, bf16, D=128): no register spills without a mask, < 64 bytes with one
+        block_m, block_n, warps = (16, 64, 4) if q_len <= 16 else (32, 64, 8)
     grid = (triton.cdiv(q_len, block_m), batch * heads)
     _var_fwd_kernel[grid](
         q, k, v, key_groups, redistribute_after, image_eps, mask_t, out,
