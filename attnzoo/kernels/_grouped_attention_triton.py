@@ -14,6 +14,8 @@ float32 before the dots. Imported lazily (only when the triton backend runs). Fo
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -253,6 +255,19 @@ def key_group_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return outputs, masses
 
 
+@functools.lru_cache(maxsize=64)
+def _var_config(decode: bool, dim: int, dtype: torch.dtype, interpreting: bool) -> dict:
+    """Launch constants of :func:`var_attention_triton`, computed once per shape class (decode runs per layer
+    per token, so the host work around the launch counts)."""
+    if interpreting:
+        block_m, block_n, warps = 16, 32, 4
+    else:  # sm_90 (ptxas -v, bf16, D=128): no register spills without a mask, < 64 bytes with one
+        block_m, block_n, warps = (16, 64, 4) if decode else (32, 64, 8)
+    return dict(HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)),
+                DOT_F32=interpreting and dtype == torch.bfloat16, DOT_PREC=_dot_precision(dtype),
+                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+
+
 def var_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_groups: torch.Tensor,
                          redistribute_after: torch.Tensor, image_eps: torch.Tensor, p: float, summ: float,
                          rho: float, scale: float, causal: bool = True, mask: torch.Tensor | None = None,
@@ -274,21 +289,13 @@ def var_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_
         mask_strides = (mask_t.stride(0), 0 if mask_t.shape[1] == 1 else mask_t.stride(1), mask_t.stride(2))
     else:
         mask_t, mask_strides = key_groups, (0, 0, 0)  # never read (HAS_MASK is False)
-    if triton_interpreting():
-        block_m, block_n, warps = 16, 32, 4
-    else:  # sm_90 (ptxas -v, bf16, D=128): no register spills without a mask, < 64 bytes with one
-        block_m, block_n, warps = (16, 64, 4) if q_len <= 16 else (32, 64, 8)
-    grid = (triton.cdiv(q_len, block_m), batch * heads)
-    _var_fwd_kernel[grid](
+    config = _var_config(q_len <= 16, dim, q.dtype, triton_interpreting())
+    _var_fwd_kernel[(-(-q_len // config["BLOCK_M"]), batch * heads)](  # plain ints: triton.cdiv is slow on the host
         q, k, v, key_groups, redistribute_after, image_eps, mask_t, out,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), key_groups.stride(0), *mask_strides,
         out.stride(0), out.stride(1), out.stride(2),
         heads, heads // k.shape[1], q_len, kv_len, key_groups.shape[1], scale * LOG2E, float(p), float(summ),
-        float(rho),
-        HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)),
-        CAUSAL=bool(causal) and mask is None, HAS_MASK=mask is not None,
-        DOT_F32=triton_interpreting() and q.dtype == torch.bfloat16, DOT_PREC=_dot_precision(q.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        float(rho), CAUSAL=bool(causal) and mask is None, HAS_MASK=mask is not None, **config,
     )
     return out
