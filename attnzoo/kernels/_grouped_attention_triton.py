@@ -275,27 +275,33 @@ def var_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_
     """Triton backend of :func:`attnzoo.kernels.var_attention` (arguments already validated): one launch, the
     edited output written as ``(B, Lq, H, D)`` in the input dtype (into ``out`` when given)."""
     batch, heads, q_len, dim = q.shape
-    kv_len = k.shape[2]
-    if q.stride(-1) != 1:
+    # one stride() call per tensor: the host work around the launch counts at decode
+    q_strides, k_strides, v_strides = q.stride(), k.stride(), v.stride()
+    if q_strides[3] != 1:
         q = q.contiguous()
-    if k.stride(-1) != 1:
+        q_strides = q.stride()
+    if k_strides[3] != 1:
         k = k.contiguous()
-    if v.stride(-1) != 1:
+        k_strides = k.stride()
+    if v_strides[3] != 1:
         v = v.contiguous()
+        v_strides = v.stride()
     if out is None:
         out = torch.empty(batch, q_len, heads, dim, device=q.device, dtype=q.dtype)
+    out_strides = out.stride()
     if mask is not None:
         mask_t = mask.view(torch.uint8) if mask.stride(-1) == 1 else mask.contiguous().view(torch.uint8)
-        mask_strides = (mask_t.stride(0), 0 if mask_t.shape[1] == 1 else mask_t.stride(1), mask_t.stride(2))
+        mask_strides = mask_t.stride()
+        mask_strides = (mask_strides[0], 0 if mask_t.shape[1] == 1 else mask_strides[1], mask_strides[2])
     else:
         mask_t, mask_strides = key_groups, (0, 0, 0)  # never read (HAS_MASK is False)
     config = _var_config(q_len <= 16, dim, q.dtype, triton_interpreting())
     _var_fwd_kernel[(-(-q_len // config["BLOCK_M"]), batch * heads)](  # plain ints: triton.cdiv is slow on the host
         q, k, v, key_groups, redistribute_after, image_eps, mask_t, out,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), key_groups.stride(0), *mask_strides,
-        out.stride(0), out.stride(1), out.stride(2),
-        heads, heads // k.shape[1], q_len, kv_len, key_groups.shape[1], scale * LOG2E, float(p), float(summ),
+        q_strides[0], q_strides[1], q_strides[2], k_strides[0], k_strides[1], k_strides[2],
+        v_strides[0], v_strides[1], v_strides[2], key_groups.stride(0), *mask_strides,
+        out_strides[0], out_strides[1], out_strides[2],
+        heads, heads // k.shape[1], q_len, k.shape[2], key_groups.shape[1], scale * LOG2E, float(p), float(summ),
         float(rho), CAUSAL=bool(causal) and mask is None, HAS_MASK=mask is not None, **config,
     )
     return out

@@ -181,26 +181,36 @@ def var_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_groups:
     Returns:
         ``(B, Lq, H, D)`` in the dtype of ``q`` (the layout attention functions hand to ``o_proj``).
     """
+    # checks kept cheap: this runs per layer per decoded token
     fn = "var_attention"
-    if key_groups.dim() != 2 or key_groups.dtype != torch.int32 or key_groups.shape[0] != q.shape[0] \
-            or key_groups.shape[1] > k.shape[2] or key_groups.stride(-1) != 1:
-        raise ValueError(f"{fn}: key_groups must be contiguous int32 (batch, Lg) with Lg <= kv length {k.shape[2]}, "
-                         f"got {key_groups.dtype} {tuple(key_groups.shape)}")
-    if redistribute_after.shape != (q.shape[0],) or redistribute_after.dtype != torch.int32 \
-            or image_eps.shape != (q.shape[0],) or image_eps.dtype != torch.float32:
+    batch, heads, q_len, dim = q.shape
+    kv_len = k.shape[2]
+    groups_shape = key_groups.shape
+    if key_groups.dtype != torch.int32 or len(groups_shape) != 2 or groups_shape[0] != batch \
+            or groups_shape[1] > kv_len or key_groups.stride(-1) != 1:
+        raise ValueError(f"{fn}: key_groups must be contiguous int32 (batch, Lg) with Lg <= kv length {kv_len}, "
+                         f"got {key_groups.dtype} {tuple(groups_shape)}")
+    if redistribute_after.dtype != torch.int32 or image_eps.dtype != torch.float32 \
+            or redistribute_after.shape != (batch,) or image_eps.shape != (batch,):
         raise ValueError(f"{fn}: redistribute_after must be int32 and image_eps float32, both of shape "
-                         f"({q.shape[0]},), got {redistribute_after.dtype} {tuple(redistribute_after.shape)} and "
+                         f"({batch},), got {redistribute_after.dtype} {tuple(redistribute_after.shape)} and "
                          f"{image_eps.dtype} {tuple(image_eps.shape)}")
-    if out is not None and (out.shape != (q.shape[0], q.shape[2], q.shape[1], q.shape[3]) or out.dtype != q.dtype
+    device = q.device
+    if key_groups.device != device or redistribute_after.device != device or image_eps.device != device:
+        raise ValueError(f"{fn}: key_groups, redistribute_after, image_eps must be on q's device {device}, got "
+                         f"{key_groups.device}, {redistribute_after.device}, {image_eps.device}")
+    if out is not None and (out.shape != (batch, q_len, heads, dim) or out.dtype != q.dtype
                             or not out.is_contiguous()):
         raise ValueError(f"{fn}: out must be a contiguous {q.dtype} tensor of shape (B, Lq, H, D) = "
-                         f"{(q.shape[0], q.shape[2], q.shape[1], q.shape[3])}, got {out.dtype} {tuple(out.shape)}")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if resolve_backend(q.device, fn) == "triton":
-        if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[1] % k.shape[1] or q.dtype != k.dtype \
-                or k.dtype != v.dtype:
-            raise ValueError(f"{fn}: q (B, H, Lq, D) and k, v (B, Hkv, Lkv, D) of one dtype with Hkv dividing H, "
-                             f"got {q.dtype} {tuple(q.shape)}, {k.dtype} {tuple(k.shape)}, {v.dtype} {tuple(v.shape)}")
+                         f"{(batch, q_len, heads, dim)}, got {out.dtype} {tuple(out.shape)}")
+    scale = dim ** -0.5 if scale is None else float(scale)
+    if resolve_backend(device, fn) == "triton":
+        if k.shape != v.shape or len(k.shape) != 4 or heads % k.shape[1] or k.shape[0] != batch \
+                or k.shape[3] != dim or q.dtype != k.dtype or k.dtype != v.dtype or k.device != device \
+                or v.device != device:
+            raise ValueError(f"{fn}: q (B, H, Lq, D) and k, v (B, Hkv, Lkv, D) of one dtype and device with Hkv "
+                             f"dividing H, got {q.dtype} {tuple(q.shape)}, {k.dtype} {tuple(k.shape)}, {v.dtype} "
+                             f"{tuple(v.shape)}")
         from ._grouped_attention_triton import var_attention_triton
 
         return var_attention_triton(q, k, v, key_groups, redistribute_after, image_eps, p, summ, rho, scale, causal,

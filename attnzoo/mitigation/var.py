@@ -41,6 +41,8 @@ from .base import Pass, check_range, register_pass
 
 logger = get_logger("attnzoo.mitigation")
 
+_FUSED_PLAN, _EXPLICIT_PLAN = Plan(key_groups=True), Plan(weights=True)
+
 # Sink dimensions published with the paper's code (its constants: llama-v2-7b -> 2533, 1415 and llama-v2-13b ->
 # 2100, 4743, with LLaVA-1.5-7B on the 7B backbone and LLaVA-1.5-13B / LLaVA-1.6-Vicuna-13B on the 13B one).
 # Keys are regular expressions matched against the model's name or path (lower case).
@@ -194,7 +196,7 @@ class VAR(Pass):
             return None
         if self.except_last_layer and ctx.layer == ctx.num_layers - 1:
             return None
-        return Plan(key_groups=True) if self.fused else Plan(weights=True)
+        return _FUSED_PLAN if self.fused else _EXPLICIT_PLAN  # frozen: shared, not rebuilt per call
 
     def edit_weights(self, ctx: AttentionContext, weights: torch.Tensor) -> torch.Tensor:
         layout, kv = ctx.layout, ctx.kv_length

@@ -194,8 +194,11 @@ def test_var_attention_writes_into_out(backend, rng):
     with use_backend(backend):
         got = grouped_attention.var_attention(q, k, v, ids, after, image_eps, 0.6, 0.2, 0.5, out=out)
         fresh = grouped_attention.var_attention(q, k, v, ids, after, image_eps, 0.6, 0.2, 0.5)
+        strided = grouped_attention.var_attention(q, k, v, torch.cat([ids, ids], 1)[:, : ids.shape[1]], after,
+                                                  image_eps, 0.6, 0.2, 0.5)  # rows of a wider id buffer
     assert got.data_ptr() == out.data_ptr()
     assert torch.equal(out, fresh)
+    assert torch.equal(strided, fresh)
 
 
 def test_var_attention_argument_errors():
