@@ -220,6 +220,7 @@ def test_var_decode_adds_at_most_three_host_ops_per_edited_layer(monkeypatch):
     dims = find_sink_dims(lvlm, images(), first_layer=FIRST)
     var = mitigation.VAR(tau=_calibrate(lvlm, batch, dims), sink_dims=dims, first_layer=FIRST)
     edited = lvlm.num_layers - 1 - FIRST  # the last layer is skipped
+    # op counts are deterministic: one decode step more is enough (the Triton interpreter is slow)
 
     def ops(new_tokens, warm_up=False):
         gen = {**generation_kwargs(lvlm, new_tokens=new_tokens), "output_logits": False}
@@ -233,10 +234,10 @@ def test_var_decode_adds_at_most_three_host_ops_per_edited_layer(monkeypatch):
     with torch.no_grad(), use_backend("triton"), lvlm.use_layout(batch.layout):
         for name in ("no pass", "var"):
             with var.apply(lvlm) if name == "var" else contextlib.nullcontext():
-                (short, short_launches), (long, long_launches) = ops(2, warm_up=True), ops(4)
-            per_step[name] = (long - short) / 2
+                (short, short_launches), (long, long_launches) = ops(2, warm_up=True), ops(3)
+            per_step[name] = long - short
             if name == "var":
-                assert long_launches - short_launches == 2 * edited, "VAR's kernel must run in every edited layer"
+                assert long_launches - short_launches == edited, "VAR's kernel must run in every edited layer"
     extra = (per_step["var"] - per_step["no pass"]) / edited
     print(f"aten ops per decode step: no pass {per_step['no pass']}, VAR {per_step['var']} "
           f"({extra:+.1f} per edited layer)")
