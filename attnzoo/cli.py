@@ -1,7 +1,8 @@
 """The ``attnzoo`` command line: one place for every subcommand.
 
     attnzoo info                 versions, device, kernel backends, registered models and passes
-    attnzoo demo [--model PAT]   build every model, run it on the bundled image, check every kernel
+    attnzoo demo [--write-docs]  POPE + CHAIR of the bundled testbed LLaVA, baseline and every mitigation pass
+    attnzoo demo --vision [--model PAT]   also build every vision model on the bundled image, check every kernel
 
 Heavy libraries are imported inside the subcommands, so ``attnzoo --help`` stays fast.
 """
@@ -167,12 +168,12 @@ def _demo_kernels(device: str) -> tuple[list[dict[str, object]], bool]:
     return rows, ok
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def _demo_vision(args: argparse.Namespace, device: str) -> int:
+    """The vision part of the demo: every (or the chosen) model on the bundled image, every kernel check."""
     import torch
 
     from attnzoo.vision import list_models
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     names = _select_models(args.model, list_models())
     if not Path(args.image).is_file():
         print(f"attnzoo demo: error: image {args.image} not found", file=sys.stderr)
@@ -193,6 +194,79 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+DOCS_TESTBED = Path(__file__).resolve().parent.parent / "docs" / "testbed.md"
+TABLE_START, TABLE_END = "<!-- demo-table:start -->", "<!-- demo-table:end -->"
+
+
+def write_docs_table(text: str, path: Path = DOCS_TESTBED) -> None:
+    """Replace the block between the demo-table markers of ``path`` (docs/testbed.md) with ``text``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; --write-docs needs a source checkout of attnzoo")
+    doc = path.read_text(encoding="utf-8")
+    if TABLE_START not in doc or TABLE_END not in doc:
+        raise ValueError(f"{path} has no {TABLE_START} ... {TABLE_END} block to replace")
+    head, rest = doc.split(TABLE_START, 1)
+    tail = rest.split(TABLE_END, 1)[1]
+    path.write_text(f"{head}{TABLE_START}\n{text}\n{TABLE_END}{tail}", encoding="utf-8")
+
+
+def _demo_testbed(args: argparse.Namespace, device: str) -> int:
+    """The testbed part: fresh evaluation scenes, POPE (3 splits) + CHAIR per pass, one table."""
+    import tempfile
+
+    import torch
+
+    from attnzoo.eval.runner import available_passes
+    from attnzoo.eval.scenes import EVAL_COOCCURRENCE, generate_scenes
+    from attnzoo.eval.testbed import BUNDLED_NAME, evaluate_testbed, format_testbed_table
+    from attnzoo.mllm import load
+
+    valid = available_passes()
+    names = valid if args.passes is None else [n.strip() for n in args.passes.split(",") if n.strip()]
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        print(f"attnzoo demo: error: unknown pass {', '.join(map(repr, unknown))}; registered: {', '.join(valid)}",
+              file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="attnzoo-demo-") as tmp:
+        out = Path(args.out) if args.out else Path(tmp)
+        scenes = out / "scenes"
+        num_scenes = max(3 * args.pope_images, args.chair_images) + 20  # POPE takes scenes with >= 3 objects
+        if not (scenes / "annotations" / "instances_eval.json").is_file():
+            generate_scenes(scenes, "eval", num_scenes, seed=args.seed, cooccurrence=EVAL_COOCCURRENCE,
+                            progress=not args.no_progress)
+        lvlm = load(BUNDLED_NAME, device=device)
+        rows = evaluate_testbed(lvlm, scenes, out / "runs", pope_images=args.pope_images,
+                                chair_images=args.chair_images, passes=[[]] + [[n] for n in names],
+                                batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
+    table = format_testbed_table(rows)
+    total = time.perf_counter() - t0
+    note = (f"{BUNDLED_NAME} on {num_scenes} fresh evaluation scenes (seed {args.seed}, co-occurrence "
+            f"{EVAL_COOCCURRENCE}); POPE: {args.pope_images} images x 6 questions per split; CHAIR: "
+            f"{args.chair_images} captions; {device}, {total:.0f} s in all. Numbers in %.")
+    print(table)
+    print(f"\n{note}")
+    if args.write_docs:
+        write_docs_table(f"{table}\n\n{note}")
+        print(f"written to {DOCS_TESTBED}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    code = 0
+    if not args.skip_testbed:
+        code = _demo_testbed(args, device)
+    if code == 0 and (args.vision or args.model):
+        code = _demo_vision(args, device)
+    return code
+
+
 # ----------------------------------------------------------------------------------------- main
 
 
@@ -206,13 +280,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="versions, device, kernel backends, registered models and passes")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("demo", help="build every model and run it on the bundled image; check every kernel")
-    p.add_argument("--model", action="append", metavar="NAME_OR_GLOB",
-                   help="only these models (repeatable; shell globs such as 'nat_*'); skips the kernel checks")
+    p = sub.add_parser("demo", help="POPE + CHAIR of the bundled testbed LLaVA under every mitigation pass "
+                       "(--vision: also every vision model and kernel check)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--image", default=str(DEMO_IMAGE), help="input image (default: the bundled demo.png)")
-    p.add_argument("--skip-models", action="store_true", help="only run the kernel checks")
-    p.add_argument("--skip-kernels", action="store_true", help="only run the models")
+    p.add_argument("--pope-images", type=int, default=100, help="POPE images per split, 6 questions each "
+                   "(default: 100)")
+    p.add_argument("--chair-images", type=int, default=50, help="CHAIR captions (default: 50)")
+    p.add_argument("--passes", default=None, metavar="P1,P2",
+                   help="mitigation passes to compare with the baseline (default: every registered pass)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the evaluation scenes and questions (default: 1)")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call (default: 32)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy CPU)")
+    p.add_argument("--out", default=None, metavar="DIR", help="keep the scenes and answers here (default: a "
+                   "temporary folder; an existing DIR resumes)")
+    p.add_argument("--write-docs", action="store_true", help="write the table into docs/testbed.md")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--skip-testbed", action="store_true", help="skip the testbed table")
+    p.add_argument("--vision", action="store_true", help="also build every vision model on the bundled image and "
+                   "check every kernel against its reference (the former demo)")
+    p.add_argument("--model", action="append", metavar="NAME_OR_GLOB",
+                   help="vision part: only these models (repeatable; shell globs such as 'nat_*'); implies --vision "
+                        "and skips the kernel checks")
+    p.add_argument("--image", default=str(DEMO_IMAGE), help="vision part: input image (default: the bundled demo.png)")
+    p.add_argument("--skip-models", action="store_true", help="vision part: only run the kernel checks")
+    p.add_argument("--skip-kernels", action="store_true", help="vision part: only run the models")
     p.set_defaults(func=cmd_demo)
 
     for name, (help_text, add_args, target) in _EXTRA_COMMANDS.items():

@@ -1,7 +1,7 @@
 """``attnzoo testbed scenes|train``: write synthetic co-occurrence scenes; train the testbed's tiny LLaVA.
 
     attnzoo testbed scenes --out DIR --split eval --num-images 500 --cooccurrence 0.25 [--seed 1]
-    attnzoo testbed train  --out runs/testbed [--vision-steps 1200] [--steps 1500] [--resume] [--threads 1]
+    attnzoo testbed train  --out runs/testbed [--vision-steps 1200] [--steps 4000] [--resume] [--threads 1]
 
 Evaluate a trained model with ``attnzoo eval pope --model runs/testbed/model --coco-root DIR --coco-split eval``.
 Only light modules are imported at top level.

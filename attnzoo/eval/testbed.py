@@ -58,7 +58,7 @@ class TrainConfig:
     repeated); the captions and object lists do not depend on positions.
     """
 
-    steps: int = 1500
+    steps: int = 4000
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.01
