@@ -1,4 +1,4 @@
-"""Train the tiny LLaVA of the offline hallucination testbed on the synthetic scenes (:mod:`attnzoo.eval.scenes`).
+"""Train and evaluate the tiny LLaVA of the offline hallucination testbed (scenes: :mod:`attnzoo.eval.scenes`).
 
 The model is :func:`attnzoo.mllm.tiny.build_tiny_llava` (CLIP-style vision tower, 2-layer MLP projector,
 LLaMA decoder, all small) with a byte-level BPE tokenizer trained on the scene vocabulary
@@ -9,14 +9,21 @@ LLaMA decoder, all small) with a byte-level BPE tokenizer trained on the scene v
 - yes/no questions: ``Is there a {object} in the image?`` + LLaVA's short-answer suffix -> ``Yes`` (an object
   of the scene) or ``No`` (an object drawn uniformly from the absent categories), half each.
 
+Before that, a first stage trains the vision tower and projector alone for multi-label recognition with
+:class:`WordAlignedHead`, which puts each object's image tokens near the LM's embedding of its name (see
+:class:`TrainConfig`); without it the LM never learned to use the image for yes/no answers (docs/testbed.md).
+
 The loss is the cross-entropy of the answer tokens (and the closing ``</s>``) only. Training scenes carry the
 strong co-occurrence prior (``cooccurrence=0.9``), so absent companions are rarely asked about in training:
 that is the shortcut POPE-adversarial probes on an evaluation split with held-out statistics.
 
 Training is resumable: every ``checkpoint_every`` steps ``<out>/checkpoint/`` receives the model and processor
-(``save_pretrained``) and ``trainer_state.pt`` (step, optimizer, scheduler, torch RNG, losses). The batch of
-step ``s`` is drawn from a generator seeded by ``(seed, s)``, so a resumed run repeats the loss sequence of an
-uninterrupted one exactly. The finished model is written to ``<out>/model/`` (``attnzoo.mllm.load(...)``).
+(``save_pretrained``) and ``trainer_state.pt`` (step, stage, head, optimizer, scheduler, torch RNG, losses). The
+batch of step ``s`` is drawn from a generator seeded by ``(seed, s)``, so a resumed run repeats the loss sequence of
+an uninterrupted one exactly. The finished model is written to ``<out>/model/`` (``attnzoo.mllm.load(...)``).
+
+:func:`evaluate_testbed` runs POPE (3 splits) and CHAIR per pass combination on a scene split (``attnzoo demo``);
+the shipped weights load as ``attnzoo.mllm.load("attnzoo/testbed-llava")``.
 """
 
 from __future__ import annotations
