@@ -258,11 +258,16 @@ def _demo_testbed(args: argparse.Namespace, device: str) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
+    vision = bool(args.vision or args.model or args.skip_models or args.skip_kernels)  # any vision option asks for it
+    if args.skip_testbed and not vision:
+        print("attnzoo demo: error: --skip-testbed leaves nothing to run; add --vision (or --model PAT)",
+              file=sys.stderr)
+        return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     code = 0
     if not args.skip_testbed:
         code = _demo_testbed(args, device)
-    if code == 0 and (args.vision or args.model):
+    if code == 0 and vision:
         code = _demo_vision(args, device)
     return code
 
@@ -302,8 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vision part: only these models (repeatable; shell globs such as 'nat_*'); implies --vision "
                         "and skips the kernel checks")
     p.add_argument("--image", default=str(DEMO_IMAGE), help="vision part: input image (default: the bundled demo.png)")
-    p.add_argument("--skip-models", action="store_true", help="vision part: only run the kernel checks")
-    p.add_argument("--skip-kernels", action="store_true", help="vision part: only run the models")
+    p.add_argument("--skip-models", action="store_true", help="vision part (implies --vision): only the kernel checks")
+    p.add_argument("--skip-kernels", action="store_true", help="vision part (implies --vision): only the models")
     p.set_defaults(func=cmd_demo)
 
     for name, (help_text, add_args, target) in _EXTRA_COMMANDS.items():

@@ -60,6 +60,13 @@ def test_demo_unknown_model_names_closest(monkeypatch, capsys):
     assert "nat_tinny" in err and "nat_tiny" in err
 
 
+def test_demo_skip_testbed_alone_is_refused(capsys):
+    """--skip-testbed without a vision option would run nothing: exit 2 with the fix in the message."""
+    args = cli.build_parser().parse_args(["demo", "--skip-testbed"])
+    assert cli.cmd_demo(args) == 2
+    assert "--vision" in capsys.readouterr().err
+
+
 def test_demo_select_globs():
     assert cli._select_models(["nat_*"], ["nat_tiny", "nat_mini", "dinat_tiny"]) == ["nat_tiny", "nat_mini"]
     assert cli._select_models(None, ["a", "b"]) == ["a", "b"]
