@@ -477,17 +477,24 @@ def companion_yes_rate(records: list[dict[str, Any]], image_objects: dict[str, A
     return (sum(asked) / len(asked) if asked else None), len(asked)
 
 
-def testbed_pass(name: str, lvlm: Any, images: list[Any]) -> Any:
+def testbed_pass(name: str, lvlm: Any, images: list[Any], seed: int | None = None) -> Any:
     """The registered pass ``name`` with its paper defaults, set up for ``lvlm`` where a pass needs per-model
     settings: VAR gets the model's sink dimensions from :func:`attnzoo.mitigation.var.find_sink_dims` on
-    ``images`` (PIL images; the published ones exist only for LLaVA-1.5 and the like)."""
+    ``images`` (PIL images; the published ones exist only for LLaVA-1.5 and the like). A pass with a random
+    part and an unset ``seed`` field (CausalMM's counterfactuals and sampling) gets ``seed``, so a table is
+    reproducible run to run."""
+    import dataclasses
+
     from attnzoo.mitigation import get
 
     if name == "var":
         from attnzoo.mitigation.var import find_sink_dims
 
         return get("var", sink_dims=find_sink_dims(lvlm, images))
-    return get(name)
+    made = get(name)
+    if seed is not None and getattr(made, "seed", 0) is None and dataclasses.is_dataclass(made):
+        made = dataclasses.replace(made, seed=seed)
+    return made
 
 
 def evaluate_testbed(lvlm: Any, data_root: str | Path, out: str | Path, *, split: str = "eval",
@@ -514,6 +521,8 @@ def evaluate_testbed(lvlm: Any, data_root: str | Path, out: str | Path, *, split
     """
     import time
 
+    import torch
+
     from .chair import Chair, coco_ground_truth
     from .coco import CocoDataset
     from .evaluate import execute, mitigation_label, plan_chair, plan_pope
@@ -535,7 +544,7 @@ def evaluate_testbed(lvlm: Any, data_root: str | Path, out: str | Path, *, split
     rows: list[dict[str, Any]] = []
     for combo in passes:
         label = mitigation_label(combo)
-        names = [testbed_pass(n, lvlm, probe_images) for n in combo]
+        names = [testbed_pass(n, lvlm, probe_images, seed=seed) for n in combo]
         plans = [(f"POPE {s}", plan_pope(q, dataset.image_dir, split=s, model=BUNDLED_NAME, mitigation=names,
                                          gen_kwargs={"max_new_tokens": pope_max_new_tokens}))
                  for s, q in questions.items()]
@@ -544,6 +553,7 @@ def evaluate_testbed(lvlm: Any, data_root: str | Path, out: str | Path, *, split
         for bench, plan in plans:
             folder = out / f"{bench.lower().replace(' ', '_')}_{label}"
             prepare_output(folder, plan.config)
+            torch.manual_seed(seed)  # passes that sample (CausalMM) draw from the global generator: same table per seed
             t0 = time.perf_counter()
             result = execute(lvlm, plan, folder, batch_size=batch_size, progress=progress, model_label=BUNDLED_NAME)
             seconds = time.perf_counter() - t0

@@ -140,3 +140,17 @@ def test_demo_small_subset(tmp_path, capsys):
         assert sum(r.split("|")[1].strip() == name for r in rows) == 4
     assert (tmp_path / "runs" / "pope_adversarial_none" / "results.json").is_file()
     assert main(["demo", "--passes", "nosuchpass", "--out", str(tmp_path)]) == 2
+
+
+def test_demo_table_is_reproducible_with_a_sampling_pass(tmp_path, capsys):
+    """CausalMM samples (official default): with the demo's seed two fresh runs give the same table."""
+    from attnzoo.cli import main
+
+    tables = []
+    for run in ("a", "b"):
+        assert main(["demo", "--passes", "causalmm", "--pope-images", "3", "--chair-images", "2", "--no-progress",
+                     "--threads", "1", "--out", str(tmp_path / run)]) == 0
+        out = capsys.readouterr().out
+        # the time column differs run to run; everything before it must not
+        tables.append([line.rsplit("|", 2)[0] for line in out.splitlines() if line.startswith("| causalmm")])
+    assert len(tables[0]) == 4 and tables[0] == tables[1]
