@@ -455,11 +455,13 @@ def _check_supported(q: torch.Tensor, v: torch.Tensor) -> None:
 def _token_view(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """(tensor, (batch, token, head) strides) with unit-stride channels and tokens at one stride across the
     spatial axes; copies to contiguous only when ``t`` is not laid out that way."""
-    na_dim = t.dim() - 3
-    even = t.stride(-1) == 1 and all(t.stride(a) == t.stride(a + 1) * t.shape[a + 1] for a in range(1, na_dim))
+    shape, stride = tuple(t.shape), t.stride()  # one call each: this runs on every launch (host time)
+    na_dim = len(shape) - 3
+    even = stride[-1] == 1 and all(stride[a] == stride[a + 1] * shape[a + 1] for a in range(1, na_dim))
     if not even:
         t = t.contiguous()
-    return t, (t.stride(0), t.stride(na_dim), t.stride(-2))
+        stride = t.stride()
+    return t, (stride[0], stride[na_dim], stride[-2])
 
 
 def _extra_scores(q, additional_keys, scale):
