@@ -70,11 +70,11 @@ class ContrastiveDecoding(Pass):
 
     def branch_prompts(self, lvlm: Any, batch: Any, extra: dict[str, Any]) -> list[list[str]]:
         """The user prompts of each branch, ``k`` lists of ``B`` strings; branch 0 is the positive one."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} (a ContrastiveDecoding pass) must define branch_prompts()")
 
     def contrast(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
         """``(B, V)`` contrasted logits (cut-off applied) from the ``k`` branches' ``(B, V)`` float32 logits."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} (a ContrastiveDecoding pass) must define contrast()")
 
     def sampling(self) -> bool | None:
         """True / False to force sampling / greedy decoding; None follows ``generate(do_sample=...)``."""

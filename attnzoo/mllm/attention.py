@@ -191,12 +191,12 @@ class AttentionPass:
                mask: torch.Tensor) -> torch.Tensor:
         """Compute the attention yourself: q ``(B, H, q, D)``, k/v ``(B, Hkv, kv, D)`` (not repeated for GQA),
         mask bool ``(B, 1 or H, q, kv)``; return ``(B, H, q, D)`` in the input dtype."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} plans replace=True but does not define attend()")
 
     def key_groups(self, ctx: AttentionContext) -> tuple[torch.Tensor, int]:
         """For a ``Plan(key_groups=True)``: ``(group ids, G)`` with group ids ``(B, kv)`` integer in ``[0, G)``
         (negative = key removed) on ``ctx.device``."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} plans key_groups=True but does not define key_groups()")
 
     def combine_groups(self, ctx: AttentionContext, outputs: torch.Tensor, masses: torch.Tensor) -> torch.Tensor:
         """For a ``Plan(key_groups=True)``: per-group partial outputs ``(B, h, q, G, D)`` float32 and masses
