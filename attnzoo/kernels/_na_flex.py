@@ -9,32 +9,16 @@ runs eagerly (unfused, for tests).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import create_block_mask
 
 from .._logging import get_logger, log_once
+from ._flex import flex_attention_fn
 from ._na_torch import axis_neighbors
 
 logger = get_logger("attnzoo.kernels")
-
-
-# flex_attention specialises on each map size, kernel size, dilation and grad mode: a NAT/DiNAT model needs
-# more than dynamo's default 8 compiled variants (past the limit it silently runs flex_attention eagerly,
-# materialising the full score matrix: out of memory at batch 128). Our compiled call gets its own limit.
-_FLEX_RECOMPILE_LIMIT = 64
-
-
-@functools.cache
-def _compiled_flex():
-    compiled = torch.compile(flex_attention, dynamic=False)
-
-    def call(*args, **kwargs):
-        with torch._dynamo.config.patch(recompile_limit=_FLEX_RECOMPILE_LIMIT):
-            return compiled(*args, **kwargs)
-    return call
 
 
 def _axis_intervals(length: int, kernel_size: int, stride: int, dilation: int, causal: bool,
@@ -121,12 +105,9 @@ def na_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: tupl
                 index = index * spans[a] + torch.clamp(rel, 0, spans[a] - 1)
             return torch.where(kv_idx < n, score + flat_bias[h, index], score)
 
-    fn = flex_attention
-    if q.device.type == "cuda":
-        fn = _compiled_flex()
-    else:
+    if q.device.type != "cuda":
         log_once(logger, "na flex backend on the CPU runs flex_attention eagerly (unfused); for tests only")
-    out, lse = fn(qh, kh, vh, score_mod=score_mod, block_mask=block_mask, scale=scale,
+    out, lse = flex_attention_fn(q.device)(qh, kh, vh, score_mod=score_mod, block_mask=block_mask, scale=scale,
                   enable_gqa=heads != k.shape[-2], return_lse=True)
     out = out.transpose(1, 2).reshape(batch, *spatial, heads, v.shape[-1])
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32

@@ -124,7 +124,7 @@ def _halo_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_rows: tor
     """FlexAttention on the zero-padded key map: window mask per query block, position logits as score_mod."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    from .routed import flex_attention_fn
+    from ._flex import flex_attention_fn
 
     b, hq, wq, heads, dqk = q.shape
     win, bq = block_size + 2 * halo_size, block_size // block_stride

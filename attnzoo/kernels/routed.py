@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ._backend import resolve_backend
 from ._checks import register_check
+from ._flex import flex_attention_fn
 
 __all__ = ["region_routing", "routed_attention"]
 
@@ -134,26 +135,6 @@ def _routed_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region_inde
     return _from_regions(out.transpose(1, 2).reshape(b, r, t, heads, -1), nh, nw, h, w)
 
 
-_compiled_flex = None
-
-
-def flex_attention_fn(device: torch.device):
-    """``flex_attention``, compiled once per process on CUDA (the fused kernel); eager elsewhere."""
-    global _compiled_flex
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if device.type != "cuda":
-        return flex_attention
-    if _compiled_flex is None:
-        compiled = torch.compile(flex_attention, dynamic=False)
-
-        def call(*args, **kwargs):
-            # one compiled variant per stage shape and grad mode: more than dynamo's default limit of 8 in a
-            # BiFormer training loop (past it flex_attention silently runs eagerly and unfused)
-            with torch._dynamo.config.patch(recompile_limit=64):
-                return compiled(*args, **kwargs)
-        _compiled_flex = call
-    return _compiled_flex
 
 
 def _routed_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region_index: torch.Tensor, nh: int, nw: int,
