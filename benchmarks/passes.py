@@ -46,6 +46,9 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from mllm import StepClock, sync  # noqa: E402  (benchmarks/mllm.py: per-step decode timing)
 
 from attnzoo import mitigation  # noqa: E402
 from attnzoo.kernels import key_group_attention, set_backend  # noqa: E402
@@ -55,24 +58,6 @@ from attnzoo.mllm import build_random_llava, build_tiny_llava, wrap  # noqa: E40
 
 PROMPTS = ["Please describe this image in detail.", "Is there a dog in the image? Answer the question using a "
            "single word or phrase."]
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-class StepClock:
-    """A LogitsProcessor that records the wall time (after a device sync) at every generation step."""
-
-    def __init__(self, device: str) -> None:
-        self.device = device
-        self.times: list[float] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        sync(self.device)
-        self.times.append(time.perf_counter())
-        return scores
 
 
 def check_kernel(device: str, dtype: torch.dtype, tiny: bool) -> dict:
@@ -309,9 +294,9 @@ def main() -> int:
             if handle is not None:
                 handle.remove()
             lvlm.attn_backend = "sdpa"
-        if len(clock.times) != new_tokens:
-            raise RuntimeError(f"{len(clock.times)} steps recorded, expected {new_tokens}")
-        return clock.times[0] - start, [b - a for a, b in zip(clock.times, clock.times[1:])]
+        if len(clock.stamps) != new_tokens:
+            raise RuntimeError(f"{len(clock.stamps)} steps recorded, expected {new_tokens}")
+        return clock.stamps[0] - start, [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
 
     prefill: dict[str, list[float]] = {name: [] for name in variants}
     decode: dict[str, list[float]] = {name: [] for name in variants}
