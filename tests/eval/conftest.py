@@ -66,3 +66,15 @@ def write_coco(root: Path, split: str = "val2014", objects: dict[int, list[int]]
 def coco_root(tmp_path: Path) -> Path:
     """A 6-image COCO val2014 layout with instances, captions and 16x16 images."""
     return write_coco(tmp_path / "coco")
+
+
+@pytest.fixture
+def one_thread():
+    """One torch CPU thread for the test: the same reduction order in every run (recorded greedy answers stay
+    exact) and fast on a busy shared CPU."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

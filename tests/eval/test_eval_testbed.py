@@ -30,13 +30,7 @@ def scenes(tmp_path_factory):
     return generate_scenes(tmp_path_factory.mktemp("scenes"), "train", num_images=24, seed=0, image_size=32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # same reduction order in every run (and fast on a busy shared CPU)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/eval/conftest.py
 
 
 def test_labels_are_the_answer_tokens(scenes):

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from attnzoo.eval.scenes import generate_scenes
 from attnzoo.eval.testbed import CAPTION_PROMPT, companion_yes_rate, format_testbed_table
@@ -40,12 +39,7 @@ RECORDED = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/eval/conftest.py
 
 
 @pytest.fixture(scope="module")
