@@ -54,6 +54,7 @@ def use_backend(name: str | None) -> Iterator[None]:
 
 # Looked up once, at import and without importing triton: torch.compile (2.11) refuses to trace find_spec.
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+_RESOLVED: dict[tuple[str, str, str | None], str] = {}  # (device type, op, override) -> backend, once logged
 
 
 def triton_available() -> bool:
@@ -71,6 +72,11 @@ def resolve_backend(device: torch.device | str, op: str) -> str:
 
     Raises a ValueError when the forced backend cannot run there (Triton on a CPU without the interpreter).
     """
+    if not torch.compiler.is_compiling():  # (a traced dict lookup would add guards on the cache)
+        dev_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+        fast = _RESOLVED.get((dev_type, op, _override))
+        if fast is not None:
+            return fast  # validated and logged before: every eager kernel call passes here (host time)
     device = torch.device(device)
     backend = _override
     if backend is None:
@@ -85,6 +91,8 @@ def resolve_backend(device: torch.device | str, op: str) -> str:
             )
     if not torch.compiler.is_compiling():  # logging is a graph break under torch.compile; eager calls log it
         log_once(logger, f"{op}: using the {backend} backend on {device.type}")
+        if backend != "triton" or device.type == "cuda":  # the interpreter check reads the environment each time
+            _RESOLVED[(device.type, op, _override)] = backend
     return backend
 
 

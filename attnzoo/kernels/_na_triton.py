@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _launch
 from ._backend import triton_interpreting
 
 LOG2E = 1.4426950408889634
@@ -455,12 +456,14 @@ def _check_supported(q: torch.Tensor, v: torch.Tensor) -> None:
 def _token_view(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """(tensor, (batch, token, head) strides) with unit-stride channels and tokens at one stride across the
     spatial axes; copies to contiguous only when ``t`` is not laid out that way."""
-    shape, stride = tuple(t.shape), t.stride()  # one call each: this runs on every launch (host time)
-    na_dim = len(shape) - 3
-    even = stride[-1] == 1 and all(stride[a] == stride[a + 1] * shape[a + 1] for a in range(1, na_dim))
-    if not even:
-        t = t.contiguous()
-        stride = t.stride()
+    stride = t.stride()  # this runs on every launch: the common dense case costs one C++ flag check
+    na_dim = len(stride) - 3
+    if not t.is_contiguous():
+        shape = t.shape
+        even = stride[-1] == 1 and all(stride[a] == stride[a + 1] * shape[a + 1] for a in range(1, na_dim))
+        if not even:
+            t = t.contiguous()
+            stride = t.stride()
     return t, (stride[0], stride[na_dim], stride[-2])
 
 
@@ -521,6 +524,7 @@ class _Plan:
         self.configs = _configs(na_dim)
         self.work = batch * heads * math.prod(spatial)
         self.ready: dict[tuple, tuple] = {}  # extra consts -> (grid, int args, meta)
+        self.direct: dict[tuple, object] = {}  # (extra consts, device index) -> DirectLaunch (or None: not replayable)
 
     def _prepared(self, cfg, extra_consts):
         tile, kv_tile, warps, stages = cfg
@@ -542,6 +546,15 @@ class _Plan:
             return
         if time_fn is not None:
             time_fn()
+        if _launch.SUPPORTED and not triton_interpreting():
+            dkey = (ekey, torch.cuda.current_device())
+            direct = self.direct.get(dkey, False)
+            if direct is False:  # first launch of this config on this device: capture it for direct replay
+                grid, int_args, meta = hit
+                self.direct[dkey] = _launch.launch_and_capture(self.kernel, grid, ptrs, int_args, scalars, meta)
+                return
+            if direct is not None and direct(ptrs, scalars):
+                return
         grid, int_args, meta = hit
         self.kernel[grid](*ptrs, *int_args, *scalars, **meta)
 
