@@ -43,3 +43,11 @@ __all__ += ["halo_attention"]
 from .grouped_attention import key_group_attention  # noqa: E402
 
 __all__ += ["key_group_attention"]
+# --- counterfactual attention (counterfactual_attention.py) ---
+from .counterfactual_attention import counterfactual_attention  # noqa: E402
+
+__all__ += ["counterfactual_attention"]
+# --- strip attention: ELA's strip means and gates (strip_gate.py) ---
+from .strip_gate import apply_strip_gates, strip_attention, strip_means  # noqa: E402
+
+__all__ += ["apply_strip_gates", "strip_attention", "strip_means"]

@@ -11,7 +11,13 @@ Two counterfactuals of the model, each decoded in the same batched forward as th
   ``h x w`` patch grid, averaged over heads and multiplied into the patch features before the projector.
 - **language** (the README's LLM counterfactual attention): the decoder's post-softmax attention is replaced in
   every layer (:func:`language_counterfactual`: ``reverse``, ``reverse_normalize``, ``random``, ``uniform``), all
-  causal-masked.
+  causal-masked. The edited weights are never needed as such, only their product with the values: for
+  ``reverse``, ``reverse_normalize`` and ``uniform`` it has a closed form in the plain output, the row's largest
+  weight, the sum of the kept values and their count (:func:`attnzoo.kernels.counterfactual_attention`, one
+  fused pass, no weight matrix); ``random`` multiplies its noise with the values directly (no scores). The
+  counterfactual rows are computed so, the other rows by SDPA, in one ``attend`` per layer (``fused=True``,
+  the default); ``fused=False`` computes explicit weights of every row and edits them (the cross-check, and the
+  path taken when another attached pass edits scores or weights).
 
 Contrast (``causalmm_sm.py`` / ``causalmm_mm.py``): ``l' = (1 + gamma) l - gamma l_cf`` for one counterfactual,
 ``l' = (1 + 2 gamma) l - gamma l_vision - gamma l_language`` for both, then the plausibility cut-off
@@ -30,6 +36,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from ..kernels.counterfactual_attention import counterfactual_attention
 from ..mllm.attention import AttentionContext, AttentionPass, Plan
 from .base import check_range, register_pass
 from .contrastive import ContrastiveDecoding, plausibility_cutoff
@@ -37,6 +44,8 @@ from .contrastive import ContrastiveDecoding, plausibility_cutoff
 VISION_KINDS = ("random", "uniform", "reversed", "shuffle")
 LANGUAGE_KINDS = ("reverse", "reverse_normalize", "random", "uniform")
 COUNTERFACTUALS = {"vision": ("vision",), "language": ("language",), "both": ("vision", "language")}
+_FUSED_PLAN = Plan(replace=True)  # frozen: shared, not rebuilt per call
+_EXPLICIT_PLAN = Plan(weights=True)
 
 
 def vision_counterfactual(maps: torch.Tensor, kind: str, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -80,13 +89,20 @@ def language_counterfactual(weights: torch.Tensor, keep: torch.Tensor, real: tor
         if kind == "reverse_normalize":
             out = out / out.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(out.dtype).tiny)
         return out
-    real = real[:, None, None, :].to(weights.dtype)
     if kind == "random":
-        noise = torch.rand(weights.shape, generator=generator, device=weights.device, dtype=weights.dtype) * real
-        return noise / noise.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny) * keep
+        return random_counterfactual(weights.shape, keep, real, generator, weights.dtype)
     if kind == "uniform":
-        return keep / real.sum(dim=-1, keepdim=True)
+        return keep / real[:, None, None, :].to(weights.dtype).sum(dim=-1, keepdim=True)
     raise ValueError(f"language_kind {kind!r} is not one of {LANGUAGE_KINDS}")
+
+
+def random_counterfactual(shape: torch.Size | tuple[int, ...], keep: torch.Tensor, real: torch.Tensor,
+                          generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The ``random`` counterfactual weights ``(B, H, q, kv)`` of ``dtype``: ``U[0, 1)`` noise (one draw of
+    ``shape`` from ``generator``), normalised over the real keys ``real`` (bool ``(B, kv)``), 0 off ``keep`` (bool
+    ``(B, 1 or H, q, kv)``). Needs no attention weights, only their shape."""
+    noise = torch.rand(shape, generator=generator, device=keep.device, dtype=dtype) * real[:, None, None, :]
+    return noise / noise.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny) * keep
 
 
 def weight_features(features: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
@@ -118,6 +134,9 @@ class CausalMM(ContrastiveDecoding):
             top-p from ``generate``); False decodes greedily; None follows ``generate(do_sample=...)``.
         seed: seeds the counterfactual's randomness (shuffle / random) at every generation; None uses the global
             torch RNG as the official code does.
+        fused: implementation switch, not a paper hyper-parameter: the language counterfactual's output in closed
+            form (True; no attention weights) or from explicit, edited weights (False); both compute the same edit.
+            With another attached pass that edits scores or weights the explicit path is taken.
     """
 
     name: ClassVar[str] = "causalmm"
@@ -130,9 +149,12 @@ class CausalMM(ContrastiveDecoding):
     language_kind: str = "reverse"
     do_sample: bool | None = True
     seed: int | None = None
+    fused: bool = True
 
     def __post_init__(self) -> None:
         self._hook: Any = None
+        self._explicit = not self.fused  # the explicit-weights path for the language counterfactual
+        self._real: tuple[Any, int, torch.Tensor, torch.Tensor] | None = None  # (layout, kv, real keys, counts)
         self._feature_layer: int | None = None
         self._maps: torch.Tensor | None = None
         self._generator: torch.Generator | None = None
@@ -175,20 +197,25 @@ class CausalMM(ContrastiveDecoding):
         self._maps = None
 
     def check_passes(self, lvlm: Any) -> None:
-        """The language counterfactual edits attention weights, so no pass may compute attention itself."""
+        """The language counterfactual edits attention weights, so no pass may compute attention itself; one that
+        edits scores or weights too makes the counterfactual take the explicit-weights path (edits compose)."""
         if "language" not in self.roles:
             return
-        replacing = [type(p).__name__ for p in lvlm.passes
-                     if p is not self and type(p).attend is not AttentionPass.attend]
+        others = [p for p in lvlm.passes if p is not self]
+        replacing = [type(p).__name__ for p in others if type(p).attend is not AttentionPass.attend]
         if replacing:
             raise ValueError(f"CausalMM's language counterfactual edits decoder attention weights, but {replacing} "
                              "compute attention themselves (no weights to edit); use counterfactual='vision' or "
                              "detach them")
+        editing = any(type(p).edit_scores is not AttentionPass.edit_scores
+                      or type(p).edit_weights is not AttentionPass.edit_weights for p in others)
+        self._explicit = not self.fused or editing
 
     # ------------------------------------------------------------------ decoding
 
     def start(self, lvlm: Any) -> None:
         self._maps = None
+        self._real = None
         self._generator = None
         if self.seed is not None:
             self._generator = torch.Generator(device=lvlm.device).manual_seed(self.seed)
@@ -203,12 +230,29 @@ class CausalMM(ContrastiveDecoding):
             contrasted = contrasted - self.gamma * cf
         return plausibility_cutoff(factual, contrasted, self.epsilon)
 
+    def _span(self, role: str) -> slice | None:
+        """The rows of the running forward in branch ``role`` (host side, no device sync), or None."""
+        if role not in self.roles:
+            return None
+        return self.branch_span(self.roles.index(role))
+
     def _rows(self, role: str) -> torch.Tensor | None:
         """Bool ``(rows,)``: the rows of the running forward in branch ``role`` (None when there are none)."""
-        if self.row_branch is None or role not in self.roles:
+        if self._span(role) is None:
             return None
-        rows = self.row_branch == self.roles.index(role)
-        return rows if bool(rows.any()) else None
+        return self.row_branch == self.roles.index(role)
+
+    def _real_keys(self, ctx: AttentionContext, span: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bool ``(b, kv)`` real (non-padding) keys of the rows ``span`` and their float32 counts ``(b,)``, built
+        once per forward (every layer of a step has the same keys)."""
+        cached = self._real
+        if cached is not None and cached[0] is ctx.layout and cached[1] == ctx.kv_length:
+            return cached[2], cached[3]
+        real = ctx.layout.attention_mask[span].to(ctx.device).bool()
+        real = torch.cat([real, real.new_ones(real.shape[0], ctx.kv_length - real.shape[1])], dim=-1)
+        counts = real.sum(-1, dtype=torch.float32)
+        self._real = (ctx.layout, ctx.kv_length, real, counts)
+        return real, counts
 
     # ------------------------------------------------------------------ attention hooks
 
@@ -216,12 +260,12 @@ class CausalMM(ContrastiveDecoding):
         if ctx.layout is None or ctx.image_free:
             return None
         if ctx.site == "vision":
-            if ctx.layer == self._feature_layer and ctx.layout.vision_rows is not None and self._rows("vision") \
+            if ctx.layer == self._feature_layer and ctx.layout.vision_rows is not None and self._span("vision") \
                     is not None:
-                return Plan(weights=True)
+                return _EXPLICIT_PLAN
             return None
-        if self._rows("language") is not None and ctx.batch_size == self.row_branch.shape[0]:
-            return Plan(weights=True)
+        if self._span("language") is not None and ctx.batch_size == self.row_branch.shape[0]:
+            return _EXPLICIT_PLAN if self._explicit else _FUSED_PLAN
         return None
 
     def edit_weights(self, ctx: AttentionContext, weights: torch.Tensor) -> torch.Tensor:
@@ -229,14 +273,41 @@ class CausalMM(ContrastiveDecoding):
             rows = self._rows("vision")[ctx.layout.vision_rows.to(weights.device)]
             self._maps = weights[rows].detach()
             return weights
-        rows = self._rows("language")
-        layout = ctx.layout
-        real = layout.attention_mask.to(weights.device).bool()
-        real = torch.cat([real, real.new_ones(real.shape[0], ctx.kv_length - real.shape[1])], dim=-1)
+        rows = self._span("language")
+        real, _ = self._real_keys(ctx, rows)
         keep = ctx.mask.to(weights.device)
         out = weights.clone()
-        out[rows] = language_counterfactual(weights[rows], keep[rows], real[rows], self.language_kind,
-                                            self._generator)
+        out[rows] = language_counterfactual(weights[rows], keep[rows], real, self.language_kind, self._generator)
+        return out
+
+    def attend(self, ctx: AttentionContext, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+        """The fused language counterfactual (text site, ``fused=True``): SDPA for every row, then the rows of the
+        language branch overwritten with the counterfactual output (closed form; see the module docstring).
+        q ``(B, H, q, D)``, k/v ``(B, Hkv, kv, D)``, mask bool ``(B, 1 or H, q, kv)``; returns ``(B, H, q, D)``."""
+        n_rep = query.shape[1] // key.shape[1]
+        # a plain causal mask with one query row (decode) or no cache (prefill): SDPA and the kernel need no mask
+        plain = mask is ctx.mask and ctx.base_mask is None and ctx.q_length in (1, ctx.kv_length)
+        k_all = key.repeat_interleave(n_rep, 1) if n_rep > 1 else key
+        v_all = value.repeat_interleave(n_rep, 1) if n_rep > 1 else value
+        if plain:
+            out = F.scaled_dot_product_attention(query, k_all, v_all, is_causal=ctx.q_length > 1, scale=ctx.scaling)
+        else:
+            # left-padding query rows have no key: give them a uniform row, as the models' eager code does
+            sdpa_mask = mask if ctx.q_length == 1 else mask | ~mask.any(-1, keepdim=True)
+            out = F.scaled_dot_product_attention(query, k_all, v_all, attn_mask=sdpa_mask, scale=ctx.scaling)
+        rows = self._span("language")
+        target = out[rows]
+        row_mask = None if plain else mask[rows]
+        if self.language_kind == "random":
+            real, _ = self._real_keys(ctx, rows)
+            keep = ctx.mask[rows] if row_mask is None else row_mask
+            weights = random_counterfactual((*target.shape[:3], key.shape[2]), keep, real, self._generator)
+            target.copy_(torch.matmul(weights.to(query.dtype), v_all[rows]))
+        else:
+            counts = self._real_keys(ctx, rows)[1] if self.language_kind == "uniform" else None
+            counterfactual_attention(query[rows], key[rows], value[rows], self.language_kind, mask=row_mask,
+                                     causal=ctx.causal, scale=ctx.scaling, real_keys=counts, out=target)
         return out
 
     def _weight_features(self, module: torch.nn.Module, args: tuple) -> tuple | None:

@@ -63,7 +63,7 @@ class ContrastiveDecoding(Pass):
     extra_kwargs: ClassVar[tuple[str, ...]] = ()  # generate() keywords the pass consumes itself
 
     def __post_init__(self) -> None:
-        self.row_branch: torch.Tensor | None = None  # (rows,) branch of each row of the running forward
+        self.rows: BranchRows | None = None  # the branch of each row of the running forward
         super().__post_init__()
 
     # ------------------------------------------------------------------ to implement
@@ -83,9 +83,18 @@ class ContrastiveDecoding(Pass):
     def start(self, lvlm: Any) -> None:
         """Called once at the start of each generation (reset per-generation state, seed generators)."""
 
-    def begin(self, row_branch: torch.Tensor | None) -> None:
+    def begin(self, rows: BranchRows | None) -> None:
         """Set the branch of each row of the forwards that follow (None: no contrastive forward running)."""
-        self.row_branch = row_branch
+        self.rows = rows
+
+    @property
+    def row_branch(self) -> torch.Tensor | None:
+        """``(rows,)`` long: the branch of each row of the running forward (None when none is running)."""
+        return None if self.rows is None else self.rows.tensor
+
+    def branch_span(self, branch: int) -> slice | None:
+        """The rows of ``branch`` in the running forward as a slice (host side: no device sync), or None."""
+        return None if self.rows is None else self.rows.spans.get(branch)
 
     # ------------------------------------------------------------------ attach / generate
 
@@ -98,6 +107,27 @@ class ContrastiveDecoding(Pass):
     def generate_ids(self, lvlm: Any, batch: Any, **gen_kwargs: Any) -> torch.Tensor:
         """``LVLM.generate_ids`` while the pass is attached: new tokens ``(B, T)`` from the batched loop."""
         return contrastive_generate(lvlm, batch, self, **gen_kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class BranchRows:
+    """The branch of each row of a contrastive forward, on the device and on the host.
+
+    Attributes:
+        tensor: ``(rows,)`` long, the branch of each row (for boolean indexing of per-row tensors).
+        spans: branch -> the slice of its rows (rows of a branch are contiguous: branch-major batches), so that
+            per-layer hooks select them without a device sync.
+    """
+
+    tensor: torch.Tensor
+    spans: dict[int, slice]
+
+    @classmethod
+    def build(cls, branches: Sequence[int], per_branch: int, device: torch.device) -> BranchRows:
+        """Rows of ``branches`` (branch ids in row order), ``per_branch`` consecutive rows each."""
+        spans = {j: slice(i * per_branch, (i + 1) * per_branch) for i, j in enumerate(branches)}
+        tensor = torch.tensor(list(branches), dtype=torch.long).repeat_interleave(per_branch).to(device)
+        return cls(tensor, spans)
 
 
 class _Selector:
@@ -140,13 +170,13 @@ class _Stream:
 
     def __init__(self, lvlm: Any, batch: Any, decoder: ContrastiveDecoding, branch: int) -> None:
         self.lvlm, self.batch, self.decoder = lvlm, batch, decoder
-        self.rows = torch.full((batch.layout.batch_size,), branch, dtype=torch.long, device=lvlm.device)
+        self.rows = BranchRows.build([branch], batch.layout.batch_size, lvlm.device)
         self.cache: Any = None
         self.mask = batch.inputs["attention_mask"]
 
     def step(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Feed the newest token (nothing at the first step) and return the next-token logits ``(B, V)``."""
-        previous = self.decoder.row_branch
+        previous = self.decoder.rows
         self.decoder.begin(self.rows)
         try:
             with self.lvlm.use_layout(self.batch.layout):
@@ -233,7 +263,7 @@ def contrastive_generate(lvlm: Any, batch: Any, decoder: ContrastiveDecoding, ba
     if batched:
         run = lvlm.prepare(images * k, [p for branch in prompts for p in branch], system=batch.system)
         selector = _Selector(decoder, B, k, do_sample, warpers, generator, record)
-        rows = torch.arange(k, device=lvlm.device).repeat_interleave(B)
+        rows = BranchRows.build(range(k), B, lvlm.device)
     else:
         if lvlm.family.startswith("qwen"):
             raise ValueError("the sequential contrastive loop runs LLaVA families only (Qwen2-VL keeps its M-RoPE "
@@ -243,7 +273,7 @@ def contrastive_generate(lvlm: Any, batch: Any, decoder: ContrastiveDecoding, ba
                    for j in range(1, k)]
         selector = _Selector(decoder, B, k, do_sample, warpers, generator, record,
                              counterfactual=lambda ids: [s.step(ids[:, run.layout.prompt_length:]) for s in streams])
-        rows = torch.zeros(B, dtype=torch.long, device=lvlm.device)
+        rows = BranchRows.build([0], B, lvlm.device)
     decoder.begin(rows)
     try:
         with lvlm.use_layout(run.layout):

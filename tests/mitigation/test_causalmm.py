@@ -198,3 +198,101 @@ def test_causalmm_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="qwen2_vl has none"):
         mitigation.CausalMM().apply(qwen)
     assert not qwen.passes
+
+
+# ------------------------------------------------------------------------------ fused == explicit
+
+
+_FLOAT64: dict = {}
+
+
+def _lvlm64():
+    """A float64 copy of the tiny LLaVA (the fused and explicit paths agree to float64 rounding there)."""
+    if not _FLOAT64:
+        from mitigation_testing import TINY
+
+        from attnzoo.mllm import build_tiny_llava, wrap
+
+        model, processor = build_tiny_llava(**TINY)
+        _FLOAT64["lvlm"] = wrap(model.double(), processor)
+    return _FLOAT64["lvlm"]
+
+
+def _language_rows_logits(lvlm, b, cmm):
+    """Logits ``(B, L, V)`` of every position of the language branch in one 2B-row prefill forward (left-padded
+    rows, causal prefill rows), with ``cmm`` attached."""
+    from attnzoo.mitigation.contrastive import BranchRows
+
+    run = lvlm.prepare(list(b.images) * 2, list(b.layout.prompts) * 2)
+    B = len(b.layout.prompts)
+    with cmm.apply(lvlm), torch.no_grad():
+        cmm.start(lvlm)
+        cmm.begin(BranchRows.build(range(2), B, lvlm.device))
+        try:
+            with lvlm.use_layout(run.layout):
+                out = lvlm.model(**run.inputs)
+        finally:
+            cmm.begin(None)
+    mask = run.inputs["attention_mask"][B:].bool()
+    return out.logits[B:], out.logits[:B], mask
+
+
+@pytest.mark.parametrize("kind", ["reverse", "reverse_normalize", "random", "uniform"])
+def test_fused_language_counterfactual_equals_explicit_float64(kind):
+    """Closed form (fused=True) == explicit edited weights (fused=False): every prefill position, then each decode
+    step's contrast, on a left-padded batch of the float64 model. The explicit path takes its softmax in float32
+    (the runtime's explicit scores are float32, as the models' eager code), so the two agree to float32 rounding;
+    the closed form itself is float64-exact (tests/kernels/test_counterfactual_attention.py)."""
+    lvlm = _lvlm64()
+    b = lvlm.prepare(batch().images, list(batch().layout.prompts))
+    assert not b.inputs["attention_mask"].bool().all()  # the batch is left-padded
+    results = {}
+    for fused in (True, False):
+        cmm = mitigation.CausalMM(counterfactual="language", language_kind=kind, do_sample=False, seed=5,
+                                  epsilon=1e-9, fused=fused)
+        cf, factual, mask = _language_rows_logits(lvlm, b, cmm)
+        with cmm.apply(lvlm):
+            tokens, steps = contrastive_generate(lvlm, b, cmm, max_new_tokens=NEW_TOKENS, return_logits=True)
+        results[fused] = cf, factual, mask, tokens, steps
+    (cf, factual, mask, tokens, steps), (cf_x, factual_x, _, tokens_x, steps_x) = results[True], results[False]
+    assert cf.dtype == torch.float64
+    assert_close(cf[mask], cf_x[mask], dtype=torch.float32)  # every real position
+    assert_close(factual[mask], factual_x[mask], dtype=torch.float32)  # the other rows: plain attention
+    assert not torch.allclose(cf[mask], factual[mask])  # the counterfactual changed something
+    assert torch.equal(tokens, tokens_x)
+    for a, e in zip(steps, steps_x):
+        assert torch.equal(torch.isfinite(a), torch.isfinite(e))
+        assert_close(a[torch.isfinite(a)], e[torch.isfinite(e)], dtype=torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["reverse_normalize", "uniform"])
+def test_fused_language_counterfactual_equals_explicit_float32(kind):
+    """The same on the float32 tiny LLaVA, both counterfactuals (three branches), float32 tolerances."""
+    lvlm, _ = models()
+    b = batch()
+    steps = {}
+    for fused in (True, False):
+        cmm = mitigation.CausalMM(counterfactual="both", vision_kind="reversed", language_kind=kind,
+                                  do_sample=False, epsilon=1e-9, fused=fused)
+        with cmm.apply(lvlm):
+            tokens, steps[fused] = contrastive_generate(lvlm, b, cmm, max_new_tokens=NEW_TOKENS, return_logits=True)
+    for a, e in zip(steps[True], steps[False]):
+        kept = torch.isfinite(e)
+        assert torch.equal(torch.isfinite(a), kept)
+        assert_close(a[kept], e[kept])
+
+
+def test_explicit_path_when_another_pass_edits_weights():
+    """A pass that edits weights composes with the counterfactual: CausalMM takes the explicit path then."""
+    from attnzoo.mllm import AttentionPass
+
+    class Sharpen(AttentionPass):
+        def edit_weights(self, ctx, weights):
+            return weights
+
+    lvlm, _ = models()
+    cmm = mitigation.CausalMM(counterfactual="language")
+    with cmm.apply(lvlm):
+        assert not cmm._explicit
+    with lvlm.attach(Sharpen()), cmm.apply(lvlm):
+        assert cmm._explicit

@@ -1,0 +1,161 @@
+"""Counterfactual attention forward in Triton (see :mod:`attnzoo.kernels.counterfactual_attention`).
+
+One program owns BLOCK_M queries of one (batch, head) and sweeps the keys once with the flash-attention online
+softmax. Besides the usual running maximum ``m``, denominator ``l`` and weighted value sum ``acc`` (all relative
+to ``m``) it keeps the plain sum of the kept values ``sv`` (one more dot, of the 0/1 keep tile with the values)
+and the count ``n`` of kept keys. The largest weight of a row is ``1 / l`` (the maximum's own term is
+``exp(0) = 1``), so the edited outputs need no second pass:
+
+    reverse            sum_j (1/l - p_j/l) v_j                  = (sv - acc) / l
+    reverse_normalize  that / sum_j (1/l - p_j/l) = (sv - acc) / (n - l)   (0 where n - l = 0: one key, a flat row)
+    uniform            sv / real_keys[b]
+
+The CPU interpreter computes bfloat16 ``tl.dot`` wrongly (triton 3.8), so there bfloat16 tiles are upcast to
+float32 before the dots. Imported lazily (only when the triton backend runs). Forward only.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._backend import triton_interpreting
+
+LOG2E = 1.4426950408889634
+KIND_IDS = {"reverse": 0, "reverse_normalize": 1, "uniform": 2}
+
+
+@triton.jit
+def _counterfactual_fwd_kernel(
+    Q, K, V, MASK, REAL, O,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mq, stride_ob, stride_oh, stride_on,
+    H, GROUP, Lq, Lkv, qk_scale,
+    KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)  # 64-bit batch offsets
+    h = bh % H
+    kvh = h // GROUP
+
+    qi = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_ok = qi < Lq
+    q_pos = Lkv - Lq + qi  # lower-right aligned: the query's own key position
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    q = tl.load(Q + b * stride_qb + h * stride_qh + qi[:, None] * stride_qn + d[None, :],
+                mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+
+    # online softmax in base 2; the finite floor keeps rows with no key in a tile NaN-free
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    n_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    sv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+    kv_end = Lkv
+    if CAUSAL:
+        kv_end = tl.minimum(Lkv, Lkv - Lq + (pid + 1) * BLOCK_M)  # keys after the tile's last query never count
+    for start in range(0, kv_end, BLOCK_N):
+        kn = start + tl.arange(0, BLOCK_N)
+        kv_ok = kn < Lkv
+        keep = kv_ok[None, :] & q_ok[:, None]
+        if HAS_MASK:
+            mk = tl.load(MASK + b * stride_mb + h * stride_mh + qi[:, None] * stride_mq + kn[None, :],
+                         mask=keep, other=0)
+            keep = keep & (mk != 0)
+        elif CAUSAL:
+            keep = keep & (kn[None, :] <= q_pos[:, None])
+        vt = tl.load(v_base + kn[:, None] * stride_vn + d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
+        if DOT_F32:
+            vt = vt.to(tl.float32)
+        # 0/1 weights are exact in every dtype: sv is the exact sum of the kept values (fp32 accumulation)
+        sv += tl.dot(keep.to(vt.dtype), vt, input_precision=DOT_PREC)
+        n_i += tl.sum(keep.to(tl.float32), 1)
+        if KIND != 2:  # uniform needs no scores
+            kt = tl.load(k_base + kn[:, None] * stride_kn + d[None, :], mask=kv_ok[:, None] & d_ok[None, :],
+                         other=0.0)
+            if DOT_F32:
+                kt = kt.to(tl.float32)
+            s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * qk_scale
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
+            m_i = m_new
+
+    if KIND == 0:  # (sv - acc) / l; a query with no key left (l = 0) gets zeros
+        inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
+        out = (sv - acc) * inv[:, None]
+    elif KIND == 1:  # (sv - acc) / (n - l); n - l = 0 exactly for one key or a flat row: zeros, like 0 / 0 -> 0
+        rest = n_i - l_i
+        inv = tl.where(rest > 0, 1.0 / tl.where(rest > 0, rest, 1.0), 0.0)
+        out = (sv - acc) * inv[:, None]
+    else:
+        out = sv / tl.load(REAL + b)
+    tl.store(O + b * stride_ob + h * stride_oh + qi[:, None] * stride_on + d[None, :],
+             out.to(O.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """float32 inputs get float32-accurate dots (3xTF32 on tensor cores; numpy in the interpreter)."""
+    if dtype != torch.float32:
+        return "tf32"  # ignored for 16-bit inputs
+    return "ieee" if triton_interpreting() else "tf32x3"
+
+
+@functools.lru_cache(maxsize=64)
+def _config(decode: bool, dim: int, dtype: torch.dtype, interpreting: bool) -> dict:
+    """Launch constants, computed once per shape class (decode runs per layer per token: host work counts)."""
+    if interpreting:
+        block_m, block_n, warps = 16, 32, 4
+    else:
+        block_m, block_n, warps = (16, 64, 4) if decode else (64, 64, 8)
+    return dict(HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)),
+                DOT_F32=interpreting and dtype == torch.bfloat16, DOT_PREC=_dot_precision(dtype),
+                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+
+
+def counterfactual_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, scale: float,
+                                    causal: bool, mask: torch.Tensor | None, real_keys: torch.Tensor | None,
+                                    out: torch.Tensor) -> torch.Tensor:
+    """Triton backend of :func:`attnzoo.kernels.counterfactual_attention` (arguments validated; ``out`` a
+    ``(B, H, Lq, D)`` tensor of any strides with unit stride on D, ``real_keys`` float32 ``(B,)`` for uniform)."""
+    batch, heads, q_len, dim = q.shape
+    # one stride() call per tensor: the host work around the launch counts at decode
+    q_strides, k_strides, v_strides, out_strides = q.stride(), k.stride(), v.stride(), out.stride()
+    if q_strides[3] != 1:
+        q = q.contiguous()
+        q_strides = q.stride()
+    if k_strides[3] != 1:
+        k = k.contiguous()
+        k_strides = k.stride()
+    if v_strides[3] != 1:
+        v = v.contiguous()
+        v_strides = v.stride()
+    if mask is not None:
+        mask_t = mask.view(torch.uint8) if mask.stride(-1) == 1 else mask.contiguous().view(torch.uint8)
+        mask_strides = mask_t.stride()
+        mask_strides = (mask_strides[0], 0 if mask_t.shape[1] == 1 else mask_strides[1], mask_strides[2])
+    else:
+        mask_t, mask_strides = q, (0, 0, 0)  # never read (HAS_MASK is False)
+    config = _config(q_len <= 16, dim, q.dtype, triton_interpreting())
+    _counterfactual_fwd_kernel[(-(-q_len // config["BLOCK_M"]), batch * heads)](  # plain ints: cheap on the host
+        q, k, v, mask_t, q if real_keys is None else real_keys, out,
+        q_strides[0], q_strides[1], q_strides[2], k_strides[0], k_strides[1], k_strides[2],
+        v_strides[0], v_strides[1], v_strides[2], *mask_strides, out_strides[0], out_strides[1], out_strides[2],
+        heads, heads // k.shape[1], q_len, k.shape[2], scale * LOG2E,
+        KIND=KIND_IDS[kind], CAUSAL=bool(causal) and mask is None, HAS_MASK=mask is not None, **config,
+    )
+    return out
