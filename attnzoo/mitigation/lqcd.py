@@ -83,8 +83,10 @@ class LQCD(ContrastiveDecoding):
             ``generate(..., neutral_prompts=[...])`` overrides both.
         do_sample: True / False forces sampling / greedy; None (default) follows ``generate(do_sample=...)``.
 
-    The paper's v1 text available here did not state alpha / beta; the defaults are VCD's (alpha 1, beta 0.1),
-    whose contrast and cut-off LQCD adopts.
+    Neither the paper text reachable here (arXiv 2408.11261 v1 abstract and introduction; the v2 / Neurocomputing
+    version replaces LQCD by a different framework) nor any code states LQCD's alpha / beta, and the paper has no
+    official code (searched again 2026-11-24: paper pages, code and issue corpora). The defaults are therefore
+    VCD's (alpha 1, beta 0.1), whose contrast and cut-off LQCD adopts.
     """
 
     name: ClassVar[str] = "lqcd"
