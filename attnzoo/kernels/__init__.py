@@ -47,3 +47,7 @@ __all__ += ["key_group_attention"]
 from .counterfactual_attention import counterfactual_attention  # noqa: E402
 
 __all__ += ["counterfactual_attention"]
+# --- strip attention: ELA's strip means and gates (strip_gate.py) ---
+from .strip_gate import apply_strip_gates, strip_attention, strip_means  # noqa: E402
+
+__all__ += ["apply_strip_gates", "strip_attention", "strip_means"]

@@ -49,9 +49,10 @@ from timm.models.efficientnet import EfficientNet, _create_effnet
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet, _create_resnet
 from torch import nn
 
+from ..kernels.strip_gate import strip_attention
 from ._registry import register_model
 
-__all__ = ["ELA_VERSIONS", "EfficientLocalAttention", "ela_param_count"]
+__all__ = ["ELABasicBlock", "ELABottleneck", "ELA_VERSIONS", "EfficientLocalAttention", "ela_param_count"]
 
 # version -> (kernel_size, channels per conv group (1 = depthwise), GroupNorm groups); paper Sec. 3.3.
 ELA_VERSIONS: dict[str, tuple[int, int, int]] = {
@@ -109,20 +110,78 @@ class EfficientLocalAttention(nn.Module):
 
     def _gate(self, z: torch.Tensor) -> torch.Tensor:
         # (B, C, L) -> (B, C, L); the same conv and GroupNorm serve both axes (the paper shares them).
-        return torch.sigmoid(self.gn(self.conv(z)))
+        # The fused path hands float32 means; the cast is a no-op on the torch path and under autocast.
+        return torch.sigmoid(self.gn(self.conv(z.to(self.conv.weight.dtype))))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W) -> (B, C, H, W), in x's dtype."""
-        z_h, z_w = x.mean(dim=3), x.mean(dim=2)  # (B, C, H), (B, C, W)
+    def gates(self, z_h: torch.Tensor, z_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Strip means ``z_h`` (B, C, H), ``z_w`` (B, C, W) -> gates ``y_h`` (B, C, H), ``y_w`` (B, C, W)."""
         if z_h.shape == z_w.shape:
             # Square maps: both strips through the shared conv + GroupNorm in one batch (GroupNorm's statistics
             # are per sample, so stacking along the batch changes nothing but the number of launches).
             y_h, y_w = self._gate(torch.cat([z_h, z_w])).chunk(2)
-        else:
-            y_h, y_w = self._gate(z_h), self._gate(z_w)
-        # Gates in x's dtype: under autocast GroupNorm runs in float32, and a float32 gate would promote the
-        # whole feature map to float32 (twice the memory traffic, plus a cast back before the next conv).
-        return x * y_h.to(x.dtype).unsqueeze(-1) * y_w.to(x.dtype).unsqueeze(-2)
+            return y_h, y_w
+        return self._gate(z_h), self._gate(z_w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, C, H, W), in x's dtype and memory layout.
+
+        On CUDA (kernel backend "triton") the strip means and the gating are fused Triton kernels
+        (:func:`attnzoo.kernels.strip_attention`); elsewhere plain PyTorch.
+        """
+        return strip_attention(x, self.gates, params=self._params())
+
+    def forward_residual(self, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        """``relu(ELA(x) + shortcut)``: a ResNet block's tail, fused with ELA on the triton backend.
+
+        x, shortcut: (B, C, H, W); returns (B, C, H, W) in x's dtype. On the torch backend exactly timm's tail
+        (``x = ela(x); x += shortcut; relu``).
+        """
+        return strip_attention(x, self.gates, shortcut=shortcut, act="relu", params=self._params())
+
+    def _params(self) -> tuple[torch.Tensor, ...]:
+        return (self.conv.weight, self.gn.weight, self.gn.bias)
+
+
+# ELA fused into the tail of timm's ResNet blocks. timm's blocks end with `x = se(x); x = drop_path(x);
+# x += shortcut; x = act(x)`; these subclasses run the same branch and, when ELA sits in `se`, the act is a
+# ReLU and drop_path is inactive, compute `relu(ELA(x) + shortcut)` in one call (one fused kernel on CUDA).
+# Same modules, same attribute names: state dicts are timm's, and the outputs equal timm's blocks'.
+
+
+def _residual_tail(block: BasicBlock | Bottleneck, x: torch.Tensor, shortcut: torch.Tensor,
+                   act: nn.Module) -> torch.Tensor:
+    if block.downsample is not None:
+        shortcut = block.downsample(shortcut)
+    drop_path_active = block.drop_path is not None and block.training
+    if isinstance(block.se, EfficientLocalAttention) and type(act) is nn.ReLU and not drop_path_active:
+        return block.se.forward_residual(x, shortcut)
+    if block.se is not None:
+        x = block.se(x)
+    if block.drop_path is not None:
+        x = block.drop_path(x)
+    x += shortcut
+    return act(x)
+
+
+class ELABasicBlock(BasicBlock):
+    """timm's ``BasicBlock`` whose tail runs ELA, the shortcut add and the ReLU fused (same parameters)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
+        x = self.bn2(self.conv2(x))
+        return _residual_tail(self, x, shortcut, self.act2)
+
+
+class ELABottleneck(Bottleneck):
+    """timm's ``Bottleneck`` whose tail runs ELA, the shortcut add and the ReLU fused (same parameters)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
+        x = self.bn3(self.conv3(x))
+        return _residual_tail(self, x, shortcut, self.act3)
 
 
 def _ela_as_se_layer(channels: int, act_layer: Any = None, version: str = "S", device: Any = None,
@@ -190,25 +249,25 @@ def _create_mobilenetv2_ela(variant: str, pretrained: bool, version: str, **kwar
 @register_model
 def resnet18_ela(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """ResNet-18 (timm's) with ELA-B after each BasicBlock's second conv + BN."""
-    return _create_resnet_ela("resnet18_ela", pretrained, BasicBlock, (2, 2, 2, 2), "B", **kwargs)
+    return _create_resnet_ela("resnet18_ela", pretrained, ELABasicBlock, (2, 2, 2, 2), "B", **kwargs)
 
 
 @register_model
 def resnet34_ela(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """ResNet-34 (timm's) with ELA-B after each BasicBlock's second conv + BN."""
-    return _create_resnet_ela("resnet34_ela", pretrained, BasicBlock, (3, 4, 6, 3), "B", **kwargs)
+    return _create_resnet_ela("resnet34_ela", pretrained, ELABasicBlock, (3, 4, 6, 3), "B", **kwargs)
 
 
 @register_model
 def resnet50_ela(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """ResNet-50 (timm's) with ELA-S after each Bottleneck's third conv + BN."""
-    return _create_resnet_ela("resnet50_ela", pretrained, Bottleneck, (3, 4, 6, 3), "S", **kwargs)
+    return _create_resnet_ela("resnet50_ela", pretrained, ELABottleneck, (3, 4, 6, 3), "S", **kwargs)
 
 
 @register_model
 def resnet101_ela(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """ResNet-101 (timm's) with ELA-S after each Bottleneck's third conv + BN."""
-    return _create_resnet_ela("resnet101_ela", pretrained, Bottleneck, (3, 4, 23, 3), "S", **kwargs)
+    return _create_resnet_ela("resnet101_ela", pretrained, ELABottleneck, (3, 4, 23, 3), "S", **kwargs)
 
 
 @register_model

@@ -3,6 +3,8 @@ timm-hosted models (parameter counts, placement, forward and features_only shape
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import timm
 import torch
@@ -11,7 +13,8 @@ from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedRes
 from timm.models.resnet import BasicBlock, Bottleneck
 
 import attnzoo  # noqa: F401  (registers the models)
-from attnzoo.vision.ela import ELA_VERSIONS, EfficientLocalAttention, ela_param_count
+from attnzoo.kernels import set_backend
+from attnzoo.vision.ela import ELA_VERSIONS, EfficientLocalAttention, ELABasicBlock, ELABottleneck, ela_param_count
 
 
 def _paper_ela(x: torch.Tensor, weight: torch.Tensor, gn_weight: torch.Tensor, gn_bias: torch.Tensor,
@@ -182,3 +185,105 @@ def test_backward_through_model(rng):
     model(torch.randn(2, 3, 32, 32, generator=rng)).sum().backward()
     ela = next(m for m in model.modules() if isinstance(m, EfficientLocalAttention))
     assert ela.conv.weight.grad is not None and ela.conv.weight.grad.abs().sum() > 0
+
+
+# --- the fused path (Triton strip kernels, under TRITON_INTERPRET=1 here) against the torch path ---
+
+
+def _ela_with_affine(channels: int, version: str, rng: torch.Generator) -> EfficientLocalAttention:
+    ela = EfficientLocalAttention(channels, version)
+    with torch.no_grad():
+        ela.gn.weight.normal_(generator=rng)
+        ela.gn.bias.normal_(generator=rng)
+    return ela
+
+
+@pytest.mark.parametrize("hw", [(6, 6), (5, 7)])  # square maps batch both strips through one conv call
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+def test_ela_fused_matches_torch_path(rng, hw, channels_last, residual):
+    ela = _ela_with_affine(32, "S", rng)
+    x = torch.randn(2, 32, *hw, generator=rng)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    shortcut = torch.randn(x.shape, generator=rng)
+    g = torch.randn(x.shape, generator=rng)
+    results = {}
+    for backend in ("triton", "torch"):
+        set_backend(backend)
+        xr, sr = x.clone().requires_grad_(), shortcut.clone().requires_grad_()
+        out = ela.forward_residual(xr, sr) if residual else ela(xr)
+        params = list(ela.parameters())
+        wrt = [xr, *params] + ([sr] if residual else [])
+        results[backend] = (out, torch.autograd.grad(out, wrt, g))
+    out, grads = results["triton"]
+    ref, ref_grads = results["torch"]
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert_close(out, ref)
+    for i, (a, e) in enumerate(zip(grads, ref_grads)):
+        # parameter gradients sum B * (H + W) products in different orders on the two paths
+        assert_close(a, e, scale=1.0 if i == 0 else 5.0, msg=f"grad {i}")
+
+
+def test_resnet_ela_blocks_keep_timm_state_dict():
+    # resnet50_ela's block subclass vs timm's own Bottleneck with the same ELA: same modules, same keys
+    with torch.device("meta"):
+        ours = timm.create_model("resnet50_ela")
+        timms = timm.create_model("resnet50", block_args=dict(attn_layer=partial(EfficientLocalAttention,
+                                                                                 version="S")))
+    assert type(timms.layer1[0]) is Bottleneck and type(ours.layer1[0]) is ELABottleneck
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in timms.state_dict().items()}
+
+
+def _two_blocks(block_cls: type[torch.nn.Module], version: str) -> torch.nn.Sequential:
+    # a downsampling block (1x1 conv shortcut, stride 2) feeding an identity-shortcut block: the second block
+    # reads the first one's fused output, which the first block's backward also keeps (its ReLU mask)
+    expansion = block_cls.expansion
+    planes = 16
+    downsample = torch.nn.Sequential(torch.nn.Conv2d(8, planes * expansion, 1, stride=2, bias=False),
+                                     torch.nn.BatchNorm2d(planes * expansion))
+    attn = partial(EfficientLocalAttention, version=version)
+    return torch.nn.Sequential(block_cls(8, planes, stride=2, downsample=downsample, attn_layer=attn),
+                               block_cls(planes * expansion, planes, attn_layer=attn))
+
+
+@pytest.mark.parametrize("ours_cls,timm_cls,version", [(ELABottleneck, Bottleneck, "S"),
+                                                       (ELABasicBlock, BasicBlock, "B")])
+def test_fused_blocks_match_timm_blocks(rng, ours_cls, timm_cls, version):
+    torch.manual_seed(0)
+    ours = _two_blocks(ours_cls, version)
+    for m in ours.modules():  # non-trivial BatchNorm/GroupNorm affine parameters and statistics
+        if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm)):
+            with torch.no_grad():
+                m.weight.normal_(generator=rng)
+                m.bias.normal_(generator=rng)
+    ours.eval()
+    timms = _two_blocks(timm_cls, version).eval()
+    timms.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, 8, 11, 9, generator=rng)
+    g = torch.randn(2, 16 * ours_cls.expansion, 6, 5, generator=rng)
+    set_backend("triton")
+    xr = x.clone().requires_grad_()
+    out = ours(xr)
+    grads = torch.autograd.grad(out, [xr, *ours.parameters()], g)
+    set_backend("torch")
+    xr = x.clone().requires_grad_()
+    ref = timms(xr)
+    ref_grads = torch.autograd.grad(ref, [xr, *timms.parameters()], g)
+    assert_close(out, ref)
+    for (name, _), a, e in zip([("x", None), *ours.named_parameters()], grads, ref_grads):
+        # float32 through two blocks; parameter gradients sum over batch and map in different orders
+        assert_close(a, e, scale=10.0, msg=name)
+    with torch.no_grad():  # the subclass on the torch backend runs exactly timm's tail
+        assert_close(ours(x), ref.detach(), dtype=torch.float64)
+
+
+def test_resnet18_ela_fused_forward_matches_torch(rng):
+    model = timm.create_model("resnet18_ela", num_classes=4, zero_init_last=False).eval()
+    x = torch.randn(1, 3, 32, 32, generator=rng)
+    with torch.no_grad():
+        set_backend("triton")
+        out = model(x)
+        set_backend("torch")
+        ref = model(x)
+    assert_close(out, ref, scale=10.0)  # float32 through 8 blocks

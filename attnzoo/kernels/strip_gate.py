@@ -1,0 +1,134 @@
+"""Strip attention: gates over the rows and columns of a feature map (ELA, Coordinate Attention style).
+
+For a map ``x`` of shape (B, C, H, W) the ops here compute
+
+- the strip means ``z_h = mean_W(x)`` (B, C, H) and ``z_w = mean_H(x)`` (B, C, W);
+- the gating ``out = act(x * y_h[..., :, None] * y_w[..., None, :] + shortcut)`` (act: none or ReLU), with
+  the residual add and activation of a host block (timm's ResNet blocks) fused in;
+- both together around a small gate function on the strips (:func:`strip_attention`), which is how
+  :class:`attnzoo.vision.ela.EfficientLocalAttention` runs.
+
+Backends (:func:`attnzoo.kernels.set_backend`, logged once per op):
+- ``"triton"`` (default on CUDA): one kernel reads x once for both means; one kernel applies both gates,
+  the shortcut and the ReLU in one read and one write; the backward is one reduction pass (gate
+  gradients, ReLU mask, shortcut gradient) and one element-wise pass. Accumulation in float32.
+- ``"torch"`` (CPU; also used for ``"flex"`` and under ``torch.compile``): the plain PyTorch expressions.
+Both accept NCHW-contiguous and channels_last maps (any strides) and keep x's memory layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ._backend import resolve_backend
+
+__all__ = ["apply_strip_gates", "strip_attention", "strip_means"]
+
+GateFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _use_triton(x: torch.Tensor, op: str) -> bool:
+    if torch.compiler.is_compiling():  # the compiler fuses the plain expressions itself
+        return False
+    return resolve_backend(x.device, op) == "triton"
+
+
+def _check_map(x: torch.Tensor, shortcut: torch.Tensor | None = None, act: str | None = None) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"x must be a (batch, channels, height, width) map, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+    if shortcut is not None and shortcut.shape != x.shape:
+        raise ValueError(f"shortcut must have x's shape {tuple(x.shape)}, got {tuple(shortcut.shape)}")
+    if act not in (None, "relu"):
+        raise ValueError(f"act must be None or 'relu', got {act!r}; apply other activations after the call")
+
+
+def _check_gates(x: torch.Tensor, y_h: torch.Tensor, y_w: torch.Tensor) -> None:
+    b, c, h, w = x.shape
+    if tuple(y_h.shape) != (b, c, h) or tuple(y_w.shape) != (b, c, w):
+        raise ValueError(f"gates must be y_h (B, C, H) = {(b, c, h)} and y_w (B, C, W) = {(b, c, w)} for x of shape "
+                         f"{tuple(x.shape)}, got {tuple(y_h.shape)} and {tuple(y_w.shape)}")
+
+
+def _gate_torch(x: torch.Tensor, y_h: torch.Tensor, y_w: torch.Tensor, shortcut: torch.Tensor | None,
+                act: str | None) -> torch.Tensor:
+    # Gates in x's dtype: a float32 gate would promote the whole map to float32 under autocast.
+    out = x * y_h.to(x.dtype).unsqueeze(-1) * y_w.to(x.dtype).unsqueeze(-2)
+    if shortcut is not None:
+        out += shortcut  # as timm's blocks add the shortcut: in place on the fresh branch output
+    return out.relu_() if act == "relu" else out
+
+
+def strip_means(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two strip means of a map, from one read of it on the triton backend.
+
+    Args:
+        x: (B, C, H, W), float dtype, NCHW-contiguous, channels_last or any strides.
+
+    Returns:
+        ``(z_h, z_w)``: ``z_h = x.mean(3)`` of shape (B, C, H) and ``z_w = x.mean(2)`` of shape (B, C, W),
+        both float32 (float32 accumulation). Differentiable with respect to x.
+    """
+    _check_map(x)
+    if _use_triton(x, "strip_means"):
+        from ._ela_triton import StripMeans
+
+        return StripMeans.apply(x)
+    return x.mean(dim=3, dtype=torch.float32), x.mean(dim=2, dtype=torch.float32)
+
+
+def apply_strip_gates(x: torch.Tensor, y_h: torch.Tensor, y_w: torch.Tensor, shortcut: torch.Tensor | None = None,
+                      act: str | None = None) -> torch.Tensor:
+    """``act(x * y_h[..., :, None] * y_w[..., None, :] + shortcut)`` in one pass over the map.
+
+    Args:
+        x: (B, C, H, W), float dtype, any strides.
+        y_h: (B, C, H) row gates; y_w: (B, C, W) column gates; any float dtype (float32 is fine: they are
+            read once per row/column and never promote the map).
+        shortcut: optional (B, C, H, W) residual added after the gating (a ResNet block's shortcut).
+        act: None or "relu" (applied last, as timm's ResNet blocks do after the residual add).
+
+    Returns:
+        (B, C, H, W) in x's dtype and memory layout. Triton computes in float32 and rounds once; the torch
+        backend multiplies in x's dtype. Differentiable with respect to x, y_h, y_w and shortcut.
+    """
+    _check_map(x, shortcut, act)
+    _check_gates(x, y_h, y_w)
+    if _use_triton(x, "apply_strip_gates"):
+        from ._ela_triton import StripGate
+
+        return StripGate.apply(x, y_h, y_w, shortcut, act == "relu")
+    return _gate_torch(x, y_h, y_w, shortcut, act)
+
+
+def strip_attention(x: torch.Tensor, gate_fn: GateFn, shortcut: torch.Tensor | None = None, act: str | None = None,
+                    params: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+    """Strip attention end to end: ``act(x * y_h * y_w + shortcut)`` with ``(y_h, y_w) = gate_fn(z_h, z_w)``.
+
+    Args:
+        x: (B, C, H, W), float dtype, any strides.
+        gate_fn: maps the strip means ``z_h`` (B, C, H) and ``z_w`` (B, C, W) to the gates ``y_h`` (B, C, H)
+            and ``y_w`` (B, C, W) (ELA: shared conv1d + GroupNorm + sigmoid). On the triton backend it receives
+            float32 means; on the torch backend means in x's dtype (``x.mean``).
+        shortcut: optional (B, C, H, W) residual added after the gating.
+        act: None or "relu", applied last.
+        params: every tensor ``gate_fn`` reads that may need a gradient (e.g. its module's parameters). The
+            fused backward differentiates gate_fn's recorded graph and hands these their gradients; one
+            missing here gets no gradient on the triton backend.
+
+    Returns:
+        (B, C, H, W) in x's dtype and memory layout. Differentiable with respect to x, shortcut and params.
+        On the triton backend the map is read once for both means and once (plus the shortcut) for the
+        gating; the backward reads the output gradient, x and (with ReLU) the output once for the gate
+        gradients, then writes dx in one more pass.
+    """
+    _check_map(x, shortcut, act)
+    if _use_triton(x, "strip_attention"):
+        from ._ela_triton import strip_attention as fused
+
+        return fused(x, gate_fn, shortcut, act == "relu", tuple(params))
+    y_h, y_w = gate_fn(x.mean(dim=3), x.mean(dim=2))
+    return _gate_torch(x, y_h, y_w, shortcut, act)

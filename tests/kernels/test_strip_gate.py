@@ -1,0 +1,176 @@
+"""Strip means and strip gates (attnzoo.kernels.strip_gate): the Triton kernels (under TRITON_INTERPRET=1) and
+the torch backend against float64 re-statements, forward and backward, NCHW / channels_last / strided maps,
+odd sizes and maps wider than one column tile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close
+
+from attnzoo.kernels import apply_strip_gates, set_backend, strip_attention, strip_means
+
+BACKENDS = ["triton", "torch"]
+# (B, C, H, W): odd sizes; W = 70 spans two 64-wide column tiles (partial row sums); H = 1 and W = 1 edges
+SHAPES = [(2, 5, 3, 7), (1, 3, 4, 70), (1, 37, 1, 6), (2, 4, 9, 1)]
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":  # a view with no unit stride on W: every other column of a wider map
+        wide = torch.repeat_interleave(x, 2, dim=3).clone()
+        return wide[..., ::2]
+    return x.contiguous()
+
+
+def _ref_means(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    xd = x.double()
+    return xd.sum(dim=3) / x.shape[3], xd.sum(dim=2) / x.shape[2]
+
+
+def _ref_gate(x, y_h, y_w, shortcut, act):
+    out = x.double() * y_h.double()[..., :, None] * y_w.double()[..., None, :]
+    if shortcut is not None:
+        out = out + shortcut.double()
+    return torch.clamp_min(out, 0.0) if act == "relu" else out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strip_means(rng, backend, layout, shape, dtype):
+    set_backend(backend)
+    x = _layout(torch.randn(*shape, generator=rng).to(dtype), layout).requires_grad_()
+    z_h, z_w = strip_means(x)
+    assert z_h.dtype == z_w.dtype == torch.float32
+    ref_h, ref_w = _ref_means(x.detach())
+    # float32 sums of values exact in x's dtype: float32 tolerances whatever x's dtype
+    assert_close(z_h, ref_h, dtype=torch.float32)
+    assert_close(z_w, ref_w, dtype=torch.float32)
+    g_h, g_w = torch.randn(z_h.shape, generator=rng), torch.randn(z_w.shape, generator=rng)
+    (dx,) = torch.autograd.grad((z_h, z_w), x, (g_h, g_w))
+    ref_dx = g_h.double()[..., None] / shape[3] + g_w.double()[..., None, :] / shape[2]
+    assert_close(dx, ref_dx)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("shape", SHAPES[:3])
+@pytest.mark.parametrize("residual", [None, "relu"])
+def test_apply_strip_gates_fp32(rng, backend, layout, shape, residual):
+    set_backend(backend)
+    x = _layout(torch.randn(*shape, generator=rng), layout).requires_grad_()
+    b, c, h, w = shape
+    y_h = torch.rand(b, c, h, generator=rng).requires_grad_()
+    y_w = torch.rand(b, c, w, generator=rng).requires_grad_()
+    shortcut = None if residual is None else torch.randn(*shape, generator=rng).requires_grad_()
+    out = apply_strip_gates(x, y_h, y_w, shortcut, act=residual)
+    ref = _ref_gate(x, y_h, y_w, shortcut, residual)
+    assert_close(out, ref)
+    assert out.stride() == x.detach().clone().stride() or layout == "strided"
+    g = torch.randn(shape, generator=rng)
+    inputs = [t for t in (x, y_h, y_w, shortcut) if t is not None]
+    grads = torch.autograd.grad(out, inputs, g)
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    ref_out = _ref_gate(*ref_inputs[:3], ref_inputs[3] if shortcut is not None else None, residual)
+    ref_grads = torch.autograd.grad(ref_out, ref_inputs, g.double())
+    for name, a, e in zip(["dx", "dy_h", "dy_w", "dshortcut"], grads, ref_grads):
+        assert_close(a, e, msg=name)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_apply_strip_gates_bf16_triton(rng, layout):
+    set_backend("triton")
+    shape = (2, 6, 5, 9)
+    x = _layout(torch.randn(*shape, generator=rng).bfloat16(), layout).requires_grad_()
+    shortcut = torch.randn(*shape, generator=rng).bfloat16().requires_grad_()
+    y_h = torch.rand(2, 6, 5, generator=rng).requires_grad_()  # float32 gates, as ELA's under autocast
+    y_w = torch.rand(2, 6, 9, generator=rng).requires_grad_()
+    out = apply_strip_gates(x, y_h, y_w, shortcut, act="relu")
+    assert out.dtype == torch.bfloat16
+    assert_close(out, _ref_gate(x, y_h, y_w, shortcut, "relu"))
+    g = torch.randn(shape, generator=rng).bfloat16()
+    dx, dy_h, dy_w, ds = torch.autograd.grad(out, (x, y_h, y_w, shortcut), g)
+    assert dx.dtype == ds.dtype == torch.bfloat16 and dy_h.dtype == torch.float32
+    # reference from the same bf16 values in float64, with the kernel's ReLU mask (out > 0)
+    mask = (out.detach() > 0).double() * g.double()
+    xd = x.detach().double()
+    assert_close(ds, mask)
+    assert_close(dx, mask * y_h.detach().double()[..., None] * y_w.detach().double()[..., None, :])
+    # dy_h/dy_w: float32 sums of products of bf16 inputs -> bf16 tolerance relative to the sum's magnitude
+    assert_close(dy_h, (mask * xd * y_w.detach().double()[..., None, :]).sum(3), dtype=torch.bfloat16)
+    assert_close(dy_w, (mask * xd * y_h.detach().double()[..., None]).sum(2), dtype=torch.bfloat16)
+
+
+def _small_gate_module(channels: int) -> torch.nn.Module:
+    # an ELA-like gate: grouped conv1d + GroupNorm + sigmoid on (B, C, L), non-trivial affine parameters
+    torch.manual_seed(1)
+    mod = torch.nn.Sequential(torch.nn.Conv1d(channels, channels, 3, padding=1, groups=channels // 2, bias=False),
+                              torch.nn.GroupNorm(2, channels), torch.nn.Sigmoid())
+    with torch.no_grad():
+        mod[1].weight.normal_()
+        mod[1].bias.normal_()
+    return mod
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape,act", [((2, 4, 5, 7), "relu"), ((1, 6, 3, 3), None), ((1, 4, 2, 67), "relu")])
+def test_strip_attention_triton_vs_float64(rng, layout, shape, act):
+    gate = _small_gate_module(shape[1])
+    params = list(gate.parameters())
+
+    def gate_fn(z_h, z_w):
+        return gate(z_h.to(params[0].dtype)), gate(z_w.to(params[0].dtype))
+
+    x = _layout(torch.randn(*shape, generator=rng), layout).requires_grad_()
+    shortcut = torch.randn(*shape, generator=rng).requires_grad_() if act else None
+    g = torch.randn(shape, generator=rng)
+    set_backend("triton")
+    out = strip_attention(x, gate_fn, shortcut, act, params=params)
+    inputs = [x, *params] + ([shortcut] if act else [])
+    grads = torch.autograd.grad(out, inputs, g)
+
+    set_backend("torch")  # reference: the plain expressions in float64, differentiated by autograd
+    gate.double()
+    ref_inputs = [t.detach().double().requires_grad_() for t in (x, shortcut) if t is not None]
+    ref_params = list(gate.parameters())
+    ref = strip_attention(ref_inputs[0], gate_fn, ref_inputs[1] if act else None, act)
+    ref_grads = torch.autograd.grad(ref, [ref_inputs[0], *ref_params, *ref_inputs[1:]], g.double())
+    assert_close(out, ref)
+    for i, (a, e) in enumerate(zip(grads, ref_grads)):
+        # params' gradients are sums over B*L of products of gate gradients: a few float32 roundings more
+        assert_close(a, e, scale=1.0 if i == 0 else 5.0, msg=f"grad {i}")
+
+
+def test_strip_attention_inference_skips_autograd(rng):
+    set_backend("triton")
+    gate = _small_gate_module(4)
+    x = torch.randn(1, 4, 3, 5, generator=rng)
+    with torch.no_grad():
+        out = strip_attention(x, lambda a, b: (gate(a), gate(b)), act="relu", params=list(gate.parameters()))
+    assert out.grad_fn is None
+    ref = _ref_gate(x, gate(x.double().mean(3).float()), gate(x.double().mean(2).float()), None, "relu")
+    assert_close(out, ref, dtype=torch.float32)
+
+
+def test_expanded_grad_output(rng):
+    # out.sum().backward() hands the kernels a stride-0 gradient
+    set_backend("triton")
+    x = torch.randn(1, 3, 4, 5, generator=rng).requires_grad_()
+    y_h, y_w = torch.rand(1, 3, 4, generator=rng), torch.rand(1, 3, 5, generator=rng)
+    apply_strip_gates(x, y_h, y_w).sum().backward()
+    assert_close(x.grad, (y_h.double()[..., None] * y_w.double()[..., None, :]))
+
+
+def test_errors():
+    x = torch.randn(1, 2, 3, 4)
+    with pytest.raises(ValueError, match="gates must be y_h"):
+        apply_strip_gates(x, torch.rand(1, 2, 4), torch.rand(1, 2, 3))
+    with pytest.raises(ValueError, match="act must be None or 'relu'"):
+        apply_strip_gates(x, torch.rand(1, 2, 3), torch.rand(1, 2, 4), act="gelu")
+    with pytest.raises(ValueError, match="shortcut must have x's shape"):
+        apply_strip_gates(x, torch.rand(1, 2, 3), torch.rand(1, 2, 4), torch.randn(1, 2, 3, 5))
+    with pytest.raises(ValueError, match=r"\(batch, channels, height, width\)"):
+        strip_means(torch.randn(2, 3, 4))
