@@ -58,6 +58,12 @@ def region_routing(q: torch.Tensor, k: torch.Tensor, num_regions: int | tuple[in
         dtype; ``index`` (batch, nh*nw, topk) int64, the chosen key regions in decreasing affinity.
         Logits are ``(mean_q(r) * scale) @ mean_k(s)^T`` with region means over the region's tokens.
         Nothing is detached: BiFormer (``diff_routing=False``) passes ``q.detach(), k.detach()``.
+
+    Backends: plain torch ops (means, matmul, ``torch.topk``, softmax; differentiable in ``weight``) on the
+    torch and flex backends and wherever q or k needs a gradient. On the triton backend, when no gradient is
+    needed (BiFormer's detached routing), two fused kernels compute the same quantities with fp32 region
+    means and logits (the torch ops round both to q's dtype, so in bf16 the two may order or pick
+    differently among regions whose logits tie within bf16 rounding); ties go to the lower region id.
     """
     if q.dim() != 4 or k.dim() != 4 or q.shape != k.shape:
         raise ValueError(f"q and k must both be (batch, H, W, C) of one shape, got {tuple(q.shape)} and "
@@ -68,6 +74,11 @@ def region_routing(q: torch.Tensor, k: torch.Tensor, num_regions: int | tuple[in
     if not 1 <= topk <= nh * nw:
         raise ValueError(f"topk {topk} must lie in [1, {nh * nw}] (the number of regions {nh}x{nw})")
     scale = c ** -0.5 if scale is None else scale
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    if not needs_grad and not torch.compiler.is_compiling() and resolve_backend(q.device, "region_routing") == "triton":
+        from ._routed_triton import region_routing_triton
+
+        return region_routing_triton(q, k, nh, nw, topk, float(scale))
     q_mean = q.reshape(b, nh, h // nh, nw, w // nw, c).mean((2, 4)).reshape(b, nh * nw, c)
     k_mean = k.reshape(b, nh, h // nh, nw, w // nw, c).mean((2, 4)).reshape(b, nh * nw, c)
     logits = (q_mean * scale) @ k_mean.transpose(-1, -2)  # (batch, R, R)
@@ -215,9 +226,8 @@ def _routed_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     from ._routed_triton import _last_contiguous, _RoutedAttention
 
     ctx = _KernelContext()
-    # the tensors _RoutedAttention.forward saves: unit-stride channels, int32 routing table
-    ctx.save_for_backward(_last_contiguous(q), _last_contiguous(k), _last_contiguous(v),
-                          region_index.to(torch.int32).contiguous(), out, lse)
+    # the tensors _RoutedAttention.forward saves: unit-stride channels, the routing table as given
+    ctx.save_for_backward(_last_contiguous(q), _last_contiguous(k), _last_contiguous(v), region_index, out, lse)
     ctx.geometry = (nh, nw, scale)
     dq, dk, dv = _RoutedAttention.backward(ctx, grad_out)[:3]
     return dq, dk, dv

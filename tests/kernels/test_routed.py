@@ -140,3 +140,79 @@ def test_strided_views_of_a_fused_qkv(rng, backend):
     (got,) = torch.autograd.grad(out, qkv, grad.float())
     (want,) = torch.autograd.grad(ref, qkv, grad)
     assert_close(got, want, dtype=torch.float32, scale=4.0, msg="d(qkv) through strided views")
+
+
+@pytest.fixture
+def heads_per_program():
+    """Set the fused kernels' heads per program for one test (None: the shape rule)."""
+    from attnzoo.kernels import _routed_triton
+
+    previous = _routed_triton.HEADS_PER_PROGRAM
+
+    def set_hp(hp):
+        _routed_triton.HEADS_PER_PROGRAM = hp
+
+    yield set_hp
+    _routed_triton.HEADS_PER_PROGRAM = previous
+
+
+@pytest.mark.parametrize("hp", [1, 2])
+@pytest.mark.parametrize(("b", "h", "w", "nreg", "topk"), [
+    (2, 6, 8, (3, 4), 1),     # 2x2-token regions (BiFormer stage 3), non-square, topk = 1
+    (1, 6, 4, (3, 2), 6),     # 2x2-token regions, topk = all regions
+    (1, 4, 12, (2, 2), 3),    # 2x6-token regions: several regions per key tile
+])
+def test_routed_triton_heads_per_program(rng, heads_per_program, hp, b, h, w, nreg, topk):
+    """Each program looping over several heads gives the same result as one head per program."""
+    heads_per_program(hp)
+    q, k, v = _inputs(rng, b, h, w, 2, 16, 8)
+    index = _random_index(rng, b, nreg[0] * nreg[1], topk)
+    _check_against_reference(q, k, v, index, nreg, "triton", scale=0.4)
+
+
+def test_routed_triton_repeats_with_head_loop(rng, heads_per_program):
+    """Repeated regions (a multiplicity > 1 in the inverse routing table) with 2x2 regions and a head loop."""
+    heads_per_program(2)
+    q, k, v = _inputs(rng, 1, 4, 6, 2, 16, 16)
+    index = torch.tensor([[[0, 0, 5], [3, 3, 3], [1, 2, 1], [4, 5, 0], [2, 2, 5], [5, 1, 5]]])
+    _check_against_reference(q, k, v, index, (2, 3), "triton")
+
+
+def test_routed_inverse_table(rng):
+    """The inverse routing table kernel against a plain loop: many regions (several key chunks, row chunks
+    and entry chunks per batch element) and repeated regions."""
+    from attnzoo.kernels._routed_triton import _routed_inverse
+
+    b, r, topk = 2, 300, 4
+    idx = torch.randint(0, r, (b, r, topk), generator=rng)
+    idx[1, 7, 1:] = 3  # region 3 named three times by query region 7
+    starts, counts = torch.empty(b, r, dtype=torch.int32), torch.empty(b, r, dtype=torch.int32)
+    qlist = torch.empty(b * r * topk, dtype=torch.int32)
+    _routed_inverse[(10, b)](idx, starts, counts, qlist, *idx.stride(), r, TOPK=topk, SB=32, RQ=256, EB=1024)
+    for bi in range(b):
+        for s in range(r):
+            want = (idx[bi] == s).nonzero()[:, 0].tolist()  # query regions in order, one per choice
+            got = qlist[starts[bi, s]:starts[bi, s] + counts[bi, s]].tolist()
+            assert got == want, (bi, s)
+        assert starts[bi, 0] == bi * r * topk
+    assert qlist[starts[1, 3]:starts[1, 3] + counts[1, 3]].tolist().count(7) == 3
+
+
+@pytest.mark.parametrize(("b", "h", "w", "c", "nreg", "topk"), [
+    (2, 12, 12, 80, (6, 6), 5),   # 36 regions (several row blocks), channels over one chunk
+    (1, 18, 18, 24, (1, 2), 2),   # 162-token regions (several token chunks), topk = all
+    (2, 6, 8, 16, (3, 4), 1),     # 2x2-token regions, topk = 1
+])
+def test_region_routing_triton_matches_torch(rng, b, h, w, c, nreg, topk):
+    """The fused routing (triton backend, no gradient) picks the torch ops' regions in the same order."""
+    q = torch.randn(b, h, w, c, generator=rng)
+    k = torch.randn(b, h, w, c, generator=rng)
+    weight, index = region_routing(q, k, nreg, topk, scale=0.3)
+    with use_backend("triton"):
+        got_weight, got_index = region_routing(q, k, nreg, topk, scale=0.3)
+    assert got_index.dtype == torch.int64 and got_index.shape == index.shape
+    torch.testing.assert_close(got_index, index)
+    assert_close(got_weight, weight, dtype=torch.float32)
+    with use_backend("triton"):  # a gradient is needed: the differentiable torch ops run instead
+        w_grad, _ = region_routing(q.requires_grad_(), k, nreg, topk, scale=0.3)
+    assert w_grad.requires_grad
