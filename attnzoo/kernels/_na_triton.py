@@ -480,7 +480,7 @@ def na_forward(q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb, ad
     _check_supported(q, v)
     # Views such as q, k, v = qkv.unbind(...) are read in place when their tokens are evenly strided.
     (q, q_strides), (k, k_strides), (v, v_strides) = (_token_view(t) for t in (q, k, v))
-    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)  # (empty_like: less host time)
     lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
     has_rpb = rpb is not None
     key = ("fwd", q.shape, k.shape[-2], q_strides, k_strides, v_strides, q.dtype, kernel_size, stride, dilation,
@@ -622,9 +622,8 @@ def na_backward(grad_out, q, k, v, out, lse, kernel_size, stride, dilation, is_c
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
-    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
-    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    dense = torch.contiguous_format
+    dq, dk, dv = (torch.empty_like(t, memory_format=dense) for t in (q, k, v))
     has_rpb = rpb is not None
     rpb_grad = has_rpb and need_rpb_grad
     rpb_f = rpb.detach().float().contiguous() if has_rpb else lse

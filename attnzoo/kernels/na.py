@@ -43,6 +43,44 @@ def _per_axis_bools(value, na_dim: int) -> tuple[bool, ...]:
     return values
 
 
+def _geometry(fn: str, na_dim: int, spatial: tuple[int, ...], kernel_size, stride, dilation, is_causal):
+    """Normalised (kernel_size, stride, dilation, is_causal) per axis, checked against the map size."""
+    kernel_size = _per_axis_ints("kernel_size", kernel_size, na_dim, 2)
+    stride = _per_axis_ints("stride", stride, na_dim, 1)
+    dilation = _per_axis_ints("dilation", dilation, na_dim, 1)
+    is_causal = _per_axis_bools(is_causal, na_dim)
+    for axis in range(na_dim):
+        ks, d, s, length = kernel_size[axis], dilation[axis], stride[axis], spatial[axis]
+        if ks * d > length:
+            raise ValueError(f"{fn}: kernel_size {ks} * dilation {d} = {ks * d} > feature map size {length} "
+                             f"on axis {axis} (spatial shape {spatial}); use a smaller kernel_size or dilation")
+        if s > ks:
+            raise ValueError(f"{fn}: stride {s} > kernel_size {ks} on axis {axis}; stride must not exceed the "
+                             "kernel size")
+    return kernel_size, stride, dilation, is_causal
+
+
+# Every eager call validates its geometry; models repeat a handful of them, so valid ones are remembered
+# (host time: a dict lookup instead of ~40 Python checks). Only hashable argument forms are cached.
+_VALID_GEOMETRY: dict[tuple, tuple] = {}
+
+
+def _types(x) -> object:
+    # part of the cache key: 7 and 7.0 (or 1 and True) hash alike but only one of them is valid
+    return tuple(e.__class__ for e in x) if x.__class__ is tuple else x.__class__
+
+
+def _checked_geometry(fn, na_dim, spatial, kernel_size, stride, dilation, is_causal):
+    args = (kernel_size, stride, dilation, is_causal)
+    if torch.compiler.is_compiling() or any(a.__class__ not in (int, bool, tuple) for a in args):
+        return _geometry(fn, na_dim, spatial, *args)  # lists are not hashable; traced code checks once anyway
+    key = (na_dim, spatial, *args, *map(_types, args))
+    hit = _VALID_GEOMETRY.get(key)
+    if hit is None:
+        hit = _VALID_GEOMETRY[key] = _geometry(fn, na_dim, spatial, *args)
+    return hit
+
+
 def _validate(na_dim: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size, stride, dilation,
               is_causal, scale, rpb, additional_keys, additional_values):
     """Check every argument the way NATTEN does; return the normalised per-axis tuples and the scale."""
@@ -59,32 +97,23 @@ def _validate(na_dim: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
         raise ValueError(f"{fn}: q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not q.dtype.is_floating_point:
         raise ValueError(f"{fn}: q, k, v must be floating point, got {q.dtype}")
-    if not (q.shape[0] == k.shape[0] == v.shape[0]):
-        raise ValueError(f"{fn}: q, k, v batch sizes differ: {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
-    spatial = tuple(q.shape[1:1 + na_dim])
-    for name, t in (("k", k), ("v", v)):
-        if tuple(t.shape[1:1 + na_dim]) != spatial:
-            raise ValueError(f"{fn}: {name} spatial shape {tuple(t.shape[1:1 + na_dim])} != q's {spatial}")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"{fn}: q and k head_dim differ: {q.shape[-1]} != {k.shape[-1]}")
-    if k.shape[-2] != v.shape[-2]:
-        raise ValueError(f"{fn}: k and v must have the same number of heads, got {k.shape[-2]} and {v.shape[-2]}")
-    heads, kv_heads = q.shape[-2], k.shape[-2]
+    q_shape, k_shape, v_shape = q.shape, k.shape, v.shape
+    if not (q_shape[0] == k_shape[0] == v_shape[0]):
+        raise ValueError(f"{fn}: q, k, v batch sizes differ: {q_shape[0]}, {k_shape[0]}, {v_shape[0]}")
+    spatial = tuple(q_shape[1:1 + na_dim])
+    for name, t_shape in (("k", k_shape), ("v", v_shape)):
+        if t_shape[1:1 + na_dim] != spatial:
+            raise ValueError(f"{fn}: {name} spatial shape {tuple(t_shape[1:1 + na_dim])} != q's {spatial}")
+    if q_shape[-1] != k_shape[-1]:
+        raise ValueError(f"{fn}: q and k head_dim differ: {q_shape[-1]} != {k_shape[-1]}")
+    if k_shape[-2] != v_shape[-2]:
+        raise ValueError(f"{fn}: k and v must have the same number of heads, got {k_shape[-2]} and {v_shape[-2]}")
+    heads, kv_heads = q_shape[-2], k_shape[-2]
     if heads % kv_heads != 0:
         raise ValueError(f"{fn}: kv heads ({kv_heads}) must divide q heads ({heads}) for GQA/MQA")
 
-    kernel_size = _per_axis_ints("kernel_size", kernel_size, na_dim, 2)
-    stride = _per_axis_ints("stride", stride, na_dim, 1)
-    dilation = _per_axis_ints("dilation", dilation, na_dim, 1)
-    is_causal = _per_axis_bools(is_causal, na_dim)
-    for axis in range(na_dim):
-        ks, d, s, length = kernel_size[axis], dilation[axis], stride[axis], spatial[axis]
-        if ks * d > length:
-            raise ValueError(f"{fn}: kernel_size {ks} * dilation {d} = {ks * d} > feature map size {length} "
-                             f"on axis {axis} (spatial shape {spatial}); use a smaller kernel_size or dilation")
-        if s > ks:
-            raise ValueError(f"{fn}: stride {s} > kernel_size {ks} on axis {axis}; stride must not exceed the "
-                             "kernel size")
+    kernel_size, stride, dilation, is_causal = _checked_geometry(fn, na_dim, spatial, kernel_size, stride,
+                                                                 dilation, is_causal)
 
     if scale is None:
         scale = q.shape[-1] ** -0.5
