@@ -55,6 +55,7 @@ class CCA(Pass):
         self._offsets: torch.Tensor | None = None  # (B, L) position delta of each prompt token
         self._decode_shift: torch.Tensor | None = None  # (B,) delta of every generated token
         self._rings: torch.Tensor | None = None  # (B, L) ring of each image token, -1 elsewhere
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # (offsets, shift[:, None])
         super().__post_init__()
 
     def validate(self) -> None:
@@ -80,6 +81,7 @@ class CCA(Pass):
 
     def on_layout(self, layout: Any) -> None:
         self._offsets = self._decode_shift = self._rings = None
+        self._on_device = {}
         if layout is None:
             return
         batch, length = layout.batch_size, layout.prompt_length
@@ -116,18 +118,28 @@ class CCA(Pass):
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
             position_ids = (torch.arange(q_len, device=device) + past)[None].expand(batch, -1)
-        padded = torch.arange(past, past + q_len)  # padded index of each query (= its KV-cache slot)
-        length = self._offsets.shape[1]
-        in_prompt = padded < length
-        delta = torch.where(in_prompt[None, :], self._offsets[:, padded.clamp_max(length - 1)],
-                            self._decode_shift[:, None])
-        kwargs["position_ids"] = position_ids + delta.to(device)
+        cached = self._on_device.get(device)
+        if cached is None:  # once per batch and device: no host-to-device copy per decode step
+            cached = self._on_device[device] = (self._offsets.to(device), self._decode_shift.to(device)[:, None])
+        offsets, shift = cached
+        length = offsets.shape[1]
+        if past >= length:  # decoding: every query is a generated token
+            delta = shift
+        elif past == 0 and q_len == length:  # the prompt
+            delta = offsets
+        else:  # a chunk across the prompt's end
+            padded = torch.arange(past, past + q_len, device=device)  # padded index (= KV-cache slot) of each query
+            delta = torch.where(padded[None, :] < length, offsets[:, padded.clamp_max(length - 1)], shift)
+        kwargs["position_ids"] = position_ids + delta
         if kwargs.get("attention_mask") is None:
             # with no 2-D mask transformers would read non-monotonic position ids as packed sequences
             kwargs["attention_mask"] = torch.ones(batch, past + q_len, dtype=torch.long, device=device)
         return args, kwargs
 
     # ------------------------------------------------------------------ mask
+
+    def may_act(self, site: str, layer: int, is_prefill: bool) -> bool:
+        return self.mask and site == "text" and is_prefill
 
     def plan(self, ctx: AttentionContext) -> Plan | None:
         if not self.mask or ctx.site != "text" or not ctx.is_prefill or ctx.layout is None or ctx.image_free:

@@ -135,9 +135,12 @@ class VAR(Pass):
     # key groups of the fused path
     OTHER, IMAGE, VISUAL_SINK, TEXT_SINK = 0, 1, 2, 3
     NUM_GROUPS: ClassVar[int] = 4
+    # sinks are found at prefill only: decode steps run without the per-layer residual hooks
+    residual_at_decode: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self._sinks: dict[int, torch.Tensor] = {}
+        self._skipped_layer = -1  # the last decoder layer when except_last_layer (set on attach)
         self._groups: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._dims: tuple[int, ...] | None = None
         super().__post_init__()
@@ -172,6 +175,7 @@ class VAR(Pass):
             raise ValueError(f"sink_dims {bad} are outside the valid range [0, {lvlm.hidden_size - 1}] "
                              f"(hidden size {lvlm.hidden_size})")
         self._dims = tuple(dims)
+        self._skipped_layer = lvlm.num_layers - 1 if self.except_last_layer else -1
         log_once(logger, f"VAR: sink dims {self._dims}, tau={self.tau}, rho={self.rho}, summ={self.summ}, p={self.p}")
 
     def on_layout(self, layout: Any) -> None:
@@ -190,6 +194,10 @@ class VAR(Pass):
         return None
 
     # ------------------------------------------------------------------ redistribution
+
+    def may_act(self, site: str, layer: int, is_prefill: bool) -> bool:
+        # the layers with sinks of the current batch (found at its prefill, before each layer's attention)
+        return site == "text" and layer in self._sinks and layer != self._skipped_layer
 
     def plan(self, ctx: AttentionContext) -> Plan | None:
         if ctx.site != "text" or ctx.layout is None or ctx.image_free or ctx.layer not in self._sinks:

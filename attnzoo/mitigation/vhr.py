@@ -57,6 +57,7 @@ from .base import Pass, check_range, register_pass
 logger = get_logger("attnzoo.mitigation")
 
 DISTANCES = ("euclidean", "squared")
+_OUTPUTS_PLAN = Plan(outputs=True)  # frozen: shared, not rebuilt per call
 
 
 class _StopForward(Exception):
@@ -223,11 +224,15 @@ class VHR(Pass):
 
     # ------------------------------------------------------------------ plan / edit
 
+    def may_act(self, site: str, layer: int, is_prefill: bool) -> bool:
+        # prefill: every text layer (the first call starts the image-free forward); decode: the reinforced layers
+        return site == "text" and (is_prefill or layer in self._scale)
+
     def plan(self, ctx: AttentionContext) -> Plan | None:
         if ctx.site != "text" or ctx.layout is None:
             return None
         if ctx.image_free:
-            return Plan(outputs=True) if self._capturing and ctx.layer in self._targets else None
+            return _OUTPUTS_PLAN if self._capturing and ctx.layer in self._targets else None
         if ctx.is_prefill:
             if self.reinforce_image_free:
                 if ctx.layer not in self._targets:
@@ -237,8 +242,8 @@ class VHR(Pass):
             elif self._free is None:
                 # first text attention call of the prefill: one plain image-free forward serves every target layer
                 self._run_image_free(ctx.layout, max(self._targets))
-            return Plan(outputs=True) if ctx.layer in self._targets else None
-        return Plan(outputs=True) if ctx.layer in self._scale else None
+            return _OUTPUTS_PLAN if ctx.layer in self._targets else None
+        return _OUTPUTS_PLAN if ctx.layer in self._scale else None
 
     def edit_outputs(self, ctx: AttentionContext, outputs: torch.Tensor) -> torch.Tensor:
         if ctx.image_free:

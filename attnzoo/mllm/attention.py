@@ -7,8 +7,9 @@ whole model (decoder and vision tower) and tags each attention module with its s
 
 When no pass is attached the function forwards its arguments unchanged to transformers' SDPA function (or
 to an eager implementation with ``attn_backend="eager"``), so outputs are bit-identical to the plain model.
-When passes are attached, each is asked for a :class:`Plan` for the call (site, layer, step); calls no pass
-plans for stay on SDPA. Otherwise:
+When passes are attached, each is first asked whether it may act at all in the call (``may_act(site, layer,
+is_prefill)``, a cheap check before any context is built: during decoding most layers never see a context),
+then for a :class:`Plan` (site, layer, step); calls no pass plans for stay on SDPA. Otherwise:
 
 1. ``edit_mask``: passes may change the boolean mask ``(B, 1 or H, q, kv)``, True = attend.
 2. Heads that some pass reads or edits scores/weights of are computed explicitly (float32 softmax, as the
@@ -137,7 +138,9 @@ class AttentionContext:
         return m.expand(self.batch_size, -1, -1, -1)
 
     def with_heads(self, heads: torch.Tensor | None) -> AttentionContext:
-        """A copy whose ``heads`` names the query heads of the tensors handed to a pass."""
+        """A copy whose ``heads`` names the query heads of the tensors handed to a pass (``self`` when unchanged)."""
+        if heads is None and self.heads is None:
+            return self
         c = copy.copy(self)  # shallow: shares the cached mask
         c.heads = heads
         return c
@@ -154,6 +157,16 @@ class AttentionPass:
     """
 
     site: str = "text"
+    #: False: ``edit_residual`` acts only in forwards without cached keys (prefill, image-free forwards), so the
+    #: wrapper installs the per-layer residual hooks only for those forwards and decoding runs without them.
+    residual_at_decode: bool = True
+
+    def may_act(self, site: str, layer: int, is_prefill: bool) -> bool:
+        """Cheap pre-check, called before any :class:`AttentionContext` is built: False when :meth:`plan` would
+        certainly return None (or a plan that does nothing) for an attention call at ``site`` / ``layer``
+        (``is_prefill``: no cached keys before the call). The default, True, always asks :meth:`plan`. Override it
+        with a set lookup or two (it runs once per pass per layer per decoded token); it must not read tensors."""
+        return True
 
     def plan(self, ctx: AttentionContext) -> Plan | None:
         """The pass's plan for this call, or None to leave it alone."""
@@ -287,10 +300,14 @@ def attnzoo_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if site is None:
         return _default_attention("sdpa", module, query, key, value, attention_mask, scaling, dropout, kwargs)
     runtime = site.runtime
-    if not runtime.passes:
-        return _default_attention(runtime.backend, module, query, key, value, attention_mask, scaling, dropout,
-                                  kwargs)
-    return runtime.run_attention(site, module, query, key, value, attention_mask, scaling, dropout, kwargs)
+    if runtime.passes:
+        # cheap pre-check before any context is built: during decoding most layers are left alone by every pass
+        is_prefill = query.shape[2] == key.shape[2]
+        for p in runtime.passes:
+            if p.may_act(site.site, site.layer, is_prefill):
+                return runtime.run_attention(site, module, query, key, value, attention_mask, scaling, dropout,
+                                             kwargs)
+    return _default_attention(runtime.backend, module, query, key, value, attention_mask, scaling, dropout, kwargs)
 
 
 def _head_list(heads: Sequence[int] | torch.Tensor | None, num_heads: int) -> tuple[int, ...]:
@@ -334,89 +351,29 @@ def _put(x: torch.Tensor, heads: tuple[int, ...], value: torch.Tensor) -> None:
 def run_passes(passes: Sequence[AttentionPass], ctx: AttentionContext, backend: str, module: torch.nn.Module,
                query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
                scaling: float, dropout: float, kwargs: dict[str, Any]) -> tuple[torch.Tensor, None]:
-    """Run one attention call with ``passes`` (each already asked for its plan). See the module docstring."""
-    plans = [(p, p.plan(ctx)) for p in passes]
-    plans = [(p, pl) for p, pl in plans
-             if pl is not None and (pl.mask or pl.explicit or pl.outputs or pl.replace or pl.key_groups)]
+    """Run one attention call with ``passes`` (each asked for its plan here). See the module docstring.
+
+    Host work matters: during decoding this runs once per edited layer per token, so the keep-mask tensor
+    (``ctx.mask``) is built only when some branch reads it, and a plan that only edits outputs or takes over
+    all heads with a fused key-group call goes straight to it."""
+    plans = []
+    takes_attention = False  # some plan edits the mask or takes over scores, weights or the whole computation
+    for p in passes:
+        pl = p.plan(ctx)
+        if pl is None:
+            continue
+        if pl.mask or pl.scores or pl.weights or pl.replace or pl.key_groups:
+            takes_attention = True
+        elif not pl.outputs:
+            continue
+        plans.append((p, pl))
     if not plans:
         return _default_attention(backend, module, query, key, value, attention_mask, scaling, dropout, kwargs)
-
-    num_heads, num_kv = query.shape[1], key.shape[1]
-    n_rep = num_heads // num_kv
-    grouped = [(p, pl) for p, pl in plans if pl.key_groups and (pl.heads is None or len(pl.heads) > 0)]
-    # a plain causal call of a key-group plan needs no mask tensor: the kernel applies causality itself
-    mask = None if grouped and ctx.base_mask is None and not any(pl.mask for _, pl in plans) else ctx.mask
-    for p, pl in plans:
-        if pl.mask:
-            mask = p.edit_mask(ctx, mask)
-            if mask.dtype != torch.bool or mask.dim() != 4:
-                raise ValueError(f"{type(p).__name__}.edit_mask must return a 4-D bool mask, got "
-                                 f"{mask.dtype} of shape {tuple(mask.shape)}")
-
-    replacers = [(p, pl) for p, pl in plans if pl.replace]
-    explicit = [(p, pl) for p, pl in plans if pl.explicit and (pl.heads is None or len(pl.heads) > 0)]
-    if grouped:
-        if len(grouped) > 1 or replacers or explicit:
-            names = [type(p).__name__ for p, _ in grouped + replacers + explicit]
-            raise ValueError(f"passes {names} both take over attention weights at {ctx.site} layer {ctx.layer}; "
-                             "attach only one of them")
-        out = _grouped_heads(grouped[0][0], _head_list(grouped[0][1].heads, num_heads), ctx, module, query, key,
-                             value, mask, scaling, dropout)
-    elif not replacers and not explicit and not any(pl.mask for _, pl in plans):
-        # only per-head outputs change: the attention itself is the plain one
+    if takes_attention:
+        out = _changed_attention(plans, ctx, backend, module, query, key, value, attention_mask, scaling, dropout,
+                                 kwargs)
+    else:  # only per-head outputs change: the attention itself is the plain one
         out, _ = _default_attention(backend, module, query, key, value, attention_mask, scaling, dropout, kwargs)
-    elif replacers:
-        if len(replacers) > 1 or explicit:
-            names = [type(p).__name__ for p, _ in replacers + explicit]
-            raise ValueError(f"passes {names} both take over attention weights at {ctx.site} layer {ctx.layer}; "
-                             "attach only one of them")
-        p, _ = replacers[0]
-        out = p.attend(ctx, query, key, value, mask).transpose(1, 2)
-    elif explicit:
-        heads_per_pass = [_head_list(pl.heads, num_heads) for _, pl in explicit]
-        sel = tuple(sorted(set().union(*heads_per_pass)))  # heads computed explicitly
-        slot = {h: i for i, h in enumerate(sel)}  # position of a head inside the explicit sub-tensor
-        kv_sel = tuple(sorted({h // n_rep for h in sel}))
-        kv_slot = {h: i for i, h in enumerate(kv_sel)}
-        q_s = _take(query, sel)
-        k_s, v_s = _take(key, kv_sel), _take(value, kv_sel)
-        rep = tuple(kv_slot[h // n_rep] for h in sel)  # kv head of each selected query head
-        if rep != tuple(range(len(rep))):
-            k_s, v_s = _take(k_s, rep), _take(v_s, rep)
-        m_s = mask if mask.shape[1] == 1 else _take(mask, sel)
-        scores = torch.matmul(q_s, k_s.transpose(2, 3)).mul_(scaling).float()
-        scores = scores.masked_fill(~m_s, torch.finfo(torch.float32).min)
-        for (p, pl), heads in zip(explicit, heads_per_pass):
-            if pl.scores:
-                pos = tuple(slot[h] for h in heads)
-                _put(scores, pos, p.edit_scores(ctx.with_heads(_index(heads, query.device)),
-                                                _take(scores, pos)))
-        weights = torch.softmax(scores, dim=-1)
-        for (p, pl), heads in zip(explicit, heads_per_pass):
-            if pl.weights:
-                pos = tuple(slot[h] for h in heads)
-                _put(weights, pos, p.edit_weights(ctx.with_heads(_index(heads, query.device)),
-                                                  _take(weights, pos)))
-        weights = torch.nn.functional.dropout(weights.to(query.dtype), p=dropout, training=module.training)
-        out_s = torch.matmul(weights, v_s)  # (B, h, q, D)
-        if len(sel) == num_heads:
-            out = out_s
-        else:
-            rest = tuple(h for h in range(num_heads) if h not in slot)
-            kv_rest = tuple(h // n_rep for h in rest)
-            out_r = _sdpa_heads(_take(query, rest), _take(key, kv_rest),
-                                _take(value, kv_rest),
-                                mask if mask.shape[1] == 1 else _take(mask, rest), scaling, dropout,
-                                module)
-            out = query.new_empty(query.shape[0], num_heads, query.shape[2], value.shape[-1])
-            _put(out, sel, out_s)
-            _put(out, rest, out_r)
-        out = out.transpose(1, 2)
-    else:
-        out = _sdpa_heads(query, key.repeat_interleave(n_rep, 1) if n_rep > 1 else key,
-                          value.repeat_interleave(n_rep, 1) if n_rep > 1 else value,
-                          mask, scaling, dropout, module).transpose(1, 2)
-
     out = out.contiguous()
     for p, pl in plans:
         if pl.outputs:
@@ -424,23 +381,108 @@ def run_passes(passes: Sequence[AttentionPass], ctx: AttentionContext, backend: 
     return out, None
 
 
-def _grouped_heads(pass_obj: AttentionPass, heads: tuple[int, ...], ctx: AttentionContext, module: torch.nn.Module,
-                   query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                   scaling: float, dropout: float) -> torch.Tensor:
-    """A ``key_groups`` plan: fused per-group attention of ``heads``, combined by the pass; the other heads on
-    SDPA. ``mask`` is the (edited) bool keep-mask, or None for a plain causal call. Returns ``(B, q, H, D)``."""
-    from ..kernels.grouped_attention import key_group_attention
+def _changed_attention(plans: list[tuple[AttentionPass, Plan]], ctx: AttentionContext, backend: str,
+                       module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, scaling: float, dropout: float,
+                       kwargs: dict[str, Any]) -> torch.Tensor:
+    """The attention of a call in which some plan edits the mask or takes over weights; returns ``(B, q, H, D)``."""
+    if len(plans) == 1 and ctx.base_mask is None:  # e.g. VAR while decoding: one fused call, nothing else to do
+        p, pl = plans[0]
+        if pl.key_groups and pl.heads is None and not (pl.mask or pl.scores or pl.weights or pl.replace):
+            return _grouped_heads(p, None, ctx, module, query, key, value, None, scaling, dropout)
+    num_heads, num_kv = query.shape[1], key.shape[1]
+    n_rep = num_heads // num_kv
+    edits_mask = any(pl.mask for _, pl in plans)
+    grouped = [(p, pl) for p, pl in plans if pl.key_groups and (pl.heads is None or len(pl.heads) > 0)]
+    replacers = [(p, pl) for p, pl in plans if pl.replace]
+    explicit = [(p, pl) for p, pl in plans if pl.explicit and (pl.heads is None or len(pl.heads) > 0)]
+    if not (grouped or replacers or explicit or edits_mask):  # plans on empty head sets: the plain attention
+        return _default_attention(backend, module, query, key, value, attention_mask, scaling, dropout, kwargs)[0]
 
+    # a plain causal call of a key-group plan needs no mask tensor: the kernel applies causality itself
+    mask = None if grouped and ctx.base_mask is None and not edits_mask else ctx.mask
+    for p, pl in plans:
+        if pl.mask:
+            mask = p.edit_mask(ctx, mask)
+            if mask.dtype != torch.bool or mask.dim() != 4:
+                raise ValueError(f"{type(p).__name__}.edit_mask must return a 4-D bool mask, got "
+                                 f"{mask.dtype} of shape {tuple(mask.shape)}")
+
+    if grouped:
+        if len(grouped) > 1 or replacers or explicit:
+            names = [type(p).__name__ for p, _ in grouped + replacers + explicit]
+            raise ValueError(f"passes {names} both take over attention weights at {ctx.site} layer {ctx.layer}; "
+                             "attach only one of them")
+        p, pl = grouped[0]
+        return _grouped_heads(p, None if pl.heads is None else _head_list(pl.heads, num_heads), ctx, module, query,
+                              key, value, mask, scaling, dropout)
+    if replacers:
+        if len(replacers) > 1 or explicit:
+            names = [type(p).__name__ for p, _ in replacers + explicit]
+            raise ValueError(f"passes {names} both take over attention weights at {ctx.site} layer {ctx.layer}; "
+                             "attach only one of them")
+        p, _ = replacers[0]
+        return p.attend(ctx, query, key, value, mask).transpose(1, 2)
+    if not explicit:  # mask edits only
+        return _sdpa_heads(query, key.repeat_interleave(n_rep, 1) if n_rep > 1 else key,
+                           value.repeat_interleave(n_rep, 1) if n_rep > 1 else value,
+                           mask, scaling, dropout, module).transpose(1, 2)
+
+    heads_per_pass = [_head_list(pl.heads, num_heads) for _, pl in explicit]
+    sel = tuple(sorted(set().union(*heads_per_pass)))  # heads computed explicitly
+    slot = {h: i for i, h in enumerate(sel)}  # position of a head inside the explicit sub-tensor
+    kv_sel = tuple(sorted({h // n_rep for h in sel}))
+    kv_slot = {h: i for i, h in enumerate(kv_sel)}
+    q_s = _take(query, sel)
+    k_s, v_s = _take(key, kv_sel), _take(value, kv_sel)
+    rep = tuple(kv_slot[h // n_rep] for h in sel)  # kv head of each selected query head
+    if rep != tuple(range(len(rep))):
+        k_s, v_s = _take(k_s, rep), _take(v_s, rep)
+    m_s = mask if mask.shape[1] == 1 else _take(mask, sel)
+    scores = torch.matmul(q_s, k_s.transpose(2, 3)).mul_(scaling).float()
+    scores = scores.masked_fill(~m_s, torch.finfo(torch.float32).min)
+    for (p, pl), heads in zip(explicit, heads_per_pass):
+        if pl.scores:
+            pos = tuple(slot[h] for h in heads)
+            _put(scores, pos, p.edit_scores(ctx.with_heads(_index(heads, query.device)), _take(scores, pos)))
+    weights = torch.softmax(scores, dim=-1)
+    for (p, pl), heads in zip(explicit, heads_per_pass):
+        if pl.weights:
+            pos = tuple(slot[h] for h in heads)
+            _put(weights, pos, p.edit_weights(ctx.with_heads(_index(heads, query.device)), _take(weights, pos)))
+    weights = torch.nn.functional.dropout(weights.to(query.dtype), p=dropout, training=module.training)
+    out_s = torch.matmul(weights, v_s)  # (B, h, q, D)
+    if len(sel) == num_heads:
+        return out_s.transpose(1, 2)
+    rest = tuple(h for h in range(num_heads) if h not in slot)
+    kv_rest = tuple(h // n_rep for h in rest)
+    out_r = _sdpa_heads(_take(query, rest), _take(key, kv_rest), _take(value, kv_rest),
+                        mask if mask.shape[1] == 1 else _take(mask, rest), scaling, dropout, module)
+    out = query.new_empty(query.shape[0], num_heads, query.shape[2], value.shape[-1])
+    _put(out, sel, out_s)
+    _put(out, rest, out_r)
+    return out.transpose(1, 2)
+
+
+def _grouped_heads(pass_obj: AttentionPass, heads: tuple[int, ...] | None, ctx: AttentionContext,
+                   module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   mask: torch.Tensor | None, scaling: float, dropout: float) -> torch.Tensor:
+    """A ``key_groups`` plan: fused per-group attention of ``heads`` (None = all), combined by the pass; the other
+    heads on SDPA. ``mask`` is the (edited) bool keep-mask, or None for a plain causal call. Returns
+    ``(B, q, H, D)``."""
     if module.training and dropout > 0:
         raise ValueError(f"{type(pass_obj).__name__}: key_groups plans are inference-only (attention dropout "
                          f"{dropout} in training mode); call model.eval()")
     num_heads, num_kv = query.shape[1], key.shape[1]
-    n_rep = num_heads // num_kv
-    all_heads = len(heads) == num_heads
+    all_heads = heads is None or len(heads) == num_heads
     if all_heads:
         fused = pass_obj.fused_key_groups(ctx, query, key, value, mask)
         if fused is not None:
             return fused
+        heads = tuple(range(num_heads))
+    from ..kernels.grouped_attention import key_group_attention
+
+    n_rep = num_heads // num_kv
     ids, groups = pass_obj.key_groups(ctx)
     if all_heads:
         q_s, k_s, v_s, m_s = query, key, value, mask

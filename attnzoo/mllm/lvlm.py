@@ -13,7 +13,15 @@ from typing import Any
 import torch
 
 from .._logging import get_logger, log_once
-from .attention import ATTN_NAME, AttentionContext, AttentionPass, _Site, register, run_passes
+from .attention import (
+    ATTN_NAME,
+    AttentionContext,
+    AttentionPass,
+    _default_attention,
+    _Site,
+    register,
+    run_passes,
+)
 from .layout import ImageSpan, TokenLayout, runs
 from .templates import CHAT_TEMPLATES
 
@@ -62,31 +70,38 @@ class _Runtime:
 
     def context(self, site: _Site, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                 attention_mask: torch.Tensor | None, scaling: float, kwargs: dict[str, Any]) -> AttentionContext:
-        q_len, kv_len = query.shape[2], key.shape[2]
+        batch, heads, q_len, head_dim = query.shape
+        kv_heads, kv_len = key.shape[1], key.shape[2]
         causal = kwargs.get("is_causal")
         causal = bool(getattr(module, "is_causal", site.site == "text")) if causal is None else bool(causal)
         layout = self.layout
-        if site.site == "text" and layout is not None and layout.batch_size != query.shape[0]:
-            log_once(logger, f"layout batch {layout.batch_size} != attention batch {query.shape[0]}: passes get "
+        if layout is not None and site.site == "text" and layout.input_ids.shape[0] != batch:
+            log_once(logger, f"layout batch {layout.batch_size} != attention batch {batch}: passes get "
                              "layout=None for this call (use lvlm.use_layout with the batch's layout)",
                      level=30)
             layout = None
-        step = kv_len - layout.prompt_length if layout is not None else kv_len - q_len
+        step = kv_len - (layout.input_ids.shape[1] if layout is not None else q_len)  # the prompt length
         return AttentionContext(
-            site=site.site, layer=site.layer, num_layers=site.num_layers, num_heads=query.shape[1],
-            num_kv_heads=key.shape[1], head_dim=query.shape[-1], batch_size=query.shape[0], q_length=q_len,
-            kv_length=kv_len, is_prefill=kv_len == q_len, step=max(step, 0), layout=layout,
-            image_free=self.image_free, module=module, scaling=scaling, causal=causal, device=query.device,
-            base_mask=attention_mask,
+            site=site.site, layer=site.layer, num_layers=site.num_layers, num_heads=heads, num_kv_heads=kv_heads,
+            head_dim=head_dim, batch_size=batch, q_length=q_len, kv_length=kv_len, is_prefill=kv_len == q_len,
+            step=step if step > 0 else 0, layout=layout, image_free=self.image_free, module=module, scaling=scaling,
+            causal=causal, device=query.device, base_mask=attention_mask,
         )
 
     def run_attention(self, site: _Site, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                       value: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None,
                       dropout: float, kwargs: dict[str, Any]) -> tuple[torch.Tensor, None]:
+        """One attention call with passes attached: the passes that may act (``may_act``) get a context and are
+        asked for their plans (:func:`attnzoo.mllm.attention.run_passes`)."""
+        is_prefill = query.shape[2] == key.shape[2]
+        passes = [p for p in self.passes if p.may_act(site.site, site.layer, is_prefill)]
+        if not passes:
+            return _default_attention(self.backend, module, query, key, value, attention_mask, scaling, dropout,
+                                      kwargs)
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         ctx = self.context(site, module, query, key, attention_mask, scaling, kwargs)
-        return run_passes(self.passes, ctx, self.backend, module, query, key, value, attention_mask, scaling,
-                          dropout, kwargs)
+        return run_passes(passes, ctx, self.backend, module, query, key, value, attention_mask, scaling, dropout,
+                          kwargs)
 
 
 @dataclass
@@ -108,6 +123,7 @@ class PassHandle:
         rt = self.lvlm._runtime
         rt.passes = [p for p in rt.passes if p is not self.pass_obj]
         self.lvlm._handles = [h for h in self.lvlm._handles if h is not self]
+        self.lvlm._update_residual_hooks()
         self.pass_obj.on_detach(self.lvlm)
         self.removed = True
 
@@ -156,6 +172,8 @@ class LVLM:
         self.family = family
         self._runtime = _Runtime(attn_backend)
         self._handles: list[PassHandle] = []
+        self._stack_hook: Any = None  # pre-hook on the decoder stack managing the per-layer residual hooks
+        self._layer_hooks: list[Any] = []  # the per-layer residual hooks, while installed
         if getattr(processor, "tokenizer", None) is not None:
             processor.tokenizer.padding_side = "left"
         text_cfg = model.config.get_text_config()
@@ -248,8 +266,9 @@ class LVLM:
     def attach(self, pass_obj: AttentionPass) -> PassHandle:
         """Attach ``pass_obj`` (an :class:`AttentionPass`); returns a handle that is a context manager.
 
-        Passes act in attach order. A pass overriding ``edit_residual`` gets forward pre-hooks on the
-        decoder layers, registered only while it is attached.
+        Passes act in attach order. While a pass overriding ``edit_residual`` is attached, the decoder layers
+        carry forward pre-hooks that call it (all such passes, in attach order); when every such pass has
+        ``residual_at_decode = False`` the hooks are taken off for forwards with cached keys (decode steps).
         """
         if not isinstance(pass_obj, AttentionPass):
             raise TypeError(f"attach expects an attnzoo.mllm.AttentionPass, got {type(pass_obj).__name__}")
@@ -257,12 +276,9 @@ class LVLM:
             raise ValueError(f"{type(pass_obj).__name__} is already attached to this model")
         pass_obj.on_attach(self)
         handle = PassHandle(self, pass_obj)
-        if type(pass_obj).edit_residual is not AttentionPass.edit_residual:
-            for i, layer in enumerate(self.decoder_layers):
-                handle.hooks.append(layer.register_forward_pre_hook(self._residual_hook(pass_obj, i),
-                                                                    with_kwargs=True))
         self._runtime.passes.append(pass_obj)
         self._handles.append(handle)
+        self._update_residual_hooks()
         if self._runtime.layout is not None:
             pass_obj.on_layout(self._runtime.layout)
         return handle
@@ -272,13 +288,49 @@ class LVLM:
         for handle in list(self._handles):
             handle.remove()
 
-    def _residual_hook(self, pass_obj: AttentionPass, index: int) -> Any:
+    def _residual_passes(self) -> list[AttentionPass]:
+        return [p for p in self._runtime.passes if type(p).edit_residual is not AttentionPass.edit_residual]
+
+    def _update_residual_hooks(self) -> None:
+        """After an attach or a detach: the decoder-stack pre-hook (and the per-layer hooks) exist exactly while
+        some attached pass overrides ``edit_residual``; right after an attach the per-layer hooks are on."""
+        if self._residual_passes():
+            if self._stack_hook is None:
+                self._stack_hook = self.language_model.register_forward_pre_hook(self._on_decoder_forward,
+                                                                                 with_kwargs=True)
+            self._set_layer_hooks(True)
+        else:
+            if self._stack_hook is not None:
+                self._stack_hook.remove()
+                self._stack_hook = None
+            self._set_layer_hooks(False)
+
+    def _set_layer_hooks(self, on: bool) -> None:
+        if on and not self._layer_hooks:
+            self._layer_hooks = [layer.register_forward_pre_hook(self._residual_hook(i), with_kwargs=True)
+                                 for i, layer in enumerate(self.decoder_layers)]
+        elif not on and self._layer_hooks:
+            for h in self._layer_hooks:
+                h.remove()
+            self._layer_hooks = []
+
+    def _on_decoder_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """Decoder-stack pre-hook: per-layer residual hooks only for forwards that some residual pass acts in
+        (a module with hooks takes torch's slower call path, and decoding calls every layer once per token)."""
+        cache = kwargs.get("past_key_values")
+        cached = cache is not None and cache.get_seq_length() > 0
+        self._set_layer_hooks(not cached or any(p.residual_at_decode for p in self._residual_passes()))
+
+    def _residual_hook(self, index: int) -> Any:
         attn = self.decoder_layers[index].self_attn
 
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
             hidden = args[0] if args else kwargs["hidden_states"]
             cache = kwargs.get("past_key_values")
             past = cache.get_seq_length(index) if cache is not None else 0
+            passes = [p for p in self._residual_passes() if past == 0 or p.residual_at_decode]
+            if not passes:
+                return None
             q_len = hidden.shape[1]
             layout = self._runtime.layout
             if layout is not None and layout.batch_size != hidden.shape[0]:
@@ -291,12 +343,16 @@ class LVLM:
                 image_free=self._runtime.image_free, module=attn, scaling=self.head_dim ** -0.5, causal=True,
                 device=hidden.device,
             )
-            new = pass_obj.edit_residual(ctx, hidden)
-            if new is None:
+            changed = False
+            for pass_obj in passes:
+                new = pass_obj.edit_residual(ctx, hidden)
+                if new is not None:
+                    hidden, changed = new, True
+            if not changed:
                 return None
             if args:
-                return (new, *args[1:]), kwargs
-            kwargs["hidden_states"] = new
+                return (hidden, *args[1:]), kwargs
+            kwargs["hidden_states"] = hidden
             return args, kwargs
 
         return hook
@@ -570,6 +626,9 @@ class _VisionRecorder(AttentionPass):
 
     def __init__(self, layers: set[int], store: dict[int, list[torch.Tensor]]) -> None:
         self.layers, self.store = layers, store
+
+    def may_act(self, site: str, layer: int, is_prefill: bool) -> bool:
+        return site == "vision" and layer in self.layers
 
     def plan(self, ctx: AttentionContext) -> Any:
         from .attention import Plan

@@ -142,6 +142,39 @@ def test_cca_positions_only_and_mask_only_differ():
     assert not torch.allclose(outs[0], outs[2], atol=1e-4) and not torch.allclose(outs[1], outs[2], atol=1e-4)
 
 
+class _Cache:
+    def __init__(self, length):
+        self.length = length
+
+    def get_seq_length(self, layer_idx=0):
+        return self.length
+
+
+def test_cca_position_shift_of_prompt_decode_and_a_chunk_across_the_prompt_end():
+    """The position rewrite's three cases (whole prompt, decode step, a chunk spanning the prompt's end) against
+    the reference positions (the model's plain position ids count real tokens from 0, as ``generate`` does)."""
+    lvlm, _ = tiny_pair()
+    batch = lvlm.prepare(images(), PROMPTS)
+    ids, attn = batch.layout.input_ids, batch.layout.attention_mask
+    positions, _, shift = _reference_positions_and_mask(ids, attn, lvlm.image_token_id)
+    length = batch.layout.prompt_length
+    pad = batch.layout.num_pad.cpu()
+    cca = mitigation.CCA()
+    cca.on_layout(batch.layout)
+    for past, q_len in ((0, length), (length + 2, 1), (length - 3, 5)):
+        slots = torch.arange(past, past + q_len)  # KV-cache slots (padded positions) of the queries
+        plain = slots[None, :] - pad[:, None]
+        kwargs = dict(inputs_embeds=torch.zeros(2, q_len, 8), past_key_values=_Cache(past), position_ids=plain,
+                      attention_mask=torch.ones(2, past + q_len, dtype=torch.long))
+        _, new = cca._rewrite_positions(None, (), kwargs)
+        in_prompt = slots < length
+        expected = torch.where(in_prompt[None, :], positions[:, slots.clamp_max(length - 1)],
+                               shift[:, None] + slots[None, :] - length)
+        real = attn.bool()[:, slots.clamp_max(length - 1)] | ~in_prompt[None, :]  # padding is never attended
+        assert real.sum() >= q_len
+        assert torch.equal(new["position_ids"][real], expected[real]), (past, q_len)
+
+
 @pytest.mark.parametrize("family, message", [("qwen2_vl", "M-RoPE"), ("llava_next", "tiles")])
 def test_cca_refuses_other_families(family, message):
     from attnzoo.mllm import build_tiny, wrap

@@ -237,6 +237,62 @@ def test_residual_hook_sees_layer_inputs():
     assert not torch.allclose(shifted, plain.logits)
 
 
+class _OrderedProbe(AttentionPass):
+    """Logs ``(name, layer, is_prefill)`` per residual call and whether decoder layer 0 carries hooks per text
+    attention call; adds ``add`` to the residual."""
+
+    def __init__(self, name, log, lvlm, at_decode, add=0.0):
+        self.name, self.log, self.lvlm, self.add = name, log, lvlm, add
+        self.residual_at_decode = at_decode
+        self.hooked: list[tuple[bool, bool]] = []  # (is_prefill, layer 0 has pre-hooks) per text attention call
+
+    def plan(self, ctx):
+        if ctx.site == "text":
+            self.hooked.append((ctx.is_prefill, bool(self.lvlm.decoder_layers[0]._forward_pre_hooks)))
+        return None
+
+    def edit_residual(self, ctx, hidden):
+        self.log.append((self.name, ctx.layer, ctx.is_prefill))
+        return hidden + self.add if self.add else None
+
+
+def test_prefill_only_residual_hooks_are_off_while_decoding():
+    """A pass with ``residual_at_decode = False`` sees every layer at prefill and no decode step, and decode steps
+    run without per-layer hooks; next to an every-step residual pass both act in attach order, chained."""
+    lvlm = wrapped("llava")
+    batch = lvlm.prepare(images(), PROMPTS)
+    n = lvlm.num_layers
+    gen = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=lvlm.tokenizer.pad_token_id,
+               output_logits=True, return_dict_in_generate=True)
+
+    def generate():
+        with torch.no_grad(), lvlm.use_layout(batch.layout):
+            return lvlm.model.generate(**batch.inputs, **gen)
+
+    plain = generate()
+    log: list = []
+    prefill_only = _OrderedProbe("prefill", log, lvlm, at_decode=False)
+    with lvlm.attach(prefill_only):
+        out = generate()
+    assert log == [("prefill", i, True) for i in range(n)]
+    hooked = prefill_only.hooked
+    assert {h for p, h in hooked if p} == {True} and {h for p, h in hooked if not p} == {False}
+    assert torch.equal(out.sequences, plain.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(out.logits, plain.logits))
+
+    log.clear()
+    always = _OrderedProbe("always", log, lvlm, at_decode=True)
+    with lvlm.attach(_OrderedProbe("prefill", log, lvlm, at_decode=False, add=0.5)), lvlm.attach(always):
+        shifted = generate()
+    prefill_calls = [c for c in log if c[2]]
+    assert prefill_calls == [(name, i, True) for i in range(n) for name in ("prefill", "always")]
+    assert [c for c in log if not c[2]] == [("always", i, False) for _ in range(2) for i in range(n)]
+    assert {h for _, h in always.hooked} == {True}  # an every-step pass keeps the hooks on while decoding
+    assert not torch.allclose(shifted.logits[0], plain.logits[0]), "the residual edit must act"
+    assert not lvlm.language_model._forward_pre_hooks
+    assert all(not layer._forward_pre_hooks for layer in lvlm.decoder_layers)
+
+
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_capture_vision_attention_matches_eager(family):
     lvlm = wrapped(family)
