@@ -627,7 +627,7 @@ def na_backward(grad_out, q, k, v, out, lse, kernel_size, stride, dilation, is_c
     has_rpb = rpb is not None
     rpb_grad = has_rpb and need_rpb_grad
     rpb_f = rpb.detach().float().contiguous() if has_rpb else lse
-    drpb = torch.zeros_like(rpb_f) if rpb_grad else lse
+    drpb = torch.empty_like(rpb_f) if rpb_grad else lse  # zeroed right before each dq launch (time_fn)
     glse = grad_lse.float().contiguous() if grad_lse is not None else lse
     strides = (*q_strides, *k_strides, *v_strides, *_dense_strides(out), lse.stride(0), lse.stride(-2))
     key = ("bwd", q.shape, k.shape[-2], q_strides, k_strides, v_strides, q.dtype, kernel_size, stride, dilation,

@@ -262,14 +262,28 @@ class _NAFusedEager(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        return _na_grads(ctx, grad_out, grad_lse, _na_backward_impl)
+        return _na_grads(ctx, grad_out, grad_lse, _na_backward_eager)
 
 
-def _na_fused(*inputs):
-    """(out, lse) from the fused kernels: the custom op when torch.compile traces, else the eager twin."""
+def _na_backward_eager(grad_out, grad_lse, q, k, v, out, lse, rpb, additional_keys, additional_values, kernel_size,
+                       stride, dilation, is_causal, scale, need_rpb_grad):
+    """``_na_backward_impl`` without the custom op's list and layout contract (eager autograd takes any strides)."""
+    from . import _na_triton
+
+    dq, dk, dv, drpb, dak, dav = _na_triton.na_backward(
+        grad_out, q, k, v, out, lse, kernel_size, stride, dilation, is_causal, scale, rpb, additional_keys,
+        additional_values, need_rpb_grad=need_rpb_grad, grad_lse=grad_lse)
+    return (dq, dk, dv) + ((drpb,) if need_rpb_grad else ()) + ((dak, dav) if additional_keys is not None else ())
+
+
+def _na_fused(q, k, v, rpb, additional_keys, additional_values, kernel_size, stride, dilation, is_causal, scale):
+    """(out, lse) from the fused kernels: the custom op when torch.compile traces (per-axis arguments as
+    lists, as its schema says), else the eager twin (tuples, which the launch plans use as cache keys)."""
     if torch.compiler.is_compiling():
-        return torch.ops.attnzoo.na_forward(*inputs)
-    return _NAFusedEager.apply(*inputs)
+        return torch.ops.attnzoo.na_forward(q, k, v, rpb, additional_keys, additional_values, list(kernel_size),
+                                            list(stride), list(dilation), list(is_causal), scale)
+    return _NAFusedEager.apply(q, k, v, rpb, additional_keys, additional_values, kernel_size, stride, dilation,
+                               is_causal, scale)
 
 
 def _na(na_dim: int, q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb, additional_keys,
@@ -278,8 +292,8 @@ def _na(na_dim: int, q, k, v, kernel_size, stride, dilation, is_causal, scale, r
         na_dim, q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb, additional_keys, additional_values)
     backend = resolve_backend(q.device, f"na{na_dim}d")
     if backend == "triton":
-        out, lse = _na_fused(q, k, v, rpb, additional_keys, additional_values, list(kernel_size), list(stride),
-                             list(dilation), list(is_causal), scale)
+        out, lse = _na_fused(q, k, v, rpb, additional_keys, additional_values, kernel_size, stride, dilation,
+                             is_causal, scale)
     elif backend == "flex":
         from ._na_flex import na_flex
 
