@@ -1,14 +1,17 @@
 """Counterfactual attention forward in Triton (see :mod:`attnzoo.kernels.counterfactual_attention`).
 
 One program owns BLOCK_M queries of one (batch, head) and sweeps the keys once with the flash-attention online
-softmax. Besides the usual running maximum ``m``, denominator ``l`` and weighted value sum ``acc`` (all relative
-to ``m``) it keeps the plain sum of the kept values ``sv`` (one more dot, of the 0/1 keep tile with the values)
-and the count ``n`` of kept keys. The largest weight of a row is ``1 / l`` (the maximum's own term is
-``exp(0) = 1``), so the edited outputs need no second pass:
+softmax: running maximum ``m``, denominator ``l = sum p_j`` and weighted value sum ``acc = sum p_j v_j``, with
+``p_j = exp(s_j - m)``. The largest weight of a row is ``1 / l`` (the maximum's own term is ``exp(0) = 1``), so
+with ``D = sum_j (1 - p_j) v_j`` and ``R = sum_j (1 - p_j)`` over the kept keys the edited outputs need no second
+pass:
 
-    reverse            sum_j (1/l - p_j/l) v_j                  = (sv - acc) / l
-    reverse_normalize  that / sum_j (1/l - p_j/l) = (sv - acc) / (n - l)   (0 where n - l = 0: one key, a flat row)
-    uniform            sv / real_keys[b]
+    reverse            sum_j (1/l - p_j/l) v_j                       = D / l
+    reverse_normalize  that / sum_j (1/l - p_j/l)                    = D / R   (0 where R = 0: one key, a flat row)
+    uniform            sum_j v_j / real_keys[b]
+
+``D`` and ``R`` are accumulated directly (one more dot per tile), not as ``S - acc`` and ``n - l``, which cancel
+in nearly flat rows.
 
 The CPU interpreter computes bfloat16 ``tl.dot`` wrongly (triton 3.8), so there bfloat16 tiles are upcast to
 float32 before the dots. Imported lazily (only when the triton backend runs). Forward only.
@@ -78,10 +81,9 @@ def _counterfactual_fwd_kernel(
         vt = tl.load(v_base + kn[:, None] * stride_vn + d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
         if DOT_F32:
             vt = vt.to(tl.float32)
-        # 0/1 weights are exact in every dtype: sv is the exact sum of the kept values (fp32 accumulation)
-        sv += tl.dot(keep.to(vt.dtype), vt, input_precision=DOT_PREC)
-        n_i += tl.sum(keep.to(tl.float32), 1)
-        if KIND != 2:  # uniform needs no scores
+        if KIND == 2:  # uniform needs no scores; 0/1 weights are exact in every dtype (fp32 accumulation)
+            sv += tl.dot(keep.to(vt.dtype), vt, input_precision=DOT_PREC)
+        else:
             kt = tl.load(k_base + kn[:, None] * stride_kn + d[None, :], mask=kv_ok[:, None] & d_ok[None, :],
                          other=0.0)
             if DOT_F32:
@@ -91,17 +93,24 @@ def _counterfactual_fwd_kernel(
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
+            # sv - acc and n - l accumulated directly, as sums of (1 - p_j) >= 0: no cancellation, and the
+            # weights rounded for the dot are the small (1 - p_j) themselves (as the explicit path rounds
+            # w_max - w_j). A new maximum turns the old (1 - p_j) into (1 - alpha p_j): add (1 - alpha) * acc / l.
+            rest_p = tl.where(keep, 1.0 - p, 0.0)
+            grow = 1.0 - alpha
+            sv = sv + grow[:, None] * acc + tl.dot(rest_p.to(vt.dtype), vt, input_precision=DOT_PREC)
+            n_i = n_i + grow * l_i + tl.sum(rest_p, 1)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
             m_i = m_new
 
-    if KIND == 0:  # (sv - acc) / l; a query with no key left (l = 0) gets zeros
+    # sv: sum_j (1 - p_j) v_j = l * (w_max S - O); n_i: sum_j (1 - p_j) = l * (w_max n - 1)
+    if KIND == 0:  # divided by l; a query with no key left (l = 0) gets zeros
         inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
-        out = (sv - acc) * inv[:, None]
-    elif KIND == 1:  # (sv - acc) / (n - l); n - l = 0 exactly for one key or a flat row: zeros, like 0 / 0 -> 0
-        rest = n_i - l_i
-        inv = tl.where(rest > 0, 1.0 / tl.where(rest > 0, rest, 1.0), 0.0)
-        out = (sv - acc) * inv[:, None]
+        out = sv * inv[:, None]
+    elif KIND == 1:  # divided by n - l, which is 0 exactly for one key or a flat row: zeros, like 0 / 0 -> 0
+        inv = tl.where(n_i > 0, 1.0 / tl.where(n_i > 0, n_i, 1.0), 0.0)
+        out = sv * inv[:, None]
     else:
         out = sv / tl.load(REAL + b)
     tl.store(O + b * stride_ob + h * stride_oh + qi[:, None] * stride_on + d[None, :],

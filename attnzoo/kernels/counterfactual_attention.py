@@ -124,21 +124,21 @@ def counterfactual_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Te
             keep = keep[None, None].expand(batch, 1, -1, -1)
         # (B, Hkv, rep * size, Lkv), rows ordered like qg's
         keep = keep.expand(-1, heads, -1, -1).reshape(batch, kv_heads, rep * size, kv_len)
-        kept = keep.to(work)
-        summed = torch.matmul(kept, vw)  # S: sum of the kept values
         if kind == "uniform":
-            edited = summed / real_keys.to(work)[:, None, None, None]
+            edited = torch.matmul(keep.to(work), vw) / real_keys.to(work)[:, None, None, None]
         else:
             scores = torch.matmul(qg[:, :, :, start:stop].reshape(batch, kv_heads, rep * size, dim), kt) * scale
             scores = scores.masked_fill(~keep, float("-inf"))
             top = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(work).min)  # finite on rows with no key
-            p = torch.exp(scores - top)  # the row maximum's own term is 1
-            total = p.sum(-1, keepdim=True)  # l: w_j = p_j / l, w_max = 1 / l
-            diff = summed - torch.matmul(p, vw)  # l * (w_max S - O)
+            # p_j = exp(s_j - max): the row maximum's own term is 1, w_j = p_j / l, w_max = 1 / l; the sums of
+            # (1 - p_j) are taken directly (-expm1), not as n - l, which cancels in nearly flat rows
+            rest_p = (-torch.expm1(scores - top)).masked_fill(~keep, 0.0)
+            diff = torch.matmul(rest_p, vw)  # l * (w_max S - O)
             if kind == "reverse":
+                total = torch.exp(scores - top).sum(-1, keepdim=True)  # l
                 edited = diff / torch.where(total > 0, total, 1.0)
-            else:  # l * (w_max n - 1) = n - l
-                rest = kept.sum(-1, keepdim=True) - total
+            else:  # l * (w_max n - 1) = sum (1 - p_j)
+                rest = rest_p.sum(-1, keepdim=True)
                 edited = torch.where(rest > 0, diff / torch.where(rest > 0, rest, 1.0), 0.0)
         out[:, :, start:stop] = edited.view(batch, heads, size, dim).to(out.dtype)
     return out
