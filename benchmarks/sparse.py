@@ -1,7 +1,7 @@
 """Routed (BiFormer) and halo (HaloNet) attention on the GPU: correctness, then every formulation side by side.
 
 Run on a CUDA machine: ``python benchmarks/sparse.py [--out DIR] [--only SUBSTR ...] [--no-flex] [--skip-halo]
-[--variants NAME ...] [--hp-sweep]``.
+[--variants NAME ...]``.
 
 1. Correctness: the triton, flex and torch backends against the float64 reference on small random shapes,
    forward and backward, fp32 and bf16; then the triton backend against the fp32 torch backend at a real
@@ -16,8 +16,6 @@ Run on a CUDA machine: ``python benchmarks/sparse.py [--out DIR] [--only SUBSTR 
      kv projections to the output: ``timm`` (HaloAttn.forward with its convolutions replaced by the
      precomputed projections, so exactly timm's code path), ``flex``, ``unfold`` (our torch backend),
      ``ours``, and ``dense sdpa`` over the stage.
-   ``--hp-sweep`` adds ``ours hp=N`` rows: the fused kernels forced to N heads per program (the other
-   choice than the shape rule's, see ``_routed_triton._heads_per_program``).
    Effective TFLOP/s count the kept query-key pairs only (4 * pairs * d forward, 3.5x that forward+backward).
    Memory: peak allocated during one forward+backward above what the inputs hold.
 Results: ``OUT/sparse_bench.json`` (``$OUT`` or ``--out``), rewritten after every row; a markdown table
@@ -27,7 +25,6 @@ at the end.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -100,22 +97,20 @@ def check_small(dev: torch.device, backends: tuple[str, ...], halo: bool = True)
             want = torch.autograd.grad(ref, cpu64, grad)
             errs = [rel_err(out, ref)] + [rel_err(g, w) for g, w in zip(got, want)]
             rows.append(dict(op="routed", backend=backend, dtype=str(dtype), rel_err_out_dq_dk_dv=errs))
-            # routed with 2x2-token regions (BiFormer stage 3), 12x8 map: one head per program and all heads
-            for hp in (1, 2):
-                q, k, v = (torch.randn(2, 12, 8, 2, 32, generator=gen) for _ in range(3))
-                index = torch.stack([torch.stack([torch.randperm(24, generator=gen)[:5] for _ in range(24)])
-                                     for _ in range(2)])
-                inputs = [t.to(dev, dtype).requires_grad_() for t in (q, k, v)]
-                cpu64 = [t.double().requires_grad_() for t in (q, k, v)]
-                with K.use_backend(backend), heads_per_program(hp):
-                    out = routed_attention(*inputs, index.to(dev), (6, 4))
-                ref = routed_attention_reference(*cpu64, index, (6, 4))
-                grad = torch.randn_like(ref)
-                got = torch.autograd.grad(out, inputs, grad.to(dev, dtype))
-                want = torch.autograd.grad(ref, cpu64, grad)
-                errs = [rel_err(out, ref)] + [rel_err(g, w) for g, w in zip(got, want)]
-                rows.append(dict(op=f"routed 2x2 regions hp={hp}", backend=backend, dtype=str(dtype),
-                                 rel_err_out_dq_dk_dv=errs))
+            # routed with 2x2-token regions (BiFormer stage 3), 12x8 map
+            q, k, v = (torch.randn(2, 12, 8, 2, 32, generator=gen) for _ in range(3))
+            index = torch.stack([torch.stack([torch.randperm(24, generator=gen)[:5] for _ in range(24)])
+                                 for _ in range(2)])
+            inputs = [t.to(dev, dtype).requires_grad_() for t in (q, k, v)]
+            cpu64 = [t.double().requires_grad_() for t in (q, k, v)]
+            with K.use_backend(backend):
+                out = routed_attention(*inputs, index.to(dev), (6, 4))
+            ref = routed_attention_reference(*cpu64, index, (6, 4))
+            grad = torch.randn_like(ref)
+            got = torch.autograd.grad(out, inputs, grad.to(dev, dtype))
+            want = torch.autograd.grad(ref, cpu64, grad)
+            errs = [rel_err(out, ref)] + [rel_err(g, w) for g, w in zip(got, want)]
+            rows.append(dict(op="routed 2x2 regions", backend=backend, dtype=str(dtype), rel_err_out_dq_dk_dv=errs))
             # halo: 16x24 map, block 8, halo 3, stride 2 and 1, position tables
             for stride in (1, 2) if halo else ():
                 q = torch.randn(2, 16 // stride, 24 // stride, 2, 32, generator=gen)
@@ -150,6 +145,16 @@ def check_routing(dev: torch.device) -> list[dict]:
         rows.append(dict(op=f"region_routing {name} fp32 triton vs torch",
                          index_equal_fraction=(i_ours == i_ref).float().mean().item(),
                          weight_rel_err=rel_err(w_ours, w_ref)))
+        # bf16 inputs (tf32 logits) against the torch ops on the same values in fp32
+        qh, kh = q.bfloat16(), k.bfloat16()
+        with K.use_backend("triton"):
+            w_ours, i_ours = region_routing(qh, kh, n_win, topk, scale=dim ** -0.5)
+        with K.use_backend("torch"):
+            w_ref, i_ref = region_routing(qh.float(), kh.float(), n_win, topk, scale=dim ** -0.5)
+        rows.append(dict(op=f"region_routing {name} bf16 triton vs fp32 torch on the bf16 values",
+                         index_equal_fraction=(i_ours == i_ref).float().mean().item(),
+                         same_set_fraction=(i_ours.sort(-1).values == i_ref.sort(-1).values).all(-1).float().mean()
+                         .item(), weight_rel_err=rel_err(w_ours, w_ref)))
     return rows
 
 
@@ -246,22 +251,9 @@ def official_bra(q, k, v, n_win, topk, scale):
         b, h, w, heads, d)
 
 
-@contextlib.contextmanager
-def heads_per_program(hp: int | None):
-    """Force the fused routed kernels to ``hp`` heads per program (None: the shape rule)."""
-    from attnzoo.kernels import _routed_triton
-
-    previous = _routed_triton.HEADS_PER_PROGRAM
-    _routed_triton.HEADS_PER_PROGRAM = hp
-    try:
-        yield
-    finally:
-        _routed_triton.HEADS_PER_PROGRAM = previous
-
-
-def ours_routed(backend, hp: int | None = None):
+def ours_routed(backend):
     def fn(q, k, v, n_win, topk, scale):
-        with K.use_backend(backend), heads_per_program(hp):
+        with K.use_backend(backend):
             _, index = region_routing(q.flatten(3).detach(), k.flatten(3).detach(), n_win, topk, scale=scale)
             return routed_attention(q, k, v, index, n_win, scale=scale)
     return fn
@@ -284,8 +276,7 @@ class _Given(torch.nn.Module):
         return self.value
 
 
-def bench_routed(name, cfg, dev, flex: bool, only_flex: bool = False, keep: set[str] | None = None,
-                 hp_sweep: bool = False) -> list[dict]:
+def bench_routed(name, cfg, dev, flex: bool, only_flex: bool = False, keep: set[str] | None = None) -> list[dict]:
     b, m, dim, heads, n_win, topk = cfg
     d = dim // heads
     scale = dim ** -0.5
@@ -302,11 +293,6 @@ def bench_routed(name, cfg, dev, flex: bool, only_flex: bool = False, keep: set[
         variants = {"flex": variants["flex"]} if flex else {}
     if keep is not None:
         variants = {key: fn for key, fn in variants.items() if key in keep}
-    if hp_sweep:  # the other heads-per-program choice than the shape rule's
-        from attnzoo.kernels._routed_triton import _heads_per_program
-
-        other = 1 if _heads_per_program(heads, t) > 1 else heads
-        variants[f"ours hp={other}"] = lambda: ours_routed("triton", other)(q, k, v, n_win, topk, scale)
     rows = []
     for var, fn in variants.items():
         row = dict(op="routed", shape=name, variant=var, batch=b, map=m, heads=heads, head_dim=d, n_win=n_win,
@@ -430,8 +416,6 @@ def main() -> None:
     parser.add_argument("--skip-halo", action="store_true", help="routed checks and rows only")
     parser.add_argument("--variants", nargs="*", default=None,
                         help="routed variants to time (official, gather+sdpa, ours, dense sdpa, flex)")
-    parser.add_argument("--hp-sweep", nargs="*", default=None,
-                        help="shape names (substrings) that also get the other heads-per-program choice")
     args = parser.parse_args()
     dev = torch.device("cuda")
     torch._dynamo.config.cache_size_limit = 64
@@ -460,9 +444,8 @@ def main() -> None:
         if args.only and not any(s in name for s in args.only):
             continue
         t0 = time.time()
-        sweep = args.hp_sweep is not None and any(x in name for x in args.hp_sweep)
         result["rows"] += bench_routed(name, cfg, dev, flex=not args.no_flex and name in FLEX_ROUTED,
-                                       only_flex=args.only_flex, hp_sweep=sweep,
+                                       only_flex=args.only_flex,
                                        keep=set(args.variants) if args.variants else None)
         save()
         print(f"{name} done in {time.time() - t0:.1f}s", flush=True)

@@ -1,13 +1,10 @@
 """Fused Triton kernels for routed (BiFormer) attention and its coarse routing. Imported lazily by routed.py.
 
 Layout: q, k (B, H, W, heads, d_qk), v (B, H, W, heads, d_v); regions are rh x rw token rectangles with
-row-major ids. Each attention program owns one (query region, query chunk, batch, group of heads) and walks
-the routed key regions straight from k and v: a key tile packs KR regions x KT tokens, addresses computed
-from the region id read from the routing table, so no gathered copy ever exists. The routing is shared by
-all heads, so a program loops over HP heads: the routing table, the addresses and the launch are paid once
-per group rather than once per head (what small regions, e.g. BiFormer's 2x2-token regions at stage 3, are
-bound by). Online softmax in base 2 (the Triton fused-attention tutorial's scheme); saved for backward:
-output and log2-sum-exp only.
+row-major ids. Each attention program owns one (query region, query chunk, batch * head) and walks the
+routed key regions straight from k and v: a key tile packs KR regions x KT tokens, addresses computed from
+the region id read from the routing table, so no gathered copy ever exists. Online softmax in base 2 (the
+Triton fused-attention tutorial's scheme); saved for backward: output and log2-sum-exp only.
 
 Backward: dq walks the same key tiles as the forward. dk/dv are key-centric: an inverse routing table (for
 every key region, the query regions that chose it, repeats included) built by one small kernel lets each
@@ -15,8 +12,8 @@ program own one key chunk and accumulate over its queries, so nothing is written
 needed.
 
 Routing (``region_routing`` on this backend): one kernel takes the region means of q and k (fp32), a second
-the region affinity (fp32 dot) and its top-k by repeated row maxima, writing the index (int64) and the
-softmax of the kept logits: two launches where the torch formulation takes about eight.
+the region affinity (fp32 accumulation) and its top-k by repeated row maxima, writing the index (int64) and
+the softmax of the kept logits: two launches where the torch formulation takes about eight.
 """
 
 from __future__ import annotations
@@ -25,15 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._logging import get_logger, log_once
 from ._backend import triton_interpreting
 
 _LOG2E = 1.4426950408889634
-logger = get_logger("attnzoo.kernels")
-
-# Heads per program: None = by shape (see _heads_per_program); an int forces it (benchmarks compare both).
-HEADS_PER_PROGRAM: int | None = None
-
 
 @triton.jit
 def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
@@ -80,7 +71,8 @@ def _region_means(Q, K, MEANS, sqb, sqy, sqx, skb, sky, skx, B, R, C, inv_t,
 
 @triton.jit
 def _region_topk(MEANS, IDX, WEIGHT, B, R, C, scale,
-                 TOPK: tl.constexpr, KP: tl.constexpr, RB: tl.constexpr, RP: tl.constexpr, CB: tl.constexpr):
+                 TOPK: tl.constexpr, KP: tl.constexpr, RB: tl.constexpr, RP: tl.constexpr, CB: tl.constexpr,
+                 PREC: tl.constexpr):
     """Affinity of RB query regions with all key regions, then its top-k (decreasing; ties to the lower id)."""
     pid, b = tl.program_id(0), tl.program_id(1)
     rows = pid * RB + tl.arange(0, RB)
@@ -94,22 +86,31 @@ def _region_topk(MEANS, IDX, WEIGHT, B, R, C, scale,
                      other=0.0)
         km = tl.load(MEANS + ((B + b) * R + cols[None, :]) * C + offs_c[:, None], mask=s_ok[None, :] & c_ok[:, None],
                      other=0.0)  # (CB, RP)
-        logits += tl.dot(qm, km, input_precision="ieee")
-    logits = tl.where(s_ok[None, :], logits * scale, float("-inf"))
+        logits += tl.dot(qm, km, input_precision=PREC)
+    logits = logits * scale
+    # One int64 key per logit: an order-preserving integer image of the fp32 value in the high half, the
+    # reversed column in the low half, so that one max per pick gives the best logit and, among equal
+    # ones, the lowest region id (one reduction per pick instead of two).
+    bits = logits.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    key = (ordered.to(tl.int64) << 32) | (RP - 1 - cols[None, :]).to(tl.int64)
+    lowest = tl.full([RB, RP], -9223372036854775808, tl.int64)
+    key = tl.where(s_ok[None, :], key, lowest)
     slots = tl.arange(0, KP)
-    top_val = tl.full([RB, KP], float("-inf"), tl.float32)
-    top_idx = tl.zeros([RB, KP], tl.int32)
+    top_key = tl.full([RB, KP], -9223372036854775808, tl.int64)
     for j in range(TOPK):
-        best = tl.max(logits, 1)
-        arg = tl.min(tl.where(logits == best[:, None], cols[None, :], RP), 1)
-        top_val = tl.where(slots[None, :] == j, best[:, None], top_val)
-        top_idx = tl.where(slots[None, :] == j, arg[:, None], top_idx)
-        logits = tl.where(cols[None, :] == arg[:, None], float("-inf"), logits)
+        best = tl.max(key, 1)
+        top_key = tl.where(slots[None, :] == j, best[:, None], top_key)
+        key = tl.where(key == best[:, None], lowest, key)  # keys are unique within a row
+    top_idx = RP - 1 - (top_key & 0xFFFFFFFF).to(tl.int32)
+    top_ordered = (top_key >> 32).to(tl.int32)
+    top_val = tl.where(top_ordered >= 0, top_ordered, top_ordered ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
     # softmax of the kept logits; the first kept one is the row maximum
-    first = tl.max(top_val, 1)
-    e = tl.where(slots[None, :] < TOPK, tl.exp(top_val - first[:, None]), 0.0)
+    kept = slots[None, :] < TOPK
+    first = tl.sum(tl.where(slots[None, :] == 0, top_val, 0.0), 1)
+    e = tl.where(kept, tl.exp(tl.where(kept, top_val, 0.0) - first[:, None]), 0.0)
     weight = e / tl.sum(e, 1)[:, None]
-    out_ok = r_ok[:, None] & (slots[None, :] < TOPK)
+    out_ok = r_ok[:, None] & kept
     offs = (b * R + rows[:, None]) * TOPK + slots[None, :]
     tl.store(IDX + offs, top_idx.to(tl.int64), mask=out_ok)
     tl.store(WEIGHT + offs, weight.to(WEIGHT.dtype.element_ty), mask=out_ok)
@@ -125,13 +126,15 @@ def region_routing_triton(q: torch.Tensor, k: torch.Tensor, nh: int, nw: int, to
     means = torch.empty(2, b, r, c, device=q.device, dtype=torch.float32)
     _region_means[(r, b)](q, k, means, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                           b, r, c, 1.0 / t, RH=rh, RW=rw, NW=nw, T=t, TB=min(_pow2(t), 64),
-                          CB=min(_pow2(c), 64), num_warps=4)
+                          CB=min(_pow2(c), max(16, 4096 // min(_pow2(t), 64))), num_warps=4)
     index = torch.empty(b, r, topk, device=q.device, dtype=torch.int64)
     weight = torch.empty(b, r, topk, device=q.device, dtype=q.dtype)
-    # every program reads all key means: larger query blocks on large region grids (less re-reading)
-    rb, warps = (32, 8) if r > 64 else (16, 4)
-    _region_topk[(triton.cdiv(r, rb), b)](means, index, weight, b, r, c, scale, TOPK=topk, KP=_pow2(topk), RB=rb,
-                                          RP=max(16, _pow2(r)), CB=32, num_warps=warps)
+    rp = max(16, _pow2(r))
+    # fp32 inputs: exact fp32 logits; half inputs: tf32 dots, still finer than the torch ops' half rounding.
+    # Few warps: the top-k is a chain of row reductions, cheapest within a warp.
+    _region_topk[(triton.cdiv(r, 16), b)](means, index, weight, b, r, c, scale, TOPK=topk, KP=_pow2(topk), RB=16,
+                                          RP=rp, CB=32, PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                                          num_warps=min(8, max(2, rp // 32)))
     return weight, index
 
 
@@ -142,126 +145,120 @@ def region_routing_triton(q: torch.Tensor, k: torch.Tensor, nh: int, nw: int, to
 def _routed_fwd(Q, K, V, IDX, O, LSE,
                 sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh,
                 sib, sir, sis, sob, soy, sox, soh,
-                W, NTOK, HEADS, HG, scale_log2, D_REAL, DV_REAL,
+                W, NTOK, HEADS, scale_log2, D_REAL, DV_REAL,
                 RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, MT: tl.constexpr,
-                TOPK: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr, KT: tl.constexpr, KR: tl.constexpr,
+                TOPK: tl.constexpr, BLOCK_M: tl.constexpr, KT: tl.constexpr, KR: tl.constexpr,
                 D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    pid, g = tl.program_id(0), tl.program_id(1)
-    b, h0 = g // HG, (g % HG) * HP
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // HEADS, bh % HEADS
     r, mt = pid // MT, pid % MT
     offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < T
     qy, qx = _tile_coords(r, offs_m, RH, RW, NW)
     offs_d, offs_dv = tl.arange(0, D), tl.arange(0, DV)
     offs_n = tl.arange(0, KR * KT)
-    for hh in range(HP):
-        h = h0 + hh
-        q = tl.load(Q + b * sqb + qy[:, None] * sqy + qx[:, None] * sqx + h * sqh + offs_d[None, :],
-                    mask=m_ok[:, None] & (offs_d[None, :] < D_REAL), other=0.0)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, DV], tl.float32)
-        for s0 in range(0, TOPK, KR):
-            slot = s0 + offs_n // KT
-            slot_ok = slot < TOPK
-            reg = tl.load(IDX + b * sib + r * sir + slot * sis, mask=slot_ok, other=0).to(tl.int32)
-            for t0 in range(0, T, KT):
-                tok = t0 + offs_n % KT
-                n_ok = slot_ok & (tok < T)
-                ky, kx = _tile_coords(reg, tok, RH, RW, NW)
-                kt = tl.load(K + b * skb + ky[None, :] * sky + kx[None, :] * skx + h * skh + offs_d[:, None],
-                             mask=n_ok[None, :] & (offs_d[:, None] < D_REAL), other=0.0)  # (D, N)
-                s = _dot(q, kt, PREC, UPCAST) * scale_log2
-                s = tl.where(n_ok[None, :], s, float("-inf"))
-                # online softmax: rescale what was accumulated when the running max grows
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                p = tl.exp2(s - m_new[:, None])
-                alpha = tl.exp2(m_i - m_new)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                vt = tl.load(V + b * svb + ky[:, None] * svy + kx[:, None] * svx + h * svh + offs_dv[None, :],
-                             mask=n_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)  # (N, DV)
-                acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, PREC, UPCAST)
-                m_i = m_new
-        acc = acc / l_i[:, None]
-        tl.store(O + b * sob + qy[:, None] * soy + qx[:, None] * sox + h * soh + offs_dv[None, :],
-                 acc.to(O.dtype.element_ty), mask=m_ok[:, None] & (offs_dv[None, :] < DV_REAL))
-        # LSE: (B, heads, H*W) float32, base 2
-        tl.store(LSE + (b * HEADS + h) * NTOK + qy * W + qx, m_i + tl.log2(l_i), mask=m_ok)
+    q = tl.load(Q + b * sqb + qy[:, None] * sqy + qx[:, None] * sqx + h * sqh + offs_d[None, :],
+                mask=m_ok[:, None] & (offs_d[None, :] < D_REAL), other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV], tl.float32)
+    for s0 in range(0, TOPK, KR):
+        slot = s0 + offs_n // KT
+        slot_ok = slot < TOPK
+        reg = tl.load(IDX + b * sib + r * sir + slot * sis, mask=slot_ok, other=0).to(tl.int32)
+        for t0 in range(0, T, KT):
+            tok = t0 + offs_n % KT
+            n_ok = slot_ok & (tok < T)
+            ky, kx = _tile_coords(reg, tok, RH, RW, NW)
+            kt = tl.load(K + b * skb + ky[None, :] * sky + kx[None, :] * skx + h * skh + offs_d[:, None],
+                         mask=n_ok[None, :] & (offs_d[:, None] < D_REAL), other=0.0)  # (D, N)
+            s = _dot(q, kt, PREC, UPCAST) * scale_log2
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+            # online softmax: rescale what was accumulated when the running max grows
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vt = tl.load(V + b * svb + ky[:, None] * svy + kx[:, None] * svx + h * svh + offs_dv[None, :],
+                         mask=n_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)  # (N, DV)
+            acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, PREC, UPCAST)
+            m_i = m_new
+    acc = acc / l_i[:, None]
+    tl.store(O + b * sob + qy[:, None] * soy + qx[:, None] * sox + h * soh + offs_dv[None, :],
+             acc.to(O.dtype.element_ty), mask=m_ok[:, None] & (offs_dv[None, :] < DV_REAL))
+    # LSE: (B, heads, H*W) float32, base 2
+    tl.store(LSE + bh * NTOK + qy * W + qx, m_i + tl.log2(l_i), mask=m_ok)
 
 
 @triton.jit
 def _routed_bwd_dq(Q, K, V, IDX, DO, O, LSE, DELTA, DQ,
                    sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh,
                    sib, sir, sis, sdob, sdoy, sdox, sdoh, sob, soy, sox, soh,
-                   W, NTOK, HEADS, HG, scale_log2, scale, D_REAL, DV_REAL,
+                   W, NTOK, HEADS, scale_log2, scale, D_REAL, DV_REAL,
                    RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, MT: tl.constexpr,
-                   TOPK: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr, KT: tl.constexpr,
+                   TOPK: tl.constexpr, BLOCK_M: tl.constexpr, KT: tl.constexpr,
                    KR: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    pid, g = tl.program_id(0), tl.program_id(1)
-    b, h0 = g // HG, (g % HG) * HP
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // HEADS, bh % HEADS
     r, mt = pid // MT, pid % MT
     offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < T
     qy, qx = _tile_coords(r, offs_m, RH, RW, NW)
     offs_d, offs_dv = tl.arange(0, D), tl.arange(0, DV)
     offs_n = tl.arange(0, KR * KT)
-    for hh in range(HP):
-        h = h0 + hh
-        bh = b * HEADS + h
-        q = tl.load(Q + b * sqb + qy[:, None] * sqy + qx[:, None] * sqx + h * sqh + offs_d[None, :],
-                    mask=m_ok[:, None] & (offs_d[None, :] < D_REAL), other=0.0)
-        do = tl.load(DO + b * sdob + qy[:, None] * sdoy + qx[:, None] * sdox + h * sdoh + offs_dv[None, :],
-                     mask=m_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)
-        o = tl.load(O + b * sob + qy[:, None] * soy + qx[:, None] * sox + h * soh + offs_dv[None, :],
-                    mask=m_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO * O), reused by the dk/dv pass
-        tl.store(DELTA + bh * NTOK + qy * W + qx, delta, mask=m_ok)
-        lse = tl.load(LSE + bh * NTOK + qy * W + qx, mask=m_ok, other=0.0)
-        dq = tl.zeros([BLOCK_M, D], tl.float32)
-        for s0 in range(0, TOPK, KR):
-            slot = s0 + offs_n // KT
-            slot_ok = slot < TOPK
-            reg = tl.load(IDX + b * sib + r * sir + slot * sis, mask=slot_ok, other=0).to(tl.int32)
-            for t0 in range(0, T, KT):
-                tok = t0 + offs_n % KT
-                n_ok = slot_ok & (tok < T)
-                ky, kx = _tile_coords(reg, tok, RH, RW, NW)
-                k = tl.load(K + b * skb + ky[:, None] * sky + kx[:, None] * skx + h * skh + offs_d[None, :],
-                            mask=n_ok[:, None] & (offs_d[None, :] < D_REAL), other=0.0)  # (N, D)
-                v = tl.load(V + b * svb + ky[:, None] * svy + kx[:, None] * svx + h * svh + offs_dv[None, :],
-                            mask=n_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)  # (N, DV)
-                s = _dot(q, tl.trans(k), PREC, UPCAST) * scale_log2
-                p = tl.where(n_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
-                dp = _dot(do, tl.trans(v), PREC, UPCAST)
-                ds = p * (dp - delta[:, None])
-                dq += _dot(ds.to(k.dtype), k, PREC, UPCAST)
-        tl.store(DQ + b * sqb + qy[:, None] * sqy + qx[:, None] * sqx + h * sqh + offs_d[None, :],
-                 (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < D_REAL))
+    q = tl.load(Q + b * sqb + qy[:, None] * sqy + qx[:, None] * sqx + h * sqh + offs_d[None, :],
+                mask=m_ok[:, None] & (offs_d[None, :] < D_REAL), other=0.0)
+    do = tl.load(DO + b * sdob + qy[:, None] * sdoy + qx[:, None] * sdox + h * sdoh + offs_dv[None, :],
+                 mask=m_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)
+    o = tl.load(O + b * sob + qy[:, None] * soy + qx[:, None] * sox + h * soh + offs_dv[None, :],
+                mask=m_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO * O), reused by the dk/dv pass
+    tl.store(DELTA + bh * NTOK + qy * W + qx, delta, mask=m_ok)
+    lse = tl.load(LSE + bh * NTOK + qy * W + qx, mask=m_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    for s0 in range(0, TOPK, KR):
+        slot = s0 + offs_n // KT
+        slot_ok = slot < TOPK
+        reg = tl.load(IDX + b * sib + r * sir + slot * sis, mask=slot_ok, other=0).to(tl.int32)
+        for t0 in range(0, T, KT):
+            tok = t0 + offs_n % KT
+            n_ok = slot_ok & (tok < T)
+            ky, kx = _tile_coords(reg, tok, RH, RW, NW)
+            k = tl.load(K + b * skb + ky[:, None] * sky + kx[:, None] * skx + h * skh + offs_d[None, :],
+                        mask=n_ok[:, None] & (offs_d[None, :] < D_REAL), other=0.0)  # (N, D)
+            v = tl.load(V + b * svb + ky[:, None] * svy + kx[:, None] * svx + h * svh + offs_dv[None, :],
+                        mask=n_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)  # (N, DV)
+            s = _dot(q, tl.trans(k), PREC, UPCAST) * scale_log2
+            p = tl.where(n_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+            dp = _dot(do, tl.trans(v), PREC, UPCAST)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(k.dtype), k, PREC, UPCAST)
+    tl.store(DQ + b * sqb + qy[:, None] * sqy + qx[:, None] * sqx + h * sqh + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < D_REAL))
 
 
 @triton.jit
 def _routed_inverse(IDX, STARTS, COUNTS, QLIST, sib, sir, sis, R,
-                    TOPK: tl.constexpr, SB: tl.constexpr, RQ: tl.constexpr, EB: tl.constexpr):
+                    TOPK: tl.constexpr, KP: tl.constexpr, SB: tl.constexpr, RQ: tl.constexpr):
     """Inverse routing table of one batch element, for SB key regions: the query regions that chose each one
     (a region chosen twice by one query region is listed twice), stored contiguously in key-region order
-    in the batch's segment QLIST[b * R * TOPK:], with STARTS / COUNTS per (batch, key region)."""
+    in the batch's segment QLIST[b * R * TOPK:], with STARTS / COUNTS per (batch, key region). The routing
+    table is read in (RQ, topk) tiles, one load per tile: this kernel is bound by load latency."""
     pid, b = tl.program_id(0), tl.program_id(1)
     s0 = pid * SB
     keys = s0 + tl.arange(0, SB)
     keys_ok = keys < R
-    # entries naming a key region before this chunk: where the chunk's lists start
-    before = 0
-    for e0 in range(0, R * TOPK, EB):
-        e = e0 + tl.arange(0, EB)
-        val = tl.load(IDX + b * sib + (e // TOPK) * sir + (e % TOPK) * sis, mask=e < R * TOPK, other=R)
-        before += tl.sum((val < s0).to(tl.int32))
-    offs_r = tl.arange(0, RQ)
+    offs_r, slots = tl.arange(0, RQ), tl.arange(0, KP)
+    before = 0  # entries naming a key region before this chunk: where the chunk's lists start
     counts = tl.zeros([SB], tl.int32)
     for r0 in range(0, R, RQ):  # pass 1: how often each key region is named
         rows = r0 + offs_r
+        tile = tl.load(IDX + b * sib + rows[:, None] * sir + slots[None, :] * sis,
+                       mask=(rows < R)[:, None] & (slots < TOPK)[None, :], other=-1).to(tl.int32)
+        before += tl.sum(tl.sum(((tile >= 0) & (tile < s0)).to(tl.int32), 1), 0)
         hits = tl.zeros([RQ, SB], tl.int32)
         for j in range(TOPK):
-            col = tl.load(IDX + b * sib + rows * sir + j * sis, mask=rows < R, other=-1).to(tl.int32)
+            col = tl.sum(tl.where(slots[None, :] == j, tile, 0), 1)
             hits += (col[:, None] == keys[None, :]).to(tl.int32)
         counts += tl.sum(hits, 0)
     starts = b * R * TOPK + before + tl.cumsum(counts, 0) - counts
@@ -270,9 +267,11 @@ def _routed_inverse(IDX, STARTS, COUNTS, QLIST, sib, sir, sis, R,
     filled = tl.zeros([SB], tl.int32)
     for r0 in range(0, R, RQ):  # pass 2: write each query region at its place in each list, in row order
         rows = r0 + offs_r
+        tile = tl.load(IDX + b * sib + rows[:, None] * sir + slots[None, :] * sis,
+                       mask=(rows < R)[:, None] & (slots < TOPK)[None, :], other=-1).to(tl.int32)
         hits = tl.zeros([RQ, SB], tl.int32)
         for j in range(TOPK):
-            col = tl.load(IDX + b * sib + rows * sir + j * sis, mask=rows < R, other=-1).to(tl.int32)
+            col = tl.sum(tl.where(slots[None, :] == j, tile, 0), 1)
             hits += (col[:, None] == keys[None, :]).to(tl.int32)
         pos = starts[None, :] + filled[None, :] + tl.cumsum(hits, 0) - hits
         for c in range(0, tl.max(tl.max(hits, 1), 0)):  # a region named c+1 times by a row gets c+1 entries
@@ -284,12 +283,12 @@ def _routed_inverse(IDX, STARTS, COUNTS, QLIST, sib, sir, sis, R,
 def _routed_bwd_dkdv(Q, K, V, DO, LSE, DELTA, STARTS, COUNTS, QLIST, DK, DV_OUT,
                      sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh,
                      sdob, sdoy, sdox, sdoh,
-                     W, NTOK, HEADS, HG, R, scale_log2, scale, D_REAL, DV_REAL,
+                     W, NTOK, HEADS, R, scale_log2, scale, D_REAL, DV_REAL,
                      RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, NT: tl.constexpr,
-                     HP: tl.constexpr, BLOCK_N: tl.constexpr, QT: tl.constexpr, QE: tl.constexpr,
+                     BLOCK_N: tl.constexpr, QT: tl.constexpr, QE: tl.constexpr,
                      D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    pid, g = tl.program_id(0), tl.program_id(1)
-    b, h0 = g // HG, (g % HG) * HP
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // HEADS, bh % HEADS
     kr, nt = pid // NT, pid % NT
     offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < T
@@ -299,41 +298,38 @@ def _routed_bwd_dkdv(Q, K, V, DO, LSE, DELTA, STARTS, COUNTS, QLIST, DK, DV_OUT,
     # the query regions that routed to this key region (one entry per choice, repeats included)
     start = tl.load(STARTS + b * R + kr)
     end = start + tl.load(COUNTS + b * R + kr)
-    for hh in range(HP):
-        h = h0 + hh
-        bh = b * HEADS + h
-        k = tl.load(K + b * skb + ky[:, None] * sky + kx[:, None] * skx + h * skh + offs_d[None, :],
-                    mask=n_ok[:, None] & (offs_d[None, :] < D_REAL), other=0.0)
-        v = tl.load(V + b * svb + ky[:, None] * svy + kx[:, None] * svx + h * svh + offs_dv[None, :],
-                    mask=n_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)
-        dk = tl.zeros([BLOCK_N, D], tl.float32)
-        dv = tl.zeros([BLOCK_N, DV], tl.float32)
-        for e0 in range(start, end, QE):
-            entry = e0 + offs_m // QT
-            e_ok = entry < end
-            qr = tl.load(QLIST + entry, mask=e_ok, other=0)
-            for t0 in range(0, T, QT):
-                tok = t0 + offs_m % QT
-                m_ok = e_ok & (tok < T)
-                qy, qx = _tile_coords(qr, tok, RH, RW, NW)
-                q = tl.load(Q + b * sqb + qy[:, None] * sqy + qx[:, None] * sqx + h * sqh + offs_d[None, :],
-                            mask=m_ok[:, None] & (offs_d[None, :] < D_REAL), other=0.0)  # (M, D)
-                do = tl.load(DO + b * sdob + qy[:, None] * sdoy + qx[:, None] * sdox + h * sdoh + offs_dv[None, :],
-                             mask=m_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)  # (M, DV)
-                lse = tl.load(LSE + bh * NTOK + qy * W + qx, mask=m_ok, other=0.0)
-                delta = tl.load(DELTA + bh * NTOK + qy * W + qx, mask=m_ok, other=0.0)
-                st = _dot(k, tl.trans(q), PREC, UPCAST) * scale_log2  # (N, M)
-                pt = tl.where(m_ok[None, :], tl.exp2(st - lse[None, :]), 0.0)
-                dv += _dot(pt.to(do.dtype), do, PREC, UPCAST)
-                dpt = _dot(v, tl.trans(do), PREC, UPCAST)
-                dst = pt * (dpt - delta[None, :])
-                dk += _dot(dst.to(q.dtype), q, PREC, UPCAST)
-        # DK, DV_OUT are contiguous (B, H, W, heads, d)
-        tok_off = ((b * (NTOK // W) + ky) * W + kx) * HEADS + h
-        tl.store(DK + tok_off[:, None] * D_REAL + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
-                 mask=n_ok[:, None] & (offs_d[None, :] < D_REAL))
-        tl.store(DV_OUT + tok_off[:, None] * DV_REAL + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty),
-                 mask=n_ok[:, None] & (offs_dv[None, :] < DV_REAL))
+    k = tl.load(K + b * skb + ky[:, None] * sky + kx[:, None] * skx + h * skh + offs_d[None, :],
+                mask=n_ok[:, None] & (offs_d[None, :] < D_REAL), other=0.0)
+    v = tl.load(V + b * svb + ky[:, None] * svy + kx[:, None] * svx + h * svh + offs_dv[None, :],
+                mask=n_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, DV], tl.float32)
+    for e0 in range(start, end, QE):
+        entry = e0 + offs_m // QT
+        e_ok = entry < end
+        qr = tl.load(QLIST + entry, mask=e_ok, other=0)
+        for t0 in range(0, T, QT):
+            tok = t0 + offs_m % QT
+            m_ok = e_ok & (tok < T)
+            qy, qx = _tile_coords(qr, tok, RH, RW, NW)
+            q = tl.load(Q + b * sqb + qy[:, None] * sqy + qx[:, None] * sqx + h * sqh + offs_d[None, :],
+                        mask=m_ok[:, None] & (offs_d[None, :] < D_REAL), other=0.0)  # (M, D)
+            do = tl.load(DO + b * sdob + qy[:, None] * sdoy + qx[:, None] * sdox + h * sdoh + offs_dv[None, :],
+                         mask=m_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)  # (M, DV)
+            lse = tl.load(LSE + bh * NTOK + qy * W + qx, mask=m_ok, other=0.0)
+            delta = tl.load(DELTA + bh * NTOK + qy * W + qx, mask=m_ok, other=0.0)
+            st = _dot(k, tl.trans(q), PREC, UPCAST) * scale_log2  # (N, M)
+            pt = tl.where(m_ok[None, :], tl.exp2(st - lse[None, :]), 0.0)
+            dv += _dot(pt.to(do.dtype), do, PREC, UPCAST)
+            dpt = _dot(v, tl.trans(do), PREC, UPCAST)
+            dst = pt * (dpt - delta[None, :])
+            dk += _dot(dst.to(q.dtype), q, PREC, UPCAST)
+    # DK, DV_OUT are contiguous (B, H, W, heads, d)
+    tok_off = ((b * (NTOK // W) + ky) * W + kx) * HEADS + h
+    tl.store(DK + tok_off[:, None] * D_REAL + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+             mask=n_ok[:, None] & (offs_d[None, :] < D_REAL))
+    tl.store(DV_OUT + tok_off[:, None] * DV_REAL + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty),
+             mask=n_ok[:, None] & (offs_dv[None, :] < DV_REAL))
 
 
 def _pow2(n: int) -> int:
@@ -351,20 +347,6 @@ def _tiles(t: int, topk: int) -> dict:
     kr = max(16 // kt, min(64 // kt, _pow2(topk)), 1)
     block_m = max(16, min(_pow2(t), 64))
     return dict(BLOCK_M=block_m, KT=kt, KR=kr)
-
-
-def _heads_per_program(heads: int, t: int) -> int:
-    """Heads one program loops over. Regions under 16 tokens leave most of a 16-row tile empty and make a
-    program's work tiny; there the launch, routing-table and address work is shared by all heads. Larger
-    regions keep one head per program (more programs in flight)."""
-    if HEADS_PER_PROGRAM is not None:
-        hp = max(1, min(int(HEADS_PER_PROGRAM), heads))
-        while heads % hp:
-            hp -= 1
-        return hp
-    hp = heads if t < 16 else 1
-    log_once(logger, f"routed_attention (triton): {hp} head(s) per program for {t}-token regions")
-    return hp
 
 
 def _prec(dtype: torch.dtype) -> dict:
@@ -392,13 +374,12 @@ class _RoutedAttention(torch.autograd.Function):
         t = rh * rw
         tiles = _tiles(t, topk)
         mt = triton.cdiv(t, tiles["BLOCK_M"])
-        hp = _heads_per_program(heads, t)
         out = torch.empty(b, h, w, heads, dv, device=q.device, dtype=q.dtype)
         lse = torch.empty(b, heads, h * w, device=q.device, dtype=torch.float32)
-        _routed_fwd[(nh * nw * mt, b * (heads // hp))](
+        _routed_fwd[(nh * nw * mt, b * heads)](
             q, k, v, idx, out, lse, *_strides(q), *_strides(k), *_strides(v), *_index_strides(idx),
-            *_strides(out), w, h * w, heads, heads // hp, scale * _LOG2E, dqk, dv,
-            RH=rh, RW=rw, NW=nw, T=t, MT=mt, TOPK=topk, HP=hp, D=max(16, _pow2(dqk)), DV=max(16, _pow2(dv)),
+            *_strides(out), w, h * w, heads, scale * _LOG2E, dqk, dv,
+            RH=rh, RW=rw, NW=nw, T=t, MT=mt, TOPK=topk, D=max(16, _pow2(dqk)), DV=max(16, _pow2(dv)),
             **_prec(q.dtype), num_warps=4, **tiles)
         ctx.save_for_backward(q, k, v, idx, out, lse)
         ctx.geometry = (nh, nw, scale)
@@ -417,17 +398,15 @@ class _RoutedAttention(torch.autograd.Function):
         topk = idx.shape[-1]
         r, rh, rw = nh * nw, h // nh, w // nw
         t = rh * rw
-        hp = _heads_per_program(heads, t)
-        hg = heads // hp
         delta = torch.empty(b, heads, h * w, device=q.device, dtype=torch.float32)  # written by the dq pass
-        common = dict(RH=rh, RW=rw, NW=nw, T=t, HP=hp, D=max(16, _pow2(dqk)), DV=max(16, _pow2(dv_dim)),
+        common = dict(RH=rh, RW=rw, NW=nw, T=t, D=max(16, _pow2(dqk)), DV=max(16, _pow2(dv_dim)),
                       **_prec(q.dtype), num_warps=4)
         dq = torch.empty_like(q)
         tiles = _tiles(t, topk)
         mt = triton.cdiv(t, tiles["BLOCK_M"])
-        _routed_bwd_dq[(r * mt, b * hg)](
+        _routed_bwd_dq[(r * mt, b * heads)](
             q, k, v, idx, dout, out, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v),
-            *_index_strides(idx), *_strides(dout), *_strides(out), w, h * w, heads, hg, scale * _LOG2E, scale,
+            *_index_strides(idx), *_strides(dout), *_strides(out), w, h * w, heads, scale * _LOG2E, scale,
             dqk, dv_dim, MT=mt, TOPK=topk, **tiles, **common)
         # inverse routing table: for each (batch, key region) the query regions that chose it
         starts = torch.empty(b, r, device=q.device, dtype=torch.int32)
@@ -435,16 +414,16 @@ class _RoutedAttention(torch.autograd.Function):
         qlist = torch.empty(b * r * topk, device=q.device, dtype=torch.int32)
         sb = min(_pow2(r), 32)
         _routed_inverse[(triton.cdiv(r, sb), b)](
-            idx, starts, counts, qlist, *_index_strides(idx), r, TOPK=topk, SB=sb, RQ=min(_pow2(r), 256),
-            EB=min(_pow2(r * topk), 1024), num_warps=4)
+            idx, starts, counts, qlist, *_index_strides(idx), r, TOPK=topk, KP=_pow2(topk), SB=sb,
+            RQ=min(_pow2(r), 256), num_warps=4)
         dk = torch.empty(b, h, w, heads, dqk, device=q.device, dtype=q.dtype)
         dv = torch.empty(b, h, w, heads, dv_dim, device=q.device, dtype=v.dtype)
         block_n = max(16, min(_pow2(t), 64))
         qt = min(_pow2(t), 64)
         nt = triton.cdiv(t, block_n)
-        _routed_bwd_dkdv[(r * nt, b * hg)](
+        _routed_bwd_dkdv[(r * nt, b * heads)](
             q, k, v, dout, lse, delta, starts, counts, qlist, dk, dv, *_strides(q), *_strides(k), *_strides(v),
-            *_strides(dout), w, h * w, heads, hg, r, scale * _LOG2E, scale, dqk, dv_dim,
+            *_strides(dout), w, h * w, heads, r, scale * _LOG2E, scale, dqk, dv_dim,
             NT=nt, BLOCK_N=block_n, QT=qt, QE=max(1, 64 // qt), **common)
         return dq, dk, dv, None, None, None, None
 

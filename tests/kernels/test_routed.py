@@ -142,45 +142,27 @@ def test_strided_views_of_a_fused_qkv(rng, backend):
     assert_close(got, want, dtype=torch.float32, scale=4.0, msg="d(qkv) through strided views")
 
 
-@pytest.fixture
-def heads_per_program():
-    """Set the fused kernels' heads per program for one test (None: the shape rule)."""
-    from attnzoo.kernels import _routed_triton
-
-    previous = _routed_triton.HEADS_PER_PROGRAM
-
-    def set_hp(hp):
-        _routed_triton.HEADS_PER_PROGRAM = hp
-
-    yield set_hp
-    _routed_triton.HEADS_PER_PROGRAM = previous
-
-
-@pytest.mark.parametrize("hp", [1, 2])
 @pytest.mark.parametrize(("b", "h", "w", "nreg", "topk"), [
     (2, 6, 8, (3, 4), 1),     # 2x2-token regions (BiFormer stage 3), non-square, topk = 1
     (1, 6, 4, (3, 2), 6),     # 2x2-token regions, topk = all regions
     (1, 4, 12, (2, 2), 3),    # 2x6-token regions: several regions per key tile
 ])
-def test_routed_triton_heads_per_program(rng, heads_per_program, hp, b, h, w, nreg, topk):
-    """Each program looping over several heads gives the same result as one head per program."""
-    heads_per_program(hp)
+def test_routed_triton_small_regions(rng, b, h, w, nreg, topk):
     q, k, v = _inputs(rng, b, h, w, 2, 16, 8)
     index = _random_index(rng, b, nreg[0] * nreg[1], topk)
     _check_against_reference(q, k, v, index, nreg, "triton", scale=0.4)
 
 
-def test_routed_triton_repeats_with_head_loop(rng, heads_per_program):
-    """Repeated regions (a multiplicity > 1 in the inverse routing table) with 2x2 regions and a head loop."""
-    heads_per_program(2)
+def test_routed_triton_repeats_small_regions(rng):
+    """Repeated regions (a multiplicity > 1 in the inverse routing table) with 2x2-token regions."""
     q, k, v = _inputs(rng, 1, 4, 6, 2, 16, 16)
     index = torch.tensor([[[0, 0, 5], [3, 3, 3], [1, 2, 1], [4, 5, 0], [2, 2, 5], [5, 1, 5]]])
     _check_against_reference(q, k, v, index, (2, 3), "triton")
 
 
 def test_routed_inverse_table(rng):
-    """The inverse routing table kernel against a plain loop: many regions (several key chunks, row chunks
-    and entry chunks per batch element) and repeated regions."""
+    """The inverse routing table kernel against a plain loop: many regions (several key chunks and row
+    chunks per batch element) and repeated regions."""
     from attnzoo.kernels._routed_triton import _routed_inverse
 
     b, r, topk = 2, 300, 4
@@ -188,7 +170,7 @@ def test_routed_inverse_table(rng):
     idx[1, 7, 1:] = 3  # region 3 named three times by query region 7
     starts, counts = torch.empty(b, r, dtype=torch.int32), torch.empty(b, r, dtype=torch.int32)
     qlist = torch.empty(b * r * topk, dtype=torch.int32)
-    _routed_inverse[(10, b)](idx, starts, counts, qlist, *idx.stride(), r, TOPK=topk, SB=32, RQ=256, EB=1024)
+    _routed_inverse[(10, b)](idx, starts, counts, qlist, *idx.stride(), r, TOPK=topk, KP=topk, SB=32, RQ=256)
     for bi in range(b):
         for s in range(r):
             want = (idx[bi] == s).nonzero()[:, 0].tolist()  # query regions in order, one per choice
@@ -216,3 +198,20 @@ def test_region_routing_triton_matches_torch(rng, b, h, w, c, nreg, topk):
     with use_backend("triton"):  # a gradient is needed: the differentiable torch ops run instead
         w_grad, _ = region_routing(q.requires_grad_(), k, nreg, topk, scale=0.3)
     assert w_grad.requires_grad
+
+
+def test_region_routing_triton_half_inputs_and_ties(rng):
+    """bf16 inputs: the fused routing equals the torch ops on the same values in fp32 (it keeps fp32 means and
+    logits); equal logits go to the lower region id."""
+    q = torch.randn(2, 8, 8, 32, generator=rng).bfloat16()
+    k = torch.randn(2, 8, 8, 32, generator=rng).bfloat16()
+    with use_backend("triton"):
+        weight, index = region_routing(q, k, 4, 5)
+    want_weight, want_index = region_routing(q.float(), k.float(), 4, 5)
+    torch.testing.assert_close(index, want_index)
+    assert weight.dtype == torch.bfloat16
+    assert_close(weight, want_weight, dtype=torch.bfloat16)
+    flat = torch.ones(1, 4, 4, 16)
+    with use_backend("triton"):
+        _, index = region_routing(flat, -flat, 2, 3)
+    assert index.tolist() == [[[0, 1, 2]] * 4]
