@@ -18,20 +18,36 @@ redistribution actually runs; every other hyper-parameter is the paper's.
 
 Correctness first, on the device: fused VAR vs explicit VAR logits on a left-padded batch of 2 at prefill and at
 every decode step (teacher-forced on the explicit run's tokens), next to how much VAR changes the logits at all
-(a warning, not a stop, when the fused-vs-explicit difference is not well below that). Timing: a LogitsProcessor
-records ``torch.cuda.synchronize(); perf_counter()`` at every generation step; prefill = start of ``generate`` to
-the first step (vision tower, prompt forward and, for VHR, its image-free forward), decode = the time between
-consecutive steps. One warm-up generate per variant, then ``--repeats`` rounds with the variants interleaved;
-medians (decode: over all steps of all rounds). Every run is forced to ``--new-tokens`` tokens. A failing variant
-is reported and skipped. Results: ``$OUT/passes.json`` (or ``--out``), rewritten after every measurement.
+(a warning, not a stop, when the fused-vs-explicit difference is not well below that).
 
-    python benchmarks/passes.py            # H100: 7B shape, bf16, batch 1, 32 new tokens, 5 rounds
+Timing. Decode at batch 1 is host-bound (the GPU needs a few ms per token, Python and the launches take several
+times that), so host noise decides how far apart two runs land; the method is built for that:
+
+- per step: a LogitsProcessor records ``torch.cuda.synchronize(); perf_counter()`` at every generation step;
+  prefill = start of ``generate`` to the first step (vision tower, prompt forward and, for VHR, its image-free
+  forward), decode = the time between consecutive steps;
+- one warm-up generate per variant, then ``--repeats`` rounds of the main variants (no pass, VAR, VHR, CCA) with
+  ``--new-tokens`` tokens each, interleaved, the order rotated every round, ``gc.collect()`` before every
+  generate; then ``--eager-repeats`` rounds of the eager and explicit variants with ``--eager-new-tokens``;
+- reported: prefill median; decode median and inter-quartile range over all step intervals; the overhead vs no
+  pass from the medians, and its min..max over rounds (each round's medians compared) so that the spread is
+  visible next to the bar; the speed-up vs the eager form over the step intervals both variants have;
+- device time per decode token (CUDA only): kernel and copy time from torch.profiler, the difference between a
+  20-token and a 4-token generate over 16;
+- host time per attention call at the decode shape, for each pass at a layer it edits and one it leaves alone,
+  next to the no-pass call, a bare SDPA call and a bare ``var_attention`` call (200 queued calls, min of 5).
+
+Every run is forced to its token count. A failing variant is reported and skipped. Results: ``$OUT/passes.json``
+(or ``--out``), rewritten after every measurement.
+
+    python benchmarks/passes.py            # H100: 7B shape, bf16, batch 1; about 3 minutes
     python benchmarks/passes.py --tiny     # CPU smoke run on the tiny LLaVA (seconds)
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -54,7 +70,7 @@ from attnzoo import mitigation  # noqa: E402
 from attnzoo.kernels import key_group_attention, set_backend  # noqa: E402
 from attnzoo.kernels.reference import key_group_attention_reference  # noqa: E402
 from attnzoo.mitigation.var import find_sink_dims, known_sink_dims, rms_normalize  # noqa: E402
-from attnzoo.mllm import build_random_llava, build_tiny_llava, wrap  # noqa: E402
+from attnzoo.mllm import AttentionPass, build_random_llava, build_tiny_llava, wrap  # noqa: E402
 
 PROMPTS = ["Please describe this image in detail.", "Is there a dog in the image? Answer the question using a "
            "single word or phrase."]
@@ -174,23 +190,111 @@ def check_var(lvlm, batch, var_kwargs: dict, steps: int) -> dict:
             "pad": [int(x) for x in batch.layout.num_pad]}
 
 
+class _IdlePass(AttentionPass):
+    """Attached, asked for a plan in every attention call (no ``may_act``), never acts: the runtime's own cost."""
+
+    def plan(self, ctx):
+        return None
+
+
+def host_costs(lvlm, batch, var_kwargs: dict, device: str, calls: int = 200, repeats: int = 5) -> dict:
+    """Per-call time (us) of the "attnzoo" attention function at the decode shape (batch 1, one query, the prompt
+    plus 8 keys), for each pass at a layer it edits and one it leaves alone, next to the no-pass call, a bare SDPA
+    call and a bare ``var_attention`` call. ``calls`` calls are queued, then one sync; min over ``repeats``. At this
+    shape the device needs a few us per call, so on the GPU this is the host cost of the call."""
+    from attnzoo.kernels.grouped_attention import var_attention
+    from attnzoo.mllm.attention import attnzoo_attention
+
+    n = lvlm.num_layers
+    layers = sorted({n // 3, (2 * n) // 3})  # 7B: 10 (VAR edits it, VHR not) and 21 (both edit it)
+    kv_len = batch.layout.prompt_length + 8
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    dtype = lvlm.dtype
+    q = torch.randn(1, lvlm.num_heads, 1, lvlm.head_dim, generator=gen).to(device, dtype)
+    k, v = (torch.randn(1, lvlm.num_kv_heads, kv_len, lvlm.head_dim, generator=gen).to(device, dtype)
+            for _ in range(2))
+    scale = lvlm.head_dim ** -0.5
+
+    def per_call(fn) -> float:
+        for _ in range(10):
+            fn()
+        best = float("inf")
+        for _ in range(repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            sync(device)
+            best = min(best, (time.perf_counter() - t0) / calls)
+        return 1e6 * best
+
+    out: dict = {"layers": layers, "kv_length": kv_len,
+                 "sdpa (bare torch call)": per_call(lambda: torch.nn.functional.scaled_dot_product_attention(
+                     q, k, v, scale=scale, enable_gqa=lvlm.num_heads != lvlm.num_kv_heads))}
+    groups = torch.zeros(1, batch.layout.prompt_length, dtype=torch.int32, device=device)
+    after = torch.zeros(1, dtype=torch.int32, device=device)
+    eps = torch.zeros(1, dtype=torch.float32, device=device)
+    out["var_attention (bare call)"] = per_call(lambda: var_attention(q, k, v, groups, after, eps, 0.6, 0.2, 0.5,
+                                                                      scale=scale))
+    makers = {"no pass": None, "idle pass (asked every call)": _IdlePass,
+              "var": lambda: mitigation.VAR(fused=True, **var_kwargs), "vhr": mitigation.VHR, "cca": mitigation.CCA}
+    for name, make in makers.items():
+        handle = lvlm.attach(make()) if make is not None else None
+        try:
+            with torch.no_grad(), lvlm.use_layout(batch.layout):
+                lvlm.model(**batch.inputs)  # prefill: the pass finds this batch's sinks / heads
+                for layer in layers:
+                    attn = lvlm.decoder_layers[layer].self_attn
+                    acts = make not in (None, _IdlePass) and handle.pass_obj.may_act("text", layer, False)
+                    out[f"{name}, layer {layer}{' (edited)' if acts else ''}"] = per_call(
+                        lambda attn=attn: attnzoo_attention(attn, q, k, v, None, scaling=scale))
+        finally:
+            if handle is not None:
+                handle.remove()
+    return out
+
+
+def device_ms_per_token(run_fn, name: str, short: int = 4, extra: int = 16) -> float:
+    """Device (kernel) time per decode token, from torch.profiler's CUDA kernel and copy events: the kernel time of
+    a ``short + extra``-token generate minus that of a ``short``-token one, over ``extra``."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    totals = []
+    for tokens in (short, short + extra):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run_fn(name, tokens)
+        totals.append(sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA))
+    if totals[0] <= 0:
+        raise RuntimeError("the profiler recorded no CUDA kernel events")
+    return (totals[1] - totals[0]) / extra / 1000
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny LLaVA on the CPU (smoke run)")
-    ap.add_argument("--new-tokens", type=int, default=None, help="tokens per answer (default 32; tiny: 6)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5; tiny: 2)")
-    ap.add_argument("--variants", default=None, help="comma list of variant names to run (default: all)")
+    ap.add_argument("--new-tokens", type=int, default=None,
+                    help="tokens per answer in the rounds of the main variants (default 64; tiny: 8)")
+    ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds of the main variants (default 5; "
+                                                              "tiny: 2)")
+    ap.add_argument("--eager-new-tokens", type=int, default=None, help="tokens per answer of the eager and explicit "
+                                                                       "variants (default 32; tiny: 6)")
+    ap.add_argument("--eager-repeats", type=int, default=None, help="their rounds (default 2; tiny: 1)")
+    ap.add_argument("--variants", default=None, help="comma list of variant names to time (default: all)")
+    ap.add_argument("--skip-checks", action="store_true", help="no kernel / fused-vs-explicit checks")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
 
     device = "cpu" if args.tiny else "cuda"
     dtype = torch.float32 if args.tiny else torch.bfloat16
-    new_tokens = args.new_tokens or (6 if args.tiny else 32)
+    new_tokens = args.new_tokens or (8 if args.tiny else 64)
     repeats = args.repeats or (2 if args.tiny else 5)
+    eager_tokens = args.eager_new_tokens or (6 if args.tiny else 32)
+    eager_repeats = args.eager_repeats or (1 if args.tiny else 2)
     out_path = Path(args.out) / "passes.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
 
-    t_build = time.perf_counter()
     if args.tiny:
         model, processor = build_tiny_llava(seed=0, num_layers=4, num_heads=4, num_kv_heads=2)
     else:
@@ -201,7 +305,15 @@ def main() -> int:
 
     results: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                      "torch": torch.__version__, "transformers": transformers.__version__, "dtype": str(dtype),
-                     "batch": 1, "new_tokens": new_tokens, "repeats": repeats, "checks": {}, "errors": {}, "rows": []}
+                     "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "batch": 1,
+                     "new_tokens": new_tokens, "repeats": repeats, "eager_new_tokens": eager_tokens,
+                     "eager_repeats": eager_repeats, "checks": {}, "errors": {}, "rows": []}
+    try:
+        import triton
+
+        results["triton"] = triton.__version__
+    except ImportError:
+        pass
 
     def save() -> None:
         out_path.write_text(json.dumps(results, indent=1))
@@ -213,7 +325,7 @@ def main() -> int:
     single = lvlm.prepare(images[:1], PROMPTS[:1])
     results["image_tokens"] = int(single.layout.num_image_tokens[0])
     results["prompt_length"] = single.layout.prompt_length
-    print(f"built in {time.perf_counter() - t_build:.1f} s; prompt {single.layout.prompt_length} tokens "
+    print(f"built in {time.perf_counter() - t_start:.1f} s; prompt {single.layout.prompt_length} tokens "
           f"({results['image_tokens']} image tokens)", flush=True)
 
     # ---- VAR's configuration: the paper's, with tau calibrated on this random model
@@ -225,67 +337,86 @@ def main() -> int:
     var_kwargs = dict(sink_dims=dims, tau=tau)
     results["var"] = {"sink_dims": list(dims), "tau": tau}
 
-    # ---- the kernel on this device (falls back to the PyTorch backend if the Triton kernel fails)
-    try:
-        kernel = check_kernel(device, dtype, args.tiny)
-        results["checks"]["kernel"] = kernel
-        print(f"kernel check (vs float64): {json.dumps(kernel)}", flush=True)
-        bad = [name for name, r in kernel.items() if r["max_abs_err_outputs"] > 3e-2 * max(1.0, r["output_scale"])
-               or r["max_abs_err_masses"] > 1e-2]
-        if bad:
-            raise RuntimeError(f"key_group_attention differs from the float64 reference beyond bf16 rounding in {bad}")
-    except Exception as exc:
-        results["errors"]["kernel"] = repr(exc)
-        print(f"KERNEL FAILED: {exc!r}\n{traceback.format_exc()}\nfalling back to set_backend('torch')", flush=True)
-        set_backend("torch")
-        results["key_group_backend"] = "torch (fallback)"
-    save()
+    if not args.skip_checks:
+        # ---- the kernel on this device (falls back to the PyTorch backend if the Triton kernel fails)
+        try:
+            kernel = check_kernel(device, dtype, args.tiny)
+            results["checks"]["kernel"] = kernel
+            print(f"kernel check (vs float64): {json.dumps(kernel)}", flush=True)
+            bad = [name for name, r in kernel.items()
+                   if r["max_abs_err_outputs"] > 3e-2 * max(1.0, r["output_scale"]) or r["max_abs_err_masses"] > 1e-2]
+            if bad:
+                raise RuntimeError(f"key_group_attention differs from the float64 reference beyond bf16 rounding in "
+                                   f"{bad}")
+        except Exception as exc:
+            results["errors"]["kernel"] = repr(exc)
+            print(f"KERNEL FAILED: {exc!r}\n{traceback.format_exc()}\nfalling back to set_backend('torch')",
+                  flush=True)
+            set_backend("torch")
+            results["key_group_backend"] = "torch (fallback)"
+        save()
 
-    # ---- correctness on this device: fused VAR == explicit VAR
+        # ---- correctness on this device: fused VAR == explicit VAR
+        try:
+            check = check_var(lvlm, pair, var_kwargs, steps=4)
+            results["checks"]["var_fused_vs_explicit"] = check
+            save()
+            worst = max([check["prefill_fused_vs_explicit"], *check["decode_fused_vs_explicit_per_step"]])
+            print(f"check: VAR fused vs explicit max |dlogit| prefill {check['prefill_fused_vs_explicit']:.3g}, "
+                  f"decode {', '.join(f'{x:.3g}' for x in check['decode_fused_vs_explicit_per_step'])}; VAR's own "
+                  f"effect {check['prefill_var_effect']:.3g}; logit scale {check['logit_scale']:.3g}", flush=True)
+            if worst > 0.1 * check["prefill_var_effect"] and \
+                    worst > (1e-4 if args.tiny else 0.05) * check["logit_scale"]:
+                print("WARNING: fused and explicit VAR differ by more than a tenth of VAR's own effect", flush=True)
+        except Exception as exc:  # report and go on to the timings
+            results["errors"]["check"] = repr(exc)
+            save()
+            print(f"CHECK FAILED with an error: {exc!r}\n{traceback.format_exc()}", flush=True)
+
+    # ---- host cost of one attention call at decode
     try:
-        check = check_var(lvlm, pair, var_kwargs, steps=4)
-        results["checks"]["var_fused_vs_explicit"] = check
+        results["host_us_per_attention_call"] = host_costs(lvlm, single, var_kwargs, device)
         save()
-        worst = max([check["prefill_fused_vs_explicit"], *check["decode_fused_vs_explicit_per_step"]])
-        print(f"check: VAR fused vs explicit max |dlogit| prefill {check['prefill_fused_vs_explicit']:.3g}, decode "
-              f"{', '.join(f'{x:.3g}' for x in check['decode_fused_vs_explicit_per_step'])}; VAR's own effect "
-              f"{check['prefill_var_effect']:.3g}; logit scale {check['logit_scale']:.3g}", flush=True)
-        if worst > 0.1 * check["prefill_var_effect"] and worst > (1e-4 if args.tiny else 0.05) * check["logit_scale"]:
-            print("WARNING: fused and explicit VAR differ by more than a tenth of VAR's own effect", flush=True)
-    except Exception as exc:  # report and go on to the timings
-        results["errors"]["check"] = repr(exc)
-        save()
-        print(f"CHECK FAILED with an error: {exc!r}\n{traceback.format_exc()}", flush=True)
+        print("host time per attention call at decode (us): " + ", ".join(
+            f"{k} {v:.1f}" for k, v in results["host_us_per_attention_call"].items() if isinstance(v, float)),
+            flush=True)
+    except Exception as exc:
+        results["errors"]["host_costs"] = repr(exc)
+        print(f"host cost measurement failed: {exc!r}\n{traceback.format_exc()}", flush=True)
 
     # ---- timings
     variants: dict[str, tuple[Callable[[], object] | None, str]] = {
         "no pass": (None, "sdpa"),
-        "no pass eager": (None, "eager"),
         "var": (lambda: mitigation.VAR(fused=True, **var_kwargs), "sdpa"),
+        "vhr": (mitigation.VHR, "sdpa"),
+        "cca": (mitigation.CCA, "sdpa"),
+        "no pass eager": (None, "eager"),
         "var explicit": (lambda: mitigation.VAR(fused=False, **var_kwargs), "sdpa"),
         "var eager": (lambda: mitigation.VAR(fused=False, **var_kwargs), "eager"),
-        "vhr": (mitigation.VHR, "sdpa"),
         "vhr eager": (mitigation.VHR, "eager"),
-        "cca": (mitigation.CCA, "sdpa"),
         "cca eager": (mitigation.CCA, "eager"),
     }
+    main_names = ["no pass", "var", "vhr", "cca"]
     if args.variants:
         wanted = [v.strip() for v in args.variants.split(",")]
         unknown = [v for v in wanted if v not in variants]
         if unknown:
             ap.error(f"unknown variants {unknown}; choose from {list(variants)}")
         variants = {k: v for k, v in variants.items() if k in wanted}
+    main_names = [n for n in main_names if n in variants]
+    other_names = [n for n in variants if n not in main_names]
 
-    def run(name: str) -> tuple[float, list[float]]:
+    def run(name: str, tokens: int) -> tuple[float, list[float]]:
         from transformers import LogitsProcessorList
 
         factory, backend = variants[name]
         clock = StepClock(device)
-        gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+        gen = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
                    pad_token_id=lvlm.tokenizer.pad_token_id, logits_processor=LogitsProcessorList([clock]))
         lvlm.attn_backend = backend
         handle = factory().apply(lvlm) if factory is not None else None
         try:
+            gc.collect()  # no collection of an earlier run's garbage inside this one
             sync(device)
             start = time.perf_counter()
             with torch.no_grad():
@@ -294,19 +425,19 @@ def main() -> int:
             if handle is not None:
                 handle.remove()
             lvlm.attn_backend = "sdpa"
-        if len(clock.stamps) != new_tokens:
-            raise RuntimeError(f"{len(clock.stamps)} steps recorded, expected {new_tokens}")
+        if len(clock.stamps) != tokens:
+            raise RuntimeError(f"{len(clock.stamps)} steps recorded, expected {tokens}")
         return clock.stamps[0] - start, [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
 
     prefill: dict[str, list[float]] = {name: [] for name in variants}
-    decode: dict[str, list[float]] = {name: [] for name in variants}
+    rounds: dict[str, list[list[float]]] = {name: [] for name in variants}  # per round: its decode step times
     failed: set[str] = set()
 
-    def attempt(name: str, record: bool) -> None:
+    def attempt(name: str, tokens: int, record: bool) -> None:
         if name in failed:
             return
         try:
-            p, d = run(name)
+            p, d = run(name, tokens)
         except Exception as exc:
             failed.add(name)
             results["errors"][name] = repr(exc)
@@ -315,54 +446,104 @@ def main() -> int:
             return
         if record:
             prefill[name].append(p)
-            decode[name].extend(d)
+            rounds[name].append(d)
 
     t_time = time.perf_counter()
     for name in variants:  # warm-up (Triton compilation, cuBLAS heuristics, allocator)
-        attempt(name, record=False)
+        attempt(name, min(8, new_tokens), record=False)
     print(f"warm-up done in {time.perf_counter() - t_time:.1f} s", flush=True)
-    for r in range(repeats):
-        for name in variants:
-            attempt(name, record=True)
-        results["rows"] = summarize(variants, prefill, decode, failed)
-        save()
-        print(f"round {r + 1}/{repeats} done ({time.perf_counter() - t_time:.1f} s)", flush=True)
+    # interleaved rounds, the order rotated every round so that no variant always follows the same one
+    for names, tokens, count in ((main_names, new_tokens, repeats), (other_names, eager_tokens, eager_repeats)):
+        for r in range(count if names else 0):
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                attempt(name, tokens, record=True)
+            results["rows"] = summarize(variants, prefill, rounds, failed, eager_tokens, set(main_names))
+            save()
+            print(f"round {r + 1}/{count} of {names} done ({time.perf_counter() - t_time:.1f} s)", flush=True)
 
-    print(f"\n{results['device']}, {dtype}, batch 1, prompt {results['prompt_length']} tokens "
-          f"({results['image_tokens']} image tokens), {new_tokens} new tokens; medians of {repeats} rounds "
-          "(decode: over all steps)")
-    print("| pass | prefill ms | decode ms/token | overhead vs no pass (prefill / decode) | "
-          "speed-up vs eager (prefill / decode) |")
-    print("|---|---|---|---|---|")
+    # ---- device time per decode token (kernels only), so that the host's share is visible
+    if device == "cuda":
+        device_ms: dict[str, float] = {}
+        for name in main_names + [n for n in ("no pass eager",) if n in variants]:
+            if name in failed:
+                continue
+            try:
+                device_ms[name] = device_ms_per_token(run, name)
+            except Exception as exc:
+                results["errors"][f"device time {name}"] = repr(exc)
+                print(f"device time of {name!r} failed: {exc!r}", flush=True)
+        results["device_ms_per_token"] = device_ms
+        for row in results["rows"]:
+            if row["variant"] in device_ms:
+                row["device_ms_per_token"] = device_ms[row["variant"]]
+        save()
+
+    print(f"\n{results['device']}, torch {results['torch']}, triton {results.get('triton', '-')}, transformers "
+          f"{results['transformers']}, {dtype}, batch 1, prompt {results['prompt_length']} tokens "
+          f"({results['image_tokens']} image tokens); main variants: {new_tokens} new tokens x {repeats} interleaved "
+          f"rounds; eager/explicit: {eager_tokens} x {eager_repeats}. Decode: median [IQR] over all step intervals; "
+          "overhead from medians, its min..max over rounds in brackets; vs eager over the same first "
+          f"{eager_tokens - 1} steps of each round.")
+    print("| pass | prefill ms | decode ms/token, median [IQR] | device ms/token | decode overhead vs no pass "
+          "[per-round range] | prefill overhead | speed-up vs eager (prefill / decode) |")
+    print("|---|---|---|---|---|---|---|")
     for row in results["rows"]:
-        over = f"{row['prefill_overhead_pct']:+.1f}% / {row['decode_overhead_pct']:+.1f}%" \
-            if row.get("decode_overhead_pct") is not None else "-"
+        over = "-"
+        if row.get("decode_overhead_pct") is not None:
+            span = row.get("decode_overhead_round_range_pct")
+            over = f"{row['decode_overhead_pct']:+.1f}%" + (f" [{span[0]:+.1f}..{span[1]:+.1f}]" if span else "")
+        pre = f"{row['prefill_overhead_pct']:+.1f}%" if row.get("prefill_overhead_pct") is not None else "-"
         speed = f"{row['prefill_speedup_vs_eager']:.2f}x / {row['decode_speedup_vs_eager']:.2f}x" \
             if row.get("decode_speedup_vs_eager") is not None else "-"
-        print(f"| {row['variant']} | {row['prefill_ms']:.1f} | {row['decode_ms_per_token']:.2f} | {over} | {speed} |")
+        dev = f"{row['device_ms_per_token']:.2f}" if row.get("device_ms_per_token") is not None else "-"
+        print(f"| {row['variant']} | {row['prefill_ms']:.1f} | {row['decode_ms_per_token']:.2f} "
+              f"[{row['decode_q25_ms']:.2f}-{row['decode_q75_ms']:.2f}] | {dev} | {over} | {pre} | {speed} |")
     for name, err in results["errors"].items():
         print(f"error in {name}: {err}")
-    print(f"\nresults: {out_path}")
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s; results: {out_path}")
     return 0
 
 
-def summarize(variants: dict, prefill: dict[str, list[float]], decode: dict[str, list[float]],
-              failed: set[str]) -> list[dict]:
-    """One row per measured variant: medians in ms, overhead vs no pass, speed-up vs the eager version."""
-    med = {n: (1000 * statistics.median(prefill[n]), 1000 * statistics.median(decode[n]))
-           for n in variants if n not in failed and prefill[n] and decode[n]}
+def _quantiles(values: list[float]) -> tuple[float, float, float]:
+    q25, q50, q75 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
+    return q25, q50, q75
+
+
+def summarize(variants: dict, prefill: dict[str, list[float]], rounds: dict[str, list[list[float]]],
+              failed: set[str], eager_tokens: int, paired: set[str]) -> list[dict]:
+    """One row per measured variant (times in ms): prefill median; decode median and quartiles over all step
+    intervals of all rounds; overhead vs no pass from the medians and, for the variants interleaved with it in the
+    same rounds (``paired``), from each round's medians (min..max); speed-up vs the eager version over the step
+    intervals both have (the first ``eager_tokens - 1`` of every round)."""
+    done = [n for n in variants if n not in failed and prefill[n] and rounds[n]]
+    med, steps = {}, {}
+    for n in done:
+        steps[n] = [s for r in rounds[n] for s in r]
+        med[n] = (1000 * statistics.median(prefill[n]), 1000 * statistics.median(steps[n]))
     rows = []
-    for name, (p, d) in med.items():
-        row = {"variant": name, "prefill_ms": p, "decode_ms_per_token": d, "prefill_s": prefill[name],
-               "decode_steps": len(decode[name])}
+    for name in done:
+        p, d = med[name]
+        q25, _, q75 = _quantiles(steps[name])
+        row = {"variant": name, "prefill_ms": p, "decode_ms_per_token": d, "decode_q25_ms": 1000 * q25,
+               "decode_q75_ms": 1000 * q75, "decode_steps": len(steps[name]),
+               "decode_round_medians_ms": [1000 * statistics.median(r) for r in rounds[name]],
+               "prefill_s": prefill[name]}
         if "no pass" in med and not name.startswith("no pass"):
             row["prefill_overhead_pct"] = 100 * (p / med["no pass"][0] - 1)
             row["decode_overhead_pct"] = 100 * (d / med["no pass"][1] - 1)
+            per_round = [100 * (statistics.median(a) / statistics.median(b) - 1)
+                         for a, b in zip(rounds[name], rounds["no pass"])] if name in paired else []
+            if per_round:
+                row["decode_overhead_round_range_pct"] = [min(per_round), max(per_round)]
         base = name.split()[0]
         eager = "no pass eager" if base == "no" else f"{base} eager"
         if not name.endswith("eager") and eager in med:
+            head = eager_tokens - 1
+            ours = statistics.median([s for r in rounds[name] for s in r[:head]])
+            theirs = statistics.median([s for r in rounds[eager] for s in r[:head]])
             row["prefill_speedup_vs_eager"] = med[eager][0] / p
-            row["decode_speedup_vs_eager"] = med[eager][1] / d
+            row["decode_speedup_vs_eager"] = theirs / ours
         rows.append(row)
     return rows
 
