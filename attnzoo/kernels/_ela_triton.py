@@ -47,7 +47,8 @@ def _strip_reduce(X, DOUT, OUT, GH, GW, DPRE, ROWS, COLS,
     cw_mask = c_ok[:, None] & w_ok[None, :]
     if GATED:
         gw = tl.load(GW + bc_row[:, None] * W + offs_w[None, :], mask=cw_mask, other=0.0).to(tl.float32)
-    col = tl.zeros([BC, BW], dtype=tl.float32)
+    # column sums accumulate per row slot and reduce over rows once at the end (no per-step cross-warp sum)
+    col = tl.zeros([BC, BH, BW], dtype=tl.float32)
     for h0 in range(0, H, BH):
         offs_h = h0 + tl.arange(0, BH)
         h_ok = offs_h < H
@@ -65,12 +66,12 @@ def _strip_reduce(X, DOUT, OUT, GH, GW, DPRE, ROWS, COLS,
             gh = tl.load(GH + bc_row[:, None] * H + offs_h[None, :], mask=ch_mask, other=0.0).to(tl.float32)
             dx = d * x
             rows = tl.sum(dx * gw[:, None, :], axis=2)
-            col += tl.sum(dx * gh[:, :, None], axis=1)
+            col += dx * gh[:, :, None]
         else:
             rows = tl.sum(x, axis=2)
-            col += tl.sum(x, axis=1)
+            col += x
         tl.store(ROWS + (bc_row[:, None] * H + offs_h[None, :]) * NWB + wb, rows * row_scale, mask=ch_mask)
-    tl.store(COLS + bc_row[:, None] * W + offs_w[None, :], col * col_scale, mask=cw_mask)
+    tl.store(COLS + bc_row[:, None] * W + offs_w[None, :], tl.sum(col, axis=1) * col_scale, mask=cw_mask)
 
 
 @triton.jit
@@ -106,6 +107,57 @@ def _strip_gate(X, GH, GW, AH, AW, S, OUT,
     if RELU:
         y = tl.maximum(y, 0.0)
     tl.store(OUT + b64 * sob + c3 * soc + h3 * soh + w3 * sow, y.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _conv_norm_gate(ZH, ZW, WT, GAMMA, BETA, YH, YW, C, NG, eps,
+                    H: tl.constexpr, W: tl.constexpr, CG: tl.constexpr, CPG: tl.constexpr, K: tl.constexpr,
+                    CGP: tl.constexpr, LP: tl.constexpr):
+    # One program: one sample, one GroupNorm group (CG channels), one strip (H or W positions).
+    pid, strip = tl.program_id(0), tl.program_id(1)
+    b, g = pid // NG, pid % NG
+    L = H if strip == 0 else W
+    Z = ZH if strip == 0 else ZW
+    Y = YH if strip == 0 else YW
+    offs_o = g * CG + tl.arange(0, CGP)  # output channels of this group
+    offs_l = tl.arange(0, LP)
+    o_ok, l_ok = offs_o < (g + 1) * CG, offs_l < L
+    zrow0 = (b.to(tl.int64) * C + (offs_o // CPG) * CPG) * L  # first input channel of each output's conv group
+    acc = tl.zeros([CGP, LP], dtype=tl.float32)
+    for i in tl.static_range(CPG):
+        for t in tl.static_range(K):
+            pos = offs_l + (t - K // 2)  # zero "same" padding
+            z = tl.load(Z + (zrow0 + i * L)[:, None] + pos[None, :],
+                        mask=o_ok[:, None] & (l_ok & (pos >= 0) & (pos < L))[None, :], other=0.0)
+            wt = tl.load(WT + (offs_o * CPG + i) * K + t, mask=o_ok, other=0.0).to(tl.float32)
+            acc += wt[:, None] * z
+    valid = o_ok[:, None] & l_ok[None, :]
+    count = CG * L
+    mean = tl.sum(tl.sum(tl.where(valid, acc, 0.0), axis=1), axis=0) / count
+    cen = tl.where(valid, acc - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(cen * cen, axis=1), axis=0) / count + eps)
+    gamma = tl.load(GAMMA + offs_o, mask=o_ok, other=0.0).to(tl.float32)
+    beta = tl.load(BETA + offs_o, mask=o_ok, other=0.0).to(tl.float32)
+    y = tl.sigmoid(cen * rstd * gamma[:, None] + beta[:, None])
+    tl.store(Y + (b.to(tl.int64) * C + offs_o)[:, None] * L + offs_l[None, :], y, mask=valid)
+
+
+def conv_norm_gates(z_h: torch.Tensor, z_w: torch.Tensor, weight: torch.Tensor, gn_weight: torch.Tensor,
+                    gn_bias: torch.Tensor, norm_groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """sigmoid(GroupNorm(conv1d(z))) for both strips in one launch, float32 (no autograd: inference only).
+
+    z_h (B, C, H), z_w (B, C, W); weight (C, C / conv_groups, K) with "same" zero padding K // 2.
+    """
+    b, c, h = z_h.shape
+    w = z_w.shape[2]
+    cpg, k = weight.shape[1], weight.shape[2]
+    cg = c // norm_groups
+    z_h, z_w = z_h.float().contiguous(), z_w.float().contiguous()
+    y_h, y_w = torch.empty_like(z_h), torch.empty_like(z_w)
+    _conv_norm_gate[(b * norm_groups, 2)](
+        z_h, z_w, weight.contiguous(), gn_weight, gn_bias, y_h, y_w, c, norm_groups, float(eps),
+        H=h, W=w, CG=cg, CPG=cpg, K=k, CGP=_pow2(cg), LP=_pow2(max(h, w)), num_warps=4)
+    return y_h, y_w
 
 
 def _pow2(n: int) -> int:

@@ -49,7 +49,7 @@ from timm.models.efficientnet import EfficientNet, _create_effnet
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet, _create_resnet
 from torch import nn
 
-from ..kernels.strip_gate import strip_attention
+from ..kernels.strip_gate import strip_attention, strip_conv_gates
 from ._registry import register_model
 
 __all__ = ["ELABasicBlock", "ELABottleneck", "ELA_VERSIONS", "EfficientLocalAttention", "ela_param_count"]
@@ -108,19 +108,14 @@ class EfficientLocalAttention(nn.Module):
                               groups=channels // chs_per_group, bias=False, device=device, dtype=dtype)
         self.gn = nn.GroupNorm(norm_groups, channels, device=device, dtype=dtype)
 
-    def _gate(self, z: torch.Tensor) -> torch.Tensor:
-        # (B, C, L) -> (B, C, L); the same conv and GroupNorm serve both axes (the paper shares them).
-        # The fused path hands float32 means; the cast is a no-op on the torch path and under autocast.
-        return torch.sigmoid(self.gn(self.conv(z.to(self.conv.weight.dtype))))
-
     def gates(self, z_h: torch.Tensor, z_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Strip means ``z_h`` (B, C, H), ``z_w`` (B, C, W) -> gates ``y_h`` (B, C, H), ``y_w`` (B, C, W)."""
-        if z_h.shape == z_w.shape:
-            # Square maps: both strips through the shared conv + GroupNorm in one batch (GroupNorm's statistics
-            # are per sample, so stacking along the batch changes nothing but the number of launches).
-            y_h, y_w = self._gate(torch.cat([z_h, z_w])).chunk(2)
-            return y_h, y_w
-        return self._gate(z_h), self._gate(z_w)
+        """Strip means ``z_h`` (B, C, H), ``z_w`` (B, C, W) -> gates ``y_h`` (B, C, H), ``y_w`` (B, C, W).
+
+        The same conv and GroupNorm serve both axes (the paper shares them); see
+        :func:`attnzoo.kernels.strip_conv_gates`.
+        """
+        return strip_conv_gates(z_h, z_w, self.conv.weight, self.gn.weight, self.gn.bias, self.gn.num_groups,
+                                self.gn.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> (B, C, H, W), in x's dtype and memory layout.

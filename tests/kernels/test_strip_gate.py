@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import assert_close
 
-from attnzoo.kernels import apply_strip_gates, set_backend, strip_attention, strip_means
+from attnzoo.kernels import apply_strip_gates, set_backend, strip_attention, strip_conv_gates, strip_means
 
 BACKENDS = ["triton", "torch"]
 # (B, C, H, W): odd sizes; W = 70 spans two 64-wide column tiles (partial row sums); H = 1 and W = 1 edges
@@ -164,6 +164,50 @@ def test_expanded_grad_output(rng):
     assert_close(x.grad, (y_h.double()[..., None] * y_w.double()[..., None, :]))
 
 
+def _ref_conv_gates(z, weight, gn_w, gn_b, norm_groups, eps):
+    """float64, explicit sums: grouped conv1d with zero 'same' padding, GroupNorm per sample, sigmoid."""
+    z, weight = z.double(), weight.double()
+    b, c, length = z.shape
+    cpg, k = weight.shape[1], weight.shape[2]
+    zp = torch.nn.functional.pad(z, (k // 2, k // 2))
+    out = torch.zeros_like(z)
+    for o in range(c):
+        for i in range(cpg):
+            for t in range(k):
+                out[:, o] += weight[o, i, t] * zp[:, (o // cpg) * cpg + i, t:t + length]
+    grouped = out.reshape(b, norm_groups, -1)
+    mean = grouped.mean(-1, keepdim=True)
+    var = ((grouped - mean) ** 2).mean(-1, keepdim=True)
+    normed = ((grouped - mean) / torch.sqrt(var + eps)).reshape_as(out)
+    return torch.sigmoid(normed * gn_w.double()[:, None] + gn_b.double()[:, None])
+
+
+# (C, channels per conv group, kernel, GroupNorm groups, H, W): ELA-S/L-like, depthwise ELA-T/B-like, 9 channels
+# per GroupNorm group (MobileNetV2's 144 / 16), single-position strips
+@pytest.mark.parametrize("c,cpg,k,groups,h,w", [(32, 8, 5, 2, 6, 6), (16, 1, 7, 4, 5, 9), (144, 8, 5, 16, 3, 4),
+                                                (16, 8, 5, 2, 1, 3)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strip_conv_gates(rng, backend, c, cpg, k, groups, h, w):
+    set_backend(backend)
+    z_h, z_w = torch.randn(2, c, h, generator=rng), torch.randn(2, c, w, generator=rng)
+    weight = torch.randn(c, cpg, k, generator=rng) / (cpg * k) ** 0.5
+    gn_w, gn_b = torch.randn(c, generator=rng), torch.randn(c, generator=rng)
+    with torch.no_grad():  # triton: the fused inference kernel; torch: F.conv1d + F.group_norm
+        y_h, y_w = strip_conv_gates(z_h, z_w, weight, gn_w, gn_b, groups, 1e-5)
+    assert_close(y_h, _ref_conv_gates(z_h, weight, gn_w, gn_b, groups, 1e-5), scale=2.0)  # conv + norm roundings
+    assert_close(y_w, _ref_conv_gates(z_w, weight, gn_w, gn_b, groups, 1e-5), scale=2.0)
+    # with gradients: the PyTorch expressions on every backend
+    weight.requires_grad_()
+    y_h, y_w = strip_conv_gates(z_h, z_w, weight, gn_w, gn_b, groups, 1e-5)
+    assert y_h.grad_fn is not None
+    (dw,) = torch.autograd.grad(y_h.sum() + y_w.sum(), weight)
+    w64 = weight.detach().double().requires_grad_()
+    ref = _ref_conv_gates(z_h, w64, gn_w, gn_b, groups, 1e-5).sum() + _ref_conv_gates(z_w, w64, gn_w, gn_b, groups,
+                                                                                        1e-5).sum()
+    (dw_ref,) = torch.autograd.grad(ref, w64)
+    assert_close(dw, dw_ref, scale=5.0)  # sums over batch and positions of float32 products
+
+
 def test_errors():
     x = torch.randn(1, 2, 3, 4)
     with pytest.raises(ValueError, match="gates must be y_h"):
@@ -174,3 +218,6 @@ def test_errors():
         apply_strip_gates(x, torch.rand(1, 2, 3), torch.rand(1, 2, 4), torch.randn(1, 2, 3, 5))
     with pytest.raises(ValueError, match=r"\(batch, channels, height, width\)"):
         strip_means(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="do not fit one channel count"):
+        strip_conv_gates(torch.randn(1, 8, 3), torch.randn(1, 8, 4), torch.randn(8, 3, 5), torch.ones(8),
+                         torch.zeros(8), 2)

@@ -225,6 +225,21 @@ def test_ela_fused_matches_torch_path(rng, hw, channels_last, residual):
         assert_close(a, e, scale=1.0 if i == 0 else 5.0, msg=f"grad {i}")
 
 
+@pytest.mark.parametrize("version,channels,hw", [("S", 32, (6, 6)), ("B", 16, (5, 7))])
+def test_ela_fused_inference_matches_torch_path(rng, version, channels, hw):
+    # no gradients: strip means, the conv + GroupNorm + sigmoid kernel and the gating, all Triton
+    ela = _ela_with_affine(channels, version, rng)
+    x = torch.randn(2, channels, *hw, generator=rng)
+    s = torch.randn(x.shape, generator=rng)
+    with torch.no_grad():
+        set_backend("triton")
+        out, out_res = ela(x), ela.forward_residual(x, s)
+        set_backend("torch")
+        ref, ref_res = ela(x), ela.forward_residual(x, s)
+    assert_close(out, ref, scale=2.0)  # float32, conv + norm computed in a different order
+    assert_close(out_res, ref_res, scale=2.0)
+
+
 def test_resnet_ela_blocks_keep_timm_state_dict():
     # resnet50_ela's block subclass vs timm's own Bottleneck with the same ELA: same modules, same keys
     with torch.device("meta"):
