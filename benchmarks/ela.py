@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -93,6 +94,19 @@ def run_checks() -> list[dict]:
     return rows
 
 
+def host_us(fn, n: int = 40) -> float:
+    """Host microseconds per call of ``fn`` (launch path only: no sync inside the timed loop)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - t0) / n * 1e6
+    torch.cuda.synchronize()
+    return round(host, 1)
+
+
 def bench(fn, reps: int = 100) -> float:
     from triton.testing import do_bench
 
@@ -132,13 +146,65 @@ def time_stage(batch: int, c: int, hw: int) -> dict[str, object]:
         with use_backend(backend):
             row[f"fwd_ms {key}"] = round(bench(infer(fn)), 4)
             row[f"fwdbwd_ms {key}"] = round(bench(train(fn), reps=200), 4)
+            row[f"fwd_host_us {key}"] = host_us(infer(fn))
+            row[f"fwdbwd_host_us {key}"] = host_us(train(fn), n=10)
+    for backend in ("triton", "torch"):
+        with use_backend(backend), torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            z_h, z_w = strip_means(x)
+            gates = partial(ela.gates, z_h, z_w)
+            row[f"fwd_ms gates (conv1d+GN+sigmoid) {backend}"] = round(bench(gates), 4)
+            row[f"fwd_host_us gates {backend}"] = host_us(gates)
     with use_backend("triton"), torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
         z_h, z_w = strip_means(x)
         y_h, y_w = ela.gates(z_h, z_w)
         row["fwd_ms strip_means"] = round(bench(lambda: strip_means(x)), 4)
-        row["fwd_ms gates (conv1d+GN+sigmoid)"] = round(bench(lambda: ela.gates(z_h, z_w)), 4)
+        row["fwd_host_us strip_means"] = host_us(lambda: strip_means(x))
         row["fwd_ms gating+shortcut+relu"] = round(bench(lambda: apply_strip_gates(x, y_h, y_w, s, "relu")), 4)
+        row["fwd_host_us gating+shortcut+relu"] = host_us(lambda: apply_strip_gates(x, y_h, y_w, s, "relu"))
     return row
+
+
+def profile_model(name: str, batch: int, out: Path) -> dict[str, object]:
+    """torch.profiler over one inference forward and one training step (bf16 autocast); tables to out/."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = timm.create_model(name).cuda()
+    x = torch.randn(batch, 3, 224, 224, device="cuda")
+    labels = torch.randint(0, 1000, (batch,), device="cuda")
+    result: dict[str, object] = {}
+
+    def infer():
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            model(x)
+
+    def train():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x), labels)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    for mode, fn in (("eval", infer), ("train", train)):
+        getattr(model, mode)()
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        host = time.perf_counter() - t0
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="device_time_total", row_limit=25)
+        (out / f"profile_{name}_{mode}.txt").write_text(table + "\n\n" + prof.key_averages().table(
+            sort_by="self_cpu_time_total", row_limit=25))
+        result[f"{mode}_host_ms"] = round(host * 1e3, 2)
+        result[f"{mode}_wall_ms"] = round(wall * 1e3, 2)
+        print(f"--- {name} {mode}: host {host * 1e3:.2f} ms to enqueue, {wall * 1e3:.2f} ms wall\n" + table[:1500],
+              flush=True)
+    return result
 
 
 def time_module(batch: int) -> list[dict]:
@@ -191,6 +257,8 @@ def main() -> int:
     result["triton"] = triton.__version__
     result["checks"] = run_checks()
     result["module"] = time_module(args.batch)
+    (out / "ela.json").write_text(json.dumps(result, indent=1))
+    result["profile"] = {n: profile_model(n, args.batch, out) for n in ("resnet50", "resnet50_ela")}
     (out / "ela.json").write_text(json.dumps(result, indent=1))
     if not args.skip_models:
         pairs = [(p.split(":")[0], None if p.split(":")[1] == "auto" else p.split(":")[1]) for p in args.models]
