@@ -76,7 +76,7 @@ def _strip_reduce(X, DOUT, OUT, GH, GW, DPRE, ROWS, COLS,
 
 @triton.jit
 def _strip_gate(X, GH, GW, AH, AW, S, OUT,
-                C, NCB,
+                C, NCB, ah_scale, aw_scale,
                 H: tl.constexpr, W: tl.constexpr,
                 sxb: tl.constexpr, sxc: tl.constexpr, sxh: tl.constexpr, sxw: tl.constexpr,
                 ssb: tl.constexpr, ssc: tl.constexpr, ssh: tl.constexpr, ssw: tl.constexpr,
@@ -101,7 +101,7 @@ def _strip_gate(X, GH, GW, AH, AW, S, OUT,
     if HAS_ADD:
         ah = tl.load(AH + bc_row[:, None] * H + offs_h[None, :], mask=ch_mask, other=0.0)
         aw = tl.load(AW + bc_row[:, None] * W + offs_w[None, :], mask=cw_mask, other=0.0)
-        y += ah[:, :, None] + aw[:, None, :]
+        y += ah[:, :, None] * ah_scale + aw[:, None, :] * aw_scale
     if HAS_SHORTCUT:
         y += tl.load(S + b64 * ssb + c3 * ssc + h3 * ssh + w3 * ssw, mask=mask, other=0.0).to(tl.float32)
     if RELU:
@@ -110,27 +110,27 @@ def _strip_gate(X, GH, GW, AH, AW, S, OUT,
 
 
 @triton.jit
-def _conv_norm_gate(ZH, ZW, WT, GAMMA, BETA, YH, YW, C, NG, eps,
+def _conv_norm_gate(ZH, ZW, WT, GAMMA, BETA, YH, YW, AH, AW, MEAN, RSTD, B, C, NG, eps,
                     H: tl.constexpr, W: tl.constexpr, CG: tl.constexpr, CPG: tl.constexpr, K: tl.constexpr,
-                    CGP: tl.constexpr, LP: tl.constexpr):
-    # One program: one sample, one GroupNorm group (CG channels), one strip (H or W positions).
+                    CGP: tl.constexpr, LP: tl.constexpr, KP: tl.constexpr, SAVE: tl.constexpr):
+    # One program: one sample, one GroupNorm group (CG channels), one strip (0: the H strip, 1: the W strip).
     pid, strip = tl.program_id(0), tl.program_id(1)
     b, g = pid // NG, pid % NG
     L = H if strip == 0 else W
     Z = ZH if strip == 0 else ZW
-    Y = YH if strip == 0 else YW
     offs_o = g * CG + tl.arange(0, CGP)  # output channels of this group
     offs_l = tl.arange(0, LP)
     o_ok, l_ok = offs_o < (g + 1) * CG, offs_l < L
     zrow0 = (b.to(tl.int64) * C + (offs_o // CPG) * CPG) * L  # first input channel of each output's conv group
+    offs_t = tl.arange(0, KP)  # conv taps, vectorised; zero "same" padding by masking
+    pos = offs_l[None, None, :] + offs_t[None, :, None] - K // 2  # (1, KP, LP) input positions
+    tap_ok = o_ok[:, None] & (offs_t < K)[None, :]
+    z_ok = tap_ok[:, :, None] & l_ok[None, None, :] & (pos >= 0) & (pos < L)
     acc = tl.zeros([CGP, LP], dtype=tl.float32)
-    for i in tl.static_range(CPG):
-        for t in tl.static_range(K):
-            pos = offs_l + (t - K // 2)  # zero "same" padding
-            z = tl.load(Z + (zrow0 + i * L)[:, None] + pos[None, :],
-                        mask=o_ok[:, None] & (l_ok & (pos >= 0) & (pos < L))[None, :], other=0.0)
-            wt = tl.load(WT + (offs_o * CPG + i) * K + t, mask=o_ok, other=0.0).to(tl.float32)
-            acc += wt[:, None] * z
+    for i in tl.static_range(CPG):  # input channel i of each output's conv group
+        z = tl.load(Z + (zrow0 + i * L)[:, None, None] + pos, mask=z_ok, other=0.0)
+        wt = tl.load(WT + (offs_o * CPG + i)[:, None] * K + offs_t[None, :], mask=tap_ok, other=0.0).to(tl.float32)
+        acc += tl.sum(wt[:, :, None] * z, axis=1)
     valid = o_ok[:, None] & l_ok[None, :]
     count = CG * L
     mean = tl.sum(tl.sum(tl.where(valid, acc, 0.0), axis=1), axis=0) / count
@@ -139,25 +139,41 @@ def _conv_norm_gate(ZH, ZW, WT, GAMMA, BETA, YH, YW, C, NG, eps,
     gamma = tl.load(GAMMA + offs_o, mask=o_ok, other=0.0).to(tl.float32)
     beta = tl.load(BETA + offs_o, mask=o_ok, other=0.0).to(tl.float32)
     y = tl.sigmoid(cen * rstd * gamma[:, None] + beta[:, None])
-    tl.store(Y + (b.to(tl.int64) * C + offs_o)[:, None] * L + offs_l[None, :], y, mask=valid)
+    out_offs = (b.to(tl.int64) * C + offs_o)[:, None] * L + offs_l[None, :]
+    tl.store((YH if strip == 0 else YW) + out_offs, y, mask=valid)
+    if SAVE:  # what GroupNorm's backward needs: its input and per-(sample, group) statistics
+        tl.store((AH if strip == 0 else AW) + out_offs, acc, mask=valid)
+        tl.store(MEAN + (strip * B + b) * NG + g, mean)
+        tl.store(RSTD + (strip * B + b) * NG + g, rstd)
 
 
 def conv_norm_gates(z_h: torch.Tensor, z_w: torch.Tensor, weight: torch.Tensor, gn_weight: torch.Tensor,
-                    gn_bias: torch.Tensor, norm_groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """sigmoid(GroupNorm(conv1d(z))) for both strips in one launch, float32 (no autograd: inference only).
+                    gn_bias: torch.Tensor, norm_groups: int, eps: float, save: bool = False,
+                    y_out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    a_out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+    """sigmoid(GroupNorm(conv1d(z))) for both strips in one launch, float32 (no autograd of its own).
 
     z_h (B, C, H), z_w (B, C, W); weight (C, C / conv_groups, K) with "same" zero padding K // 2.
+    Returns (y_h, y_w), plus with ``save`` the conv outputs (a_h, a_w) and GroupNorm mean and rstd, each
+    (2, B, groups) float32 (strip-major). ``y_out`` / ``a_out``: preallocated contiguous float32 outputs.
     """
     b, c, h = z_h.shape
     w = z_w.shape[2]
     cpg, k = weight.shape[1], weight.shape[2]
     cg = c // norm_groups
     z_h, z_w = z_h.float().contiguous(), z_w.float().contiguous()
-    y_h, y_w = torch.empty_like(z_h), torch.empty_like(z_w)
+    y_h, y_w = y_out if y_out is not None else (torch.empty_like(z_h), torch.empty_like(z_w))
+    if save:
+        a_h, a_w = a_out if a_out is not None else (torch.empty_like(z_h), torch.empty_like(z_w))
+        stats = torch.empty((2, 2, b, norm_groups), device=z_h.device, dtype=torch.float32)
+        mean, rstd = stats[0], stats[1]
+    else:
+        a_h = a_w = mean = rstd = y_h  # never written: SAVE is off
     _conv_norm_gate[(b * norm_groups, 2)](
-        z_h, z_w, weight.contiguous(), gn_weight, gn_bias, y_h, y_w, c, norm_groups, float(eps),
-        H=h, W=w, CG=cg, CPG=cpg, K=k, CGP=_pow2(cg), LP=_pow2(max(h, w)), num_warps=4)
-    return y_h, y_w
+        z_h, z_w, weight.contiguous(), gn_weight, gn_bias, y_h, y_w, a_h, a_w, mean, rstd, b, c, norm_groups,
+        float(eps), H=h, W=w, CG=cg, CPG=cpg, K=k, CGP=_pow2(cg), LP=_pow2(max(h, w)), KP=_pow2(k),
+        SAVE=save, num_warps=4)
+    return (y_h, y_w, a_h, a_w, mean, rstd) if save else (y_h, y_w)
 
 
 def _pow2(n: int) -> int:
@@ -188,19 +204,24 @@ def _strip_tensor(t: torch.Tensor) -> torch.Tensor:
 
 def strip_reduce(x: torch.Tensor, dout: torch.Tensor | None = None, out: torch.Tensor | None = None,
                  g_h: torch.Tensor | None = None, g_w: torch.Tensor | None = None, store_dpre: bool = False,
-                 row_scale: float = 1.0, col_scale: float = 1.0
+                 row_scale: float = 1.0, col_scale: float = 1.0,
+                 into: tuple[torch.Tensor, torch.Tensor] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Row sums over W and column sums over H of ``x`` (plain) or of ``d * x`` weighted by the other axis's gate
     (gated: ``dout`` given; ``d = dout * (out > 0)`` when ``out`` is given, else ``dout``).
 
     Returns (rows (B, C, H) float32 * row_scale, cols (B, C, W) float32 * col_scale, d or None), ``d``
-    stored only when ``store_dpre`` (in dout's dtype and layout).
+    stored only when ``store_dpre`` (in dout's dtype and layout). ``into``: contiguous float32 (B, C, H) and
+    (B, C, W) tensors to write rows and cols into (e.g. the two halves of one stacked buffer).
     """
     b, c, h, w = x.shape
     bc, bh, bw = _tiles(x)
     ncb, nwb = triton.cdiv(c, bc), triton.cdiv(w, bw)
-    rows = torch.empty((b, c, h, nwb), device=x.device, dtype=torch.float32)
-    cols = torch.empty((b, c, w), device=x.device, dtype=torch.float32)
+    if into is not None and nwb == 1:
+        rows, cols = into[0].unsqueeze(-1), into[1]
+    else:
+        rows = torch.empty((b, c, h, nwb), device=x.device, dtype=torch.float32)
+        cols = torch.empty((b, c, w), device=x.device, dtype=torch.float32) if into is None else into[1]
     gated = dout is not None
     dpre = torch.empty_like(dout) if store_dpre else None
     dummy = x  # never dereferenced: the constexpr flags remove the loads that would use it
@@ -211,15 +232,19 @@ def strip_reduce(x: torch.Tensor, dout: torch.Tensor | None = None, out: torch.T
         c, ncb, nwb, float(row_scale), float(col_scale), h, w,
         *_strides(x), *_strides(dout), *_strides(out), *_strides(dpre),
         GATED=gated, RELU=out is not None, STORE_DPRE=store_dpre, BC=bc, BH=bh, BW=bw, num_warps=4)
-    rows = rows.squeeze(-1) if nwb == 1 else rows.sum(-1)
+    if nwb == 1:
+        rows = rows.squeeze(-1)
+    else:
+        rows = rows.sum(-1) if into is None else torch.sum(rows, -1, out=into[0])
     return rows, cols, dpre
 
 
 def strip_gate(x: torch.Tensor, g_h: torch.Tensor, g_w: torch.Tensor, a_h: torch.Tensor | None = None,
                a_w: torch.Tensor | None = None, shortcut: torch.Tensor | None = None, relu: bool = False,
-               out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``act(x * g_h[..., None] * g_w[..., None, :] + a_h[..., None] + a_w[..., None, :] + shortcut)`` in one pass,
-    computed in float32 and stored in ``out_dtype`` (default x's dtype) with x's memory layout."""
+               out_dtype: torch.dtype | None = None, a_scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+    """``act(x * g_h[..., None] * g_w[..., None, :] + s_h * a_h[..., None] + s_w * a_w[..., None, :] + shortcut)``
+    in one pass (``(s_h, s_w) = a_scales``), computed in float32 and stored in ``out_dtype`` (default x's dtype)
+    with x's memory layout."""
     b, c, h, w = x.shape
     bc, bh, bw = _tiles(x)
     ncb = triton.cdiv(c, bc)
@@ -229,7 +254,7 @@ def strip_gate(x: torch.Tensor, g_h: torch.Tensor, g_w: torch.Tensor, a_h: torch
         x, _strip_tensor(g_h), _strip_tensor(g_w),
         _strip_tensor(a_h.float()) if has_add else x, _strip_tensor(a_w.float()) if has_add else x,
         shortcut if shortcut is not None else x, out,
-        c, ncb, h, w, *_strides(x), *_strides(shortcut), *_strides(out),
+        c, ncb, float(a_scales[0]), float(a_scales[1]), h, w, *_strides(x), *_strides(shortcut), *_strides(out),
         HAS_ADD=has_add, HAS_SHORTCUT=shortcut is not None, RELU=relu, BC=bc, BH=bh, BW=bw, num_warps=4)
     return out
 
@@ -241,10 +266,11 @@ def strip_means(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _gate_backward(dout: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None, g_h: torch.Tensor,
-                   g_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   g_w: torch.Tensor, into: tuple[torch.Tensor, torch.Tensor] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d, dg_h, dg_w) for ``out = act(x * g_h * g_w [+ s])``: d = dout * act' (dout itself without ReLU)."""
     relu = out is not None
-    dg_h, dg_w, dpre = strip_reduce(x, dout, out, g_h, g_w, store_dpre=relu)
+    dg_h, dg_w, dpre = strip_reduce(x, dout, out, g_h, g_w, store_dpre=relu, into=into)
     return (dpre if relu else dout), dg_h.to(g_h.dtype), dg_w.to(g_w.dtype)
 
 
@@ -329,11 +355,91 @@ class StripAttention(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             h, w = x.shape[2], x.shape[3]
-            a_h = torch.zeros_like(z_h) if dz_h is None else dz_h / w
-            a_w = torch.zeros_like(z_w) if dz_w is None else dz_w / h
-            dx = strip_gate(d, g_h, g_w, a_h=a_h, a_w=a_w, out_dtype=x.dtype)
+            a_h = torch.zeros_like(z_h) if dz_h is None else dz_h
+            a_w = torch.zeros_like(z_w) if dz_w is None else dz_w
+            dx = strip_gate(d, g_h, g_w, a_h=a_h, a_w=a_w, out_dtype=x.dtype, a_scales=(1.0 / w, 1.0 / h))
         ds = None if ctx.shortcut_dtype is None else d.to(ctx.shortcut_dtype)
         return (dx, ds, None, None, *dparams)
+
+
+class ConvGateStripAttention(torch.autograd.Function):
+    """ELA end to end, fused: ``out = act(x * y_h * y_w + shortcut)`` with ``y = sigmoid(GN(conv1d(z)))`` on the
+    strip means ``z`` (conv and GroupNorm shared by both strips).
+
+    Forward: three kernels (strip means; conv + GroupNorm + sigmoid for both strips, keeping the conv output
+    and GroupNorm statistics; gating). Backward: one reduction over the map (gate gradients, ReLU mask,
+    shortcut gradient), ATen's own sigmoid, GroupNorm and convolution backward on the small strips (square
+    maps: both strips stacked along the batch, one call each), one element-wise pass for dx. The small part
+    runs in float32 whatever the map's dtype; parameter gradients are cast to the parameters' dtypes.
+    """
+
+    @staticmethod
+    def forward(ctx, x, shortcut, weight, gn_weight, gn_bias, norm_groups, eps, relu):
+        b, c, h, w = x.shape
+        square = h == w
+
+        def strips() -> tuple[torch.Tensor, torch.Tensor] | None:  # two halves of one (2B, C, L) buffer
+            if not square:
+                return None
+            t = torch.empty((2 * b, c, h), device=x.device, dtype=torch.float32)
+            return t[:b], t[b:]
+
+        z_h, z_w, _ = strip_reduce(x, row_scale=1.0 / w, col_scale=1.0 / h, into=strips())
+        y_h, y_w, a_h, a_w, mean, rstd = conv_norm_gates(z_h, z_w, weight, gn_weight, gn_bias, norm_groups, eps,
+                                                         save=True, y_out=strips(), a_out=strips())
+        out = strip_gate(x, y_h, y_w, shortcut=shortcut, relu=relu)
+        if square:  # the stacked buffers (halves' bases) and (2B, groups) statistics
+            saved = [z_h._base, y_h._base, a_h._base, mean.reshape(2 * b, -1), rstd.reshape(2 * b, -1)]
+        else:
+            saved = [z_h, z_w, y_h, y_w, a_h, a_w, mean[0], mean[1], rstd[0], rstd[1]]
+        ctx.save_for_backward(x, out if relu else None, weight, gn_weight, *saved)
+        ctx.config = (norm_groups, square, None if shortcut is None else shortcut.dtype, gn_bias.dtype)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        x, out, weight, gn_weight, *saved = ctx.saved_tensors
+        norm_groups, square, shortcut_dtype, gn_bias_dtype = ctx.config
+        b, c, h, w = x.shape
+        if square:
+            zz, yy, aa, mean, rstd = saved
+            groups = [(zz, yy, aa, mean, rstd)]
+            y_h, y_w = yy[:b], yy[b:]
+            dyy = torch.empty_like(yy)
+            into = (dyy[:b], dyy[b:])
+        else:
+            z_h, z_w, y_h, y_w, a_h, a_w, m_h, m_w, r_h, r_w = saved
+            groups = [(z_h, y_h, a_h, m_h, r_h), (z_w, y_w, a_w, m_w, r_w)]
+            into = None
+        d, dg_h, dg_w = _gate_backward(_dense(dout), x, out, y_h, y_w, into=into)
+        dys = [dyy] if square else [dg_h, dg_w]
+        need_w, need_gw, need_gb = ctx.needs_input_grad[2:5]
+        k = weight.shape[2]
+        w32, gw32 = weight.float(), gn_weight.float()
+        dz, dweight, dgn_w, dgn_b = [], None, None, None
+        for (z, y, a, mean, rstd), dy in zip(groups, dys):
+            n, _, length = z.shape
+            du = torch.ops.aten.sigmoid_backward(dy, y)
+            da, dgw, dgb = torch.ops.aten.native_group_norm_backward(
+                du, a, mean, rstd, gw32, n, c, length, norm_groups, [True, need_gw, need_gb])
+            dzi, dwi, _ = torch.ops.aten.convolution_backward(
+                da, z, w32, None, [1], [k // 2], [1], False, [0], c // weight.shape[1], [True, need_w, False])
+            dz.append(dzi)
+            dweight = dwi if dweight is None else dweight + dwi
+            dgn_w = dgw if dgn_w is None else dgn_w + dgw
+            dgn_b = dgb if dgn_b is None else dgn_b + dgb
+        dz_h, dz_w = (dz[0][:b], dz[0][b:]) if square else (dz[0], dz[1])
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = strip_gate(d, y_h, y_w, a_h=dz_h, a_w=dz_w, out_dtype=x.dtype, a_scales=(1.0 / w, 1.0 / h))
+        ds = None if shortcut_dtype is None else d.to(shortcut_dtype)
+
+        def cast(g: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+            return None if g is None else g.to(dtype)
+
+        return (dx, ds, cast(dweight, weight.dtype), cast(dgn_w, gn_weight.dtype), cast(dgn_b, gn_bias_dtype),
+                None, None, None)
 
 
 def strip_attention(x: torch.Tensor, gate_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
@@ -344,3 +450,15 @@ def strip_attention(x: torch.Tensor, gate_fn: Callable[[torch.Tensor, torch.Tens
         y_h, y_w = gate_fn(z_h, z_w)
         return strip_gate(x, y_h, y_w, shortcut=shortcut, relu=relu)
     return StripAttention.apply(x, shortcut, gate_fn, relu, *params)
+
+
+def strip_conv_attention(x: torch.Tensor, weight: torch.Tensor, gn_weight: torch.Tensor, gn_bias: torch.Tensor,
+                         norm_groups: int, eps: float, shortcut: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    """Entry for strip_gate.strip_conv_attention on the triton backend (arguments checked there)."""
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, shortcut, weight, gn_weight, gn_bias))
+    if needs_grad:
+        return ConvGateStripAttention.apply(x, shortcut, weight, gn_weight, gn_bias, norm_groups, eps, relu)
+    z_h, z_w = strip_means(x)
+    y_h, y_w = conv_norm_gates(z_h, z_w, weight, gn_weight, gn_bias, norm_groups, eps)
+    return strip_gate(x, y_h, y_w, shortcut=shortcut, relu=relu)

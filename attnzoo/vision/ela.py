@@ -49,7 +49,7 @@ from timm.models.efficientnet import EfficientNet, _create_effnet
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet, _create_resnet
 from torch import nn
 
-from ..kernels.strip_gate import strip_attention, strip_conv_gates
+from ..kernels.strip_gate import strip_conv_attention, strip_conv_gates
 from ._registry import register_model
 
 __all__ = ["ELABasicBlock", "ELABottleneck", "ELA_VERSIONS", "EfficientLocalAttention", "ela_param_count"]
@@ -114,16 +114,15 @@ class EfficientLocalAttention(nn.Module):
         The same conv and GroupNorm serve both axes (the paper shares them); see
         :func:`attnzoo.kernels.strip_conv_gates`.
         """
-        return strip_conv_gates(z_h, z_w, self.conv.weight, self.gn.weight, self.gn.bias, self.gn.num_groups,
-                                self.gn.eps)
+        return strip_conv_gates(z_h, z_w, *self._gate_args())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> (B, C, H, W), in x's dtype and memory layout.
 
-        On CUDA (kernel backend "triton") the strip means and the gating are fused Triton kernels
-        (:func:`attnzoo.kernels.strip_attention`); elsewhere plain PyTorch.
+        On CUDA (kernel backend "triton") it runs as fused Triton kernels
+        (:func:`attnzoo.kernels.strip_conv_attention`); elsewhere plain PyTorch.
         """
-        return strip_attention(x, self.gates, params=self._params())
+        return strip_conv_attention(x, *self._gate_args())
 
     def forward_residual(self, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
         """``relu(ELA(x) + shortcut)``: a ResNet block's tail, fused with ELA on the triton backend.
@@ -131,10 +130,10 @@ class EfficientLocalAttention(nn.Module):
         x, shortcut: (B, C, H, W); returns (B, C, H, W) in x's dtype. On the torch backend exactly timm's tail
         (``x = ela(x); x += shortcut; relu``).
         """
-        return strip_attention(x, self.gates, shortcut=shortcut, act="relu", params=self._params())
+        return strip_conv_attention(x, *self._gate_args(), shortcut=shortcut, act="relu")
 
-    def _params(self) -> tuple[torch.Tensor, ...]:
-        return (self.conv.weight, self.gn.weight, self.gn.bias)
+    def _gate_args(self) -> tuple[Any, ...]:
+        return self.conv.weight, self.gn.weight, self.gn.bias, self.gn.num_groups, self.gn.eps
 
 
 # ELA fused into the tail of timm's ResNet blocks. timm's blocks end with `x = se(x); x = drop_path(x);
