@@ -8,7 +8,14 @@ import pytest
 import torch
 from helpers import assert_close
 
-from attnzoo.kernels import apply_strip_gates, set_backend, strip_attention, strip_conv_gates, strip_means
+from attnzoo.kernels import (
+    apply_strip_gates,
+    set_backend,
+    strip_attention,
+    strip_conv_attention,
+    strip_conv_gates,
+    strip_means,
+)
 
 BACKENDS = ["triton", "torch"]
 # (B, C, H, W): odd sizes; W = 70 spans two 64-wide column tiles (partial row sums); H = 1 and W = 1 edges
@@ -206,6 +213,30 @@ def test_strip_conv_gates(rng, backend, c, cpg, k, groups, h, w):
                                                                                         1e-5).sum()
     (dw_ref,) = torch.autograd.grad(ref, w64)
     assert_close(dw, dw_ref, scale=5.0)  # sums over batch and positions of float32 products
+
+
+@pytest.mark.parametrize("shape,cpg,groups,act,layout", [((2, 16, 5, 5), 8, 2, "relu", "nchw"),
+                                                          ((1, 16, 4, 7), 1, 4, None, "channels_last"),
+                                                          ((1, 16, 3, 3), 8, 4, None, "strided")])
+def test_strip_conv_attention_triton_vs_float64(rng, shape, cpg, groups, act, layout):
+    # the fused Function (forward kernels, reduction + ATen strip backward + dx pass) vs the torch backend in float64
+    b, c, h, w = shape
+    x = _layout(torch.randn(*shape, generator=rng), layout).requires_grad_()
+    shortcut = torch.randn(*shape, generator=rng).requires_grad_() if act else None
+    weight = (torch.randn(c, cpg, 5, generator=rng) / (5 * cpg) ** 0.5).requires_grad_()
+    gn_w, gn_b = torch.randn(c, generator=rng).requires_grad_(), torch.randn(c, generator=rng).requires_grad_()
+    g = torch.randn(shape, generator=rng)
+    inputs = [x, weight, gn_w, gn_b] + ([shortcut] if act else [])
+    set_backend("triton")
+    out = strip_conv_attention(x, weight, gn_w, gn_b, groups, 1e-5, shortcut, act)
+    grads = torch.autograd.grad(out, inputs, g)
+    set_backend("torch")
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    ref = strip_conv_attention(ref_inputs[0], *ref_inputs[1:4], groups, 1e-5, ref_inputs[4] if act else None, act)
+    ref_grads = torch.autograd.grad(ref, ref_inputs, g.double())
+    assert_close(out, ref, scale=2.0)  # conv + GroupNorm in float32 before the gate
+    for name, a, e in zip(["dx", "dweight", "dgn_w", "dgn_b", "dshortcut"], grads, ref_grads):
+        assert_close(a, e, scale=10.0, msg=name)  # sums over batch and positions through GroupNorm's backward
 
 
 def test_errors():
