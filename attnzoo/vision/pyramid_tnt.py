@@ -41,6 +41,7 @@ __all__ = ["PyramidTNT", "checkpoint_filter_fn"]
 
 _SR_RATIOS = (4, 2, 1, 1)  # keys/values pooling of the outer attention per stage (official)
 _NUM_WORDS = 16  # 4x4 words per sentence (official stem)
+MAX_SDPA_BATCH = 65535  # sequences per scaled_dot_product_attention call (a CUDA grid axis limit)
 
 
 class Attention(nn.Module):
@@ -76,8 +77,16 @@ class Attention(nn.Module):
         kv = self.kv(x).reshape(b, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if bias is not None:
             bias = bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=bias,
-                                             dropout_p=self.attn_drop if self.training else 0.0)
+        dropout_p = self.attn_drop if self.training else 0.0
+        if b <= MAX_SDPA_BATCH:
+            out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=bias, dropout_p=dropout_p)
+        else:
+            # The word attention runs on B * sentences sequences (524288 at batch 128, 256 px): more than a CUDA
+            # grid axis holds (65535), where SDPA's kernels fail with "invalid argument". Chunk the batch.
+            out = torch.cat([
+                F.scaled_dot_product_attention(q[i:i + MAX_SDPA_BATCH], kv[0, i:i + MAX_SDPA_BATCH],
+                                               kv[1, i:i + MAX_SDPA_BATCH], attn_mask=bias, dropout_p=dropout_p)
+                for i in range(0, b, MAX_SDPA_BATCH)])
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
 
 

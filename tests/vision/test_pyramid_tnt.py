@@ -349,3 +349,17 @@ def test_timm_tnt_loads_official_file(rng, tmp_path):
     assert torch.equal(own["norm1_proj.weight"], sd["proj_norm1.weight"])
     assert torch.equal(own["blocks.0.norm1_proj.weight"], sd["blocks.0.proj_norm1.weight"])
     assert not model.pixel_embed.legacy  # per-patch 7x7 conv after unfolding, as the official PatchEmbed
+
+
+def test_attention_chunks_large_batches(monkeypatch, rng):
+    """Past MAX_SDPA_BATCH sequences the attention runs in chunks (CUDA grid limit) with the same result."""
+    from attnzoo.vision import pyramid_tnt
+
+    attn = pyramid_tnt.Attention(16, 2).eval()
+    x = torch.randn(7, 16, 16, generator=rng)
+    with torch.no_grad():
+        whole = attn(x, (4, 4))
+        monkeypatch.setattr(pyramid_tnt, "MAX_SDPA_BATCH", 3)
+        chunked = attn(x, (4, 4))
+    assert chunked.shape == whole.shape
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
