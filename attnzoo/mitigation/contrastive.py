@@ -207,6 +207,28 @@ def _warpers(temperature: float | None, top_k: int | None, top_p: float | None) 
     return warpers
 
 
+_TILED_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
+
+
+def branch_batch(lvlm: Any, batch: Any, prompts: Sequence[Sequence[str]]) -> Any:
+    """The ``k * B``-row batch of the branches (branch-major), as ``lvlm.prepare(images * k, prompts...)`` builds it.
+
+    When every branch asks the batch's own prompts (CausalMM: the branches differ inside the model) on a LLaVA
+    family, the batch's processed inputs and layout are tiled ``k`` times instead: the same tensors without
+    running the image processor and tokenizer on ``k * B`` samples again (tested equal to ``prepare``)."""
+    k = len(prompts)
+    own = list(batch.layout.prompts)
+    if lvlm.family in ("llava", "llava_next") and all(list(p) == own for p in prompts) \
+            and set(batch.inputs.keys()) <= set(_TILED_INPUTS):
+        B = batch.layout.batch_size
+        inputs = {key: torch.cat([value] * k) for key, value in batch.inputs.items()}
+        layout = batch.layout.select(list(range(B)) * k)
+        if batch.layout.vision_rows is not None:
+            layout.vision_rows = torch.cat([batch.layout.vision_rows + j * B for j in range(k)])
+        return dataclasses.replace(batch, inputs=inputs, layout=layout, images=tuple(batch.images) * k)
+    return lvlm.prepare(list(batch.images) * k, [p for branch in prompts for p in branch], system=batch.system)
+
+
 def check_composition(lvlm: Any, decoder: ContrastiveDecoding) -> None:
     """Raise ValueError when the attached passes cannot run under ``decoder`` (checked before generating)."""
     decoders = [p for p in lvlm.passes if callable(getattr(p, "generate_ids", None))]
@@ -261,7 +283,7 @@ def contrastive_generate(lvlm: Any, batch: Any, decoder: ContrastiveDecoding, ba
     from transformers import LogitsProcessorList
 
     if batched:
-        run = lvlm.prepare(images * k, [p for branch in prompts for p in branch], system=batch.system)
+        run = branch_batch(lvlm, batch, prompts)
         selector = _Selector(decoder, B, k, do_sample, warpers, generator, record)
         rows = BranchRows.build(range(k), B, lvlm.device)
     else:

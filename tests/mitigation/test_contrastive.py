@@ -124,3 +124,24 @@ def test_refused_combinations_and_options():
     b_free = type(b)(inputs=b.inputs, layout=b.layout)
     with pytest.raises(ValueError, match="records no images"):
         contrastive_generate(lvlm, b_free, mitigation.LQCD())
+
+
+def test_branch_batch_tiles_what_prepare_builds():
+    """CausalMM's branches share the batch's prompts: the tiled batch equals re-preparing k * B samples."""
+    from attnzoo.mitigation.contrastive import branch_batch
+
+    lvlm, _ = models()
+    b = batch()
+    k = 3
+    tiled = branch_batch(lvlm, b, [list(PROMPTS)] * k)
+    prepared = lvlm.prepare(images() * k, list(PROMPTS) * k)
+    assert set(tiled.inputs.keys()) == set(prepared.inputs.keys())
+    for key in prepared.inputs.keys():
+        assert torch.equal(tiled.inputs[key], prepared.inputs[key]), key
+    for field in ("input_ids", "attention_mask", "image_mask", "newline_mask", "instruction_mask", "vision_rows"):
+        assert torch.equal(getattr(tiled.layout, field), getattr(prepared.layout, field)), field
+    assert (tiled.layout.images, tiled.layout.prompts, tiled.layout.has_image) == \
+        (prepared.layout.images, prepared.layout.prompts, prepared.layout.has_image)
+    # branches with their own prompts (LQCD) are prepared from scratch
+    other = branch_batch(lvlm, b, [list(PROMPTS), LEADING])
+    assert other.layout.prompts == (*PROMPTS, *LEADING)
