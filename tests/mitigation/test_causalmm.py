@@ -296,3 +296,24 @@ def test_explicit_path_when_another_pass_edits_weights():
         assert not cmm._explicit
     with lvlm.attach(Sharpen()), cmm.apply(lvlm):
         assert cmm._explicit
+
+
+def test_fused_language_counterfactual_equals_explicit_on_qwen2_vl():
+    """The language counterfactual needs no CLIP tower: on Qwen2-VL (M-RoPE) fused and explicit agree too."""
+    from mitigation_testing import PROMPTS, images
+
+    from attnzoo.mllm import build_tiny_qwen2_vl, wrap
+
+    lvlm = wrap(*build_tiny_qwen2_vl(seed=0))
+    b = lvlm.prepare(images(), PROMPTS)
+    steps = {}
+    for fused in (True, False):
+        cmm = mitigation.CausalMM(counterfactual="language", language_kind="reverse_normalize", do_sample=False,
+                                  epsilon=1e-9, fused=fused)
+        with cmm.apply(lvlm):
+            steps[fused] = contrastive_generate(lvlm, b, cmm, max_new_tokens=NEW_TOKENS, return_logits=True)
+    assert torch.equal(steps[True][0], steps[False][0])
+    for a, e in zip(steps[True][1], steps[False][1]):
+        kept = torch.isfinite(e)
+        assert torch.equal(torch.isfinite(a), kept)
+        assert_close(a[kept], e[kept])
