@@ -25,7 +25,6 @@ at the end.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -70,19 +69,6 @@ HALO = {
 }
 
 
-@contextlib.contextmanager
-def formulation(name: str | None):
-    """Force the fused routed kernels' formulation ("sparse" / "dense"; None: by shape)."""
-    from attnzoo.kernels import _routed_triton
-
-    previous = _routed_triton.FORMULATION
-    _routed_triton.FORMULATION = name
-    try:
-        yield
-    finally:
-        _routed_triton.FORMULATION = previous
-
-
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double().cpu(), b.double().cpu()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
@@ -93,9 +79,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def check_small(dev: torch.device, backends: tuple[str, ...], halo: bool = True) -> list[dict]:
     rows = []
     gen = torch.Generator().manual_seed(0)
-    # the triton backend in both formulations of its routed kernels (halo: once)
-    runs = [(bk, f) for bk in backends for f in (("sparse", "dense") if bk == "triton" else (None,))]
-    for backend, form in runs:
+    for backend in backends:
         # flex compiles per dtype and shape: fp32 only, to save time
         for dtype in (torch.float32,) if backend == "flex" else (torch.float32, torch.bfloat16):
             # routed: 12x12 map, 3x3 regions of 16 tokens, topk 3, d_v != d_qk
@@ -105,32 +89,38 @@ def check_small(dev: torch.device, backends: tuple[str, ...], halo: bool = True)
                                  for _ in range(2)])
             inputs = [t.to(dev, dtype).requires_grad_() for t in (q, k, v)]
             cpu64 = [t.double().requires_grad_() for t in (q, k, v)]
-            with K.use_backend(backend), formulation(form):
+            with K.use_backend(backend):
                 out = routed_attention(*inputs, index.to(dev), 3)
             ref = routed_attention_reference(*cpu64, index, 3)
             grad = torch.randn_like(ref)
             got = torch.autograd.grad(out, inputs, grad.to(dev, dtype))
             want = torch.autograd.grad(ref, cpu64, grad)
             errs = [rel_err(out, ref)] + [rel_err(g, w) for g, w in zip(got, want)]
-            rows.append(dict(op="routed", backend=backend, formulation=form, dtype=str(dtype),
-                             rel_err_out_dq_dk_dv=errs))
-            # routed with 2x2-token regions (BiFormer stage 3), 12x8 map
+            rows.append(dict(op="routed", backend=backend, dtype=str(dtype), rel_err_out_dq_dk_dv=errs))
+            # routed with 2x2-token regions (BiFormer stage 3), 12x8 map; the fused kernels with 4 and 2 warps
+            from attnzoo.kernels import _routed_triton
+
             q, k, v = (torch.randn(2, 12, 8, 2, 32, generator=gen) for _ in range(3))
             index = torch.stack([torch.stack([torch.randperm(24, generator=gen)[:5] for _ in range(24)])
                                  for _ in range(2)])
-            inputs = [t.to(dev, dtype).requires_grad_() for t in (q, k, v)]
-            cpu64 = [t.double().requires_grad_() for t in (q, k, v)]
-            with K.use_backend(backend), formulation(form):
-                out = routed_attention(*inputs, index.to(dev), (6, 4))
-            ref = routed_attention_reference(*cpu64, index, (6, 4))
-            grad = torch.randn_like(ref)
-            got = torch.autograd.grad(out, inputs, grad.to(dev, dtype))
-            want = torch.autograd.grad(ref, cpu64, grad)
-            errs = [rel_err(out, ref)] + [rel_err(g, w) for g, w in zip(got, want)]
-            rows.append(dict(op="routed 2x2 regions", backend=backend, formulation=form, dtype=str(dtype),
-                             rel_err_out_dq_dk_dv=errs))
+            for warps in (4, 2) if backend == "triton" else (4,):
+                inputs = [t.to(dev, dtype).requires_grad_() for t in (q, k, v)]
+                cpu64 = [t.double().requires_grad_() for t in (q, k, v)]
+                previous, _routed_triton.SMALL_REGION_WARPS = _routed_triton.SMALL_REGION_WARPS, warps
+                try:
+                    with K.use_backend(backend):
+                        out = routed_attention(*inputs, index.to(dev), (6, 4))
+                    ref = routed_attention_reference(*cpu64, index, (6, 4))
+                    grad = torch.randn_like(ref)
+                    got = torch.autograd.grad(out, inputs, grad.to(dev, dtype))
+                finally:
+                    _routed_triton.SMALL_REGION_WARPS = previous
+                want = torch.autograd.grad(ref, cpu64, grad)
+                errs = [rel_err(out, ref)] + [rel_err(g, w) for g, w in zip(got, want)]
+                rows.append(dict(op=f"routed 2x2 regions ({warps} warps)", backend=backend, dtype=str(dtype),
+                                 rel_err_out_dq_dk_dv=errs))
             # halo: 16x24 map, block 8, halo 3, stride 2 and 1, position tables
-            for stride in (1, 2) if halo and form != "dense" else ():
+            for stride in (1, 2) if halo else ():
                 q = torch.randn(2, 16 // stride, 24 // stride, 2, 32, generator=gen)
                 k = torch.randn(2, 16, 24, 2, 32, generator=gen)
                 v = torch.randn(2, 16, 24, 2, 16, generator=gen)
@@ -190,7 +180,7 @@ def check_real(dev: torch.device, halo: bool = True) -> list[dict]:
                 out = routed_attention(*ins, index, n_win, scale=dim ** -0.5)
             grads = torch.autograd.grad(out, ins, torch.ones_like(out))
             outs[backend] = [out, *grads]
-        rows.append(dict(op=f"routed {name} bf16 triton (by shape) vs fp32 torch",
+        rows.append(dict(op=f"routed {name} bf16 triton vs fp32 torch",
                          rel_err_out_dq_dk_dv=[rel_err(a, b) for a, b in zip(outs["triton"], outs["torch"])]))
     if not halo:
         return rows
@@ -313,16 +303,16 @@ def bench_routed(name, cfg, dev, flex: bool, only_flex: bool = False, keep: set[
         variants = {"flex": variants["flex"]} if flex else {}
     if keep is not None:
         variants = {key: fn for key, fn in variants.items() if key in keep}
-    if "ours" in variants:  # the fused kernels' other formulation than the shape rule's
-        from attnzoo.kernels._routed_triton import _use_dense
+    if "ours" in variants and t < 16:  # small regions: the attention kernels with 2 warps per program
+        from attnzoo.kernels import _routed_triton
 
-        other = "sparse" if _use_dense(m * m, t, topk) else "dense"
-        if other == "sparse" or m * m <= 1024:  # dense over a large map: only its cost, no news
-
-            def other_fn():
-                with formulation(other):
-                    return ours_routed("triton")(q, k, v, n_win, topk, scale)
-            variants[f"ours ({other})"] = other_fn
+        def two_warps():
+            previous, _routed_triton.SMALL_REGION_WARPS = _routed_triton.SMALL_REGION_WARPS, 2
+            try:
+                return ours_routed("triton")(q, k, v, n_win, topk, scale)
+            finally:
+                _routed_triton.SMALL_REGION_WARPS = previous
+        variants["ours (2 warps)"] = two_warps
     rows = []
     for var, fn in variants.items():
         row = dict(op="routed", shape=name, variant=var, batch=b, map=m, heads=heads, head_dim=d, n_win=n_win,

@@ -22,11 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._logging import get_logger, log_once
 from ._backend import triton_interpreting
 
 _LOG2E = 1.4426950408889634
-logger = get_logger("attnzoo.kernels")
 
 @triton.jit
 def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
@@ -128,7 +126,7 @@ def region_routing_triton(q: torch.Tensor, k: torch.Tensor, nh: int, nw: int, to
     means = torch.empty(2, b, r, c, device=q.device, dtype=torch.float32)
     _region_means[(r, b)](q, k, means, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                           b, r, c, 1.0 / t, RH=rh, RW=rw, NW=nw, T=t, TB=min(_pow2(t), 64),
-                          CB=min(_pow2(c), max(16, 4096 // min(_pow2(t), 64))), num_warps=4)
+                          CB=min(_pow2(c), 64), num_warps=4)
     index = torch.empty(b, r, topk, device=q.device, dtype=torch.int64)
     weight = torch.empty(b, r, topk, device=q.device, dtype=q.dtype)
     rp = max(16, _pow2(r))
@@ -334,182 +332,6 @@ def _routed_bwd_dkdv(Q, K, V, DO, LSE, DELTA, STARTS, COUNTS, QLIST, DK, DV_OUT,
              mask=n_ok[:, None] & (offs_dv[None, :] < DV_REAL))
 
 
-# ---------------------------------------------------------------- dense region-masked formulation
-# For maps where the routed keys are a large share of the map (BiFormer stage 3 at 224: 16 of 49 regions of
-# 2x2 tokens), gathering them per query region re-reads each key region topk times in 16-row tiles that are
-# 3/4 empty. There every (batch, head) program instead takes a 64-token query tile in map order against
-# all key tiles, and weighs each (query, key) pair by how many times the key's region appears in the
-# query's routing row (0: masked; 2: a region named twice counts twice): the same result, with each key
-# read once per query tile. The per-row counts over all regions, (BLOCK_M, RP), come from the routing table;
-# a key tile's counts are one small dot with the one-hot of its tokens' regions.
-
-
-@triton.jit
-def _map_coords(tok, W, RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr):
-    """(row, col, region) of map token ``tok`` (row-major tokens)."""
-    y, x = tok // W, tok % W
-    return y, x, (y // RH) * NW + x // RW
-
-
-@triton.jit
-def _row_region_counts(IDX, b, reg, row_ok, sib, sir, sis, TOPK: tl.constexpr, KP: tl.constexpr,
-                       RP: tl.constexpr, ROWS: tl.constexpr):
-    """(rows, RP) float32: how many times each region appears in routing row ``reg`` of each query row."""
-    slots = tl.arange(0, KP)
-    table = tl.load(IDX + b * sib + reg[:, None] * sir + slots[None, :] * sis,
-                    mask=row_ok[:, None] & (slots[None, :] < TOPK), other=-1).to(tl.int32)
-    regions = tl.arange(0, RP)
-    counts = tl.zeros([ROWS, RP], tl.float32)
-    for j in range(TOPK):
-        col = tl.sum(tl.where(slots[None, :] == j, table, 0), 1)
-        counts += (col[:, None] == regions[None, :]).to(tl.float32)
-    return counts
-
-
-@triton.jit
-def _routed_dense_fwd(Q, K, V, IDX, O, LSE,
-                      sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh,
-                      sib, sir, sis, sob, soy, sox, soh,
-                      W, NTOK, HEADS, scale_log2, D_REAL, DV_REAL,
-                      RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, TOPK: tl.constexpr,
-                      KP: tl.constexpr, RP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    pid, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // HEADS, bh % HEADS
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < NTOK
-    qy, qx, qreg = _map_coords(offs_m, W, RH, RW, NW)
-    offs_d, offs_dv = tl.arange(0, D), tl.arange(0, DV)
-    regions = tl.arange(0, RP)
-    q = tl.load(Q + b * sqb + qy[:, None] * sqy + qx[:, None] * sqx + h * sqh + offs_d[None, :],
-                mask=m_ok[:, None] & (offs_d[None, :] < D_REAL), other=0.0)
-    row_counts = _row_region_counts(IDX, b, qreg, m_ok, sib, sir, sis, TOPK, KP, RP, BLOCK_M).to(tl.float16)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, DV], tl.float32)
-    for n0 in range(0, NTOK, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < NTOK
-        ky, kx, kreg = _map_coords(offs_n, W, RH, RW, NW)
-        one_hot = ((regions[:, None] == kreg[None, :]) & n_ok[None, :]).to(tl.float16)  # (RP, N)
-        count = tl.dot(row_counts, one_hot)  # (M, N): multiplicity of each pair, exact small integers
-        kt = tl.load(K + b * skb + ky[None, :] * sky + kx[None, :] * skx + h * skh + offs_d[:, None],
-                     mask=n_ok[None, :] & (offs_d[:, None] < D_REAL), other=0.0)  # (D, N)
-        s = _dot(q, kt, PREC, UPCAST) * scale_log2
-        # online softmax over the allowed pairs; a row with none allowed yet keeps m = -inf, exponent base 0
-        m_new = tl.maximum(m_i, tl.max(tl.where(count > 0, s, float("-inf")), 1))
-        m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = count * tl.exp2(s - m_base[:, None])
-        alpha = tl.exp2(m_i - m_base)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(V + b * svb + ky[:, None] * svy + kx[:, None] * svx + h * svh + offs_dv[None, :],
-                     mask=n_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)  # (N, DV)
-        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, PREC, UPCAST)
-        m_i = m_new
-    l_i = tl.where(m_ok, l_i, 1.0)  # padding rows have no allowed key
-    acc = acc / l_i[:, None]
-    tl.store(O + b * sob + qy[:, None] * soy + qx[:, None] * sox + h * soh + offs_dv[None, :],
-             acc.to(O.dtype.element_ty), mask=m_ok[:, None] & (offs_dv[None, :] < DV_REAL))
-    tl.store(LSE + bh * NTOK + offs_m, m_i + tl.log2(l_i), mask=m_ok)
-
-
-@triton.jit
-def _routed_dense_bwd_dq(Q, K, V, IDX, DO, O, LSE, DELTA, DQ, COUNTS,
-                         sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh,
-                         sib, sir, sis, sdob, sdoy, sdox, sdoh, sob, soy, sox, soh,
-                         W, NTOK, HEADS, scale_log2, scale, D_REAL, DV_REAL,
-                         RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, TOPK: tl.constexpr,
-                         KP: tl.constexpr, RP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    pid, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // HEADS, bh % HEADS
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < NTOK
-    qy, qx, qreg = _map_coords(offs_m, W, RH, RW, NW)
-    offs_d, offs_dv = tl.arange(0, D), tl.arange(0, DV)
-    regions = tl.arange(0, RP)
-    q = tl.load(Q + b * sqb + qy[:, None] * sqy + qx[:, None] * sqx + h * sqh + offs_d[None, :],
-                mask=m_ok[:, None] & (offs_d[None, :] < D_REAL), other=0.0)
-    do = tl.load(DO + b * sdob + qy[:, None] * sdoy + qx[:, None] * sdox + h * sdoh + offs_dv[None, :],
-                 mask=m_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)
-    o = tl.load(O + b * sob + qy[:, None] * soy + qx[:, None] * sox + h * soh + offs_dv[None, :],
-                mask=m_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO * O), reused by the dk/dv pass
-    tl.store(DELTA + bh * NTOK + offs_m, delta, mask=m_ok)
-    lse = tl.load(LSE + bh * NTOK + offs_m, mask=m_ok, other=0.0)
-    row_counts = _row_region_counts(IDX, b, qreg, m_ok, sib, sir, sis, TOPK, KP, RP, BLOCK_M).to(tl.float16)
-    # the dk/dv pass reads the per-row counts from here: written once per batch element (head 0)
-    tl.store(COUNTS + (b * NTOK + offs_m[:, None]) * RP + regions[None, :], row_counts,
-             mask=m_ok[:, None] & (regions[None, :] >= 0) & (h == 0))
-    dq = tl.zeros([BLOCK_M, D], tl.float32)
-    for n0 in range(0, NTOK, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < NTOK
-        ky, kx, kreg = _map_coords(offs_n, W, RH, RW, NW)
-        one_hot = ((regions[:, None] == kreg[None, :]) & n_ok[None, :]).to(tl.float16)
-        count = tl.dot(row_counts, one_hot)
-        k = tl.load(K + b * skb + ky[:, None] * sky + kx[:, None] * skx + h * skh + offs_d[None, :],
-                    mask=n_ok[:, None] & (offs_d[None, :] < D_REAL), other=0.0)  # (N, D)
-        v = tl.load(V + b * svb + ky[:, None] * svy + kx[:, None] * svx + h * svh + offs_dv[None, :],
-                    mask=n_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)  # (N, DV)
-        s = _dot(q, tl.trans(k), PREC, UPCAST) * scale_log2
-        p = count * tl.exp2(s - lse[:, None])
-        dp = _dot(do, tl.trans(v), PREC, UPCAST)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, PREC, UPCAST)
-    tl.store(DQ + b * sqb + qy[:, None] * sqy + qx[:, None] * sqx + h * sqh + offs_d[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < D_REAL))
-
-
-@triton.jit
-def _routed_dense_bwd_dkdv(Q, K, V, DO, LSE, DELTA, COUNTS, DK, DV_OUT,
-                           sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh,
-                           sdob, sdoy, sdox, sdoh,
-                           W, NTOK, HEADS, scale_log2, scale, D_REAL, DV_REAL,
-                           RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, RP: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    pid, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // HEADS, bh % HEADS
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < NTOK
-    ky, kx, kreg = _map_coords(offs_n, W, RH, RW, NW)
-    offs_d, offs_dv = tl.arange(0, D), tl.arange(0, DV)
-    regions = tl.arange(0, RP)
-    k = tl.load(K + b * skb + ky[:, None] * sky + kx[:, None] * skx + h * skh + offs_d[None, :],
-                mask=n_ok[:, None] & (offs_d[None, :] < D_REAL), other=0.0)
-    v = tl.load(V + b * svb + ky[:, None] * svy + kx[:, None] * svx + h * svh + offs_dv[None, :],
-                mask=n_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)
-    one_hot_t = ((kreg[:, None] == regions[None, :]) & n_ok[:, None]).to(tl.float16)  # (N, RP)
-    dk = tl.zeros([BLOCK_N, D], tl.float32)
-    dv = tl.zeros([BLOCK_N, DV], tl.float32)
-    for m0 in range(0, NTOK, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < NTOK
-        qy, qx, _ = _map_coords(offs_m, W, RH, RW, NW)
-        counts_t = tl.load(COUNTS + (b * NTOK + offs_m[None, :]) * RP + regions[:, None], mask=m_ok[None, :],
-                           other=0.0)  # (RP, M)
-        count_t = tl.dot(one_hot_t, counts_t)  # (N, M)
-        q = tl.load(Q + b * sqb + qy[:, None] * sqy + qx[:, None] * sqx + h * sqh + offs_d[None, :],
-                    mask=m_ok[:, None] & (offs_d[None, :] < D_REAL), other=0.0)  # (M, D)
-        do = tl.load(DO + b * sdob + qy[:, None] * sdoy + qx[:, None] * sdox + h * sdoh + offs_dv[None, :],
-                     mask=m_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)  # (M, DV)
-        lse = tl.load(LSE + bh * NTOK + offs_m, mask=m_ok, other=0.0)
-        delta = tl.load(DELTA + bh * NTOK + offs_m, mask=m_ok, other=0.0)
-        st = _dot(k, tl.trans(q), PREC, UPCAST) * scale_log2  # (N, M)
-        pt = count_t * tl.exp2(st - lse[None, :])
-        dv += _dot(pt.to(do.dtype), do, PREC, UPCAST)
-        dpt = _dot(v, tl.trans(do), PREC, UPCAST)
-        dst = pt * (dpt - delta[None, :])
-        dk += _dot(dst.to(q.dtype), q, PREC, UPCAST)
-    # DK, DV_OUT are contiguous (B, H, W, heads, d)
-    tok_off = (b * NTOK + offs_n) * HEADS + h
-    tl.store(DK + tok_off[:, None] * D_REAL + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
-             mask=n_ok[:, None] & (offs_d[None, :] < D_REAL))
-    tl.store(DV_OUT + tok_off[:, None] * DV_REAL + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty),
-             mask=n_ok[:, None] & (offs_dv[None, :] < DV_REAL))
-
-
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
@@ -527,26 +349,13 @@ def _tiles(t: int, topk: int) -> dict:
     return dict(BLOCK_M=block_m, KT=kt, KR=kr)
 
 
-# Which formulation the fused kernels use: None = by shape (see _use_dense); "sparse" or "dense" forces it
-# (tests and benchmarks compare both; both compute exactly the routed attention).
-FORMULATION: str | None = None
+# Warps per program of the attention kernels for regions under 16 tokens, whose tiles are 16 rows (mostly
+# padding): benchmarks/sparse.py times another value against this one.
+SMALL_REGION_WARPS = 4
 
 
-def _use_dense(n_tokens: int, t: int, topk: int) -> bool:
-    """The dense region-masked kernels when the routed keys (topk regions of t tokens) are at least a quarter
-    of the map: there every key is read once per query tile instead of topk times per query region."""
-    if FORMULATION is not None:
-        if FORMULATION not in ("sparse", "dense"):
-            raise ValueError(f"FORMULATION must be None, 'sparse' or 'dense', got {FORMULATION!r}")
-        return FORMULATION == "dense"
-    dense = 4 * topk * t >= n_tokens
-    log_once(logger, "routed_attention (triton): " + (
-        "dense region-masked kernels (routed keys >= 1/4 of the map)" if dense
-        else "sparse kernels over the routed regions (routed keys < 1/4 of the map)"))
-    return dense
-
-
-_DENSE_BLOCK = 64
+def _warps(t: int) -> int:
+    return SMALL_REGION_WARPS if t < 16 else 4
 
 
 def _prec(dtype: torch.dtype) -> dict:
@@ -572,24 +381,17 @@ class _RoutedAttention(torch.autograd.Function):
         topk = idx.shape[-1]
         rh, rw = h // nh, w // nw
         t = rh * rw
-        out = torch.empty(b, h, w, heads, dv, device=q.device, dtype=q.dtype)
-        lse = torch.empty(b, heads, h * w, device=q.device, dtype=torch.float32)
-        ctx.save_for_backward(q, k, v, idx, out, lse)
-        ctx.geometry = (nh, nw, scale)
-        if _use_dense(h * w, t, topk):
-            _routed_dense_fwd[(triton.cdiv(h * w, _DENSE_BLOCK), b * heads)](
-                q, k, v, idx, out, lse, *_strides(q), *_strides(k), *_strides(v), *_index_strides(idx),
-                *_strides(out), w, h * w, heads, scale * _LOG2E, dqk, dv,
-                RH=rh, RW=rw, NW=nw, TOPK=topk, KP=_pow2(topk), RP=max(16, _pow2(nh * nw)), BLOCK_M=_DENSE_BLOCK,
-                BLOCK_N=_DENSE_BLOCK, D=max(16, _pow2(dqk)), DV=max(16, _pow2(dv)), **_prec(q.dtype), num_warps=4)
-            return out
         tiles = _tiles(t, topk)
         mt = triton.cdiv(t, tiles["BLOCK_M"])
+        out = torch.empty(b, h, w, heads, dv, device=q.device, dtype=q.dtype)
+        lse = torch.empty(b, heads, h * w, device=q.device, dtype=torch.float32)
         _routed_fwd[(nh * nw * mt, b * heads)](
             q, k, v, idx, out, lse, *_strides(q), *_strides(k), *_strides(v), *_index_strides(idx),
             *_strides(out), w, h * w, heads, scale * _LOG2E, dqk, dv,
             RH=rh, RW=rw, NW=nw, T=t, MT=mt, TOPK=topk, D=max(16, _pow2(dqk)), DV=max(16, _pow2(dv)),
-            **_prec(q.dtype), num_warps=4, **tiles)
+            **_prec(q.dtype), num_warps=_warps(t), **tiles)
+        ctx.save_for_backward(q, k, v, idx, out, lse)
+        ctx.geometry = (nh, nw, scale)
         return out
 
     @staticmethod
@@ -607,25 +409,8 @@ class _RoutedAttention(torch.autograd.Function):
         t = rh * rw
         delta = torch.empty(b, heads, h * w, device=q.device, dtype=torch.float32)  # written by the dq pass
         common = dict(RH=rh, RW=rw, NW=nw, T=t, D=max(16, _pow2(dqk)), DV=max(16, _pow2(dv_dim)),
-                      **_prec(q.dtype), num_warps=4)
+                      **_prec(q.dtype), num_warps=_warps(t))
         dq = torch.empty_like(q)
-        dk = torch.empty(b, h, w, heads, dqk, device=q.device, dtype=q.dtype)
-        dv = torch.empty(b, h, w, heads, dv_dim, device=q.device, dtype=v.dtype)
-        if _use_dense(h * w, t, topk):
-            rp = max(16, _pow2(r))
-            # per query token: how many times each region appears in its routing row (written by the dq pass)
-            counts = torch.empty(b, h * w, rp, device=q.device, dtype=torch.float16)
-            n_tiles = triton.cdiv(h * w, _DENSE_BLOCK)
-            dense = dict(RH=rh, RW=rw, NW=nw, RP=rp, BLOCK_M=_DENSE_BLOCK, BLOCK_N=_DENSE_BLOCK,
-                         D=max(16, _pow2(dqk)), DV=max(16, _pow2(dv_dim)), **_prec(q.dtype), num_warps=4)
-            _routed_dense_bwd_dq[(n_tiles, b * heads)](
-                q, k, v, idx, dout, out, lse, delta, dq, counts, *_strides(q), *_strides(k), *_strides(v),
-                *_index_strides(idx), *_strides(dout), *_strides(out), w, h * w, heads, scale * _LOG2E, scale,
-                dqk, dv_dim, TOPK=topk, KP=_pow2(topk), **dense)
-            _routed_dense_bwd_dkdv[(n_tiles, b * heads)](
-                q, k, v, dout, lse, delta, counts, dk, dv, *_strides(q), *_strides(k), *_strides(v),
-                *_strides(dout), w, h * w, heads, scale * _LOG2E, scale, dqk, dv_dim, **dense)
-            return dq, dk, dv, None, None, None, None
         tiles = _tiles(t, topk)
         mt = triton.cdiv(t, tiles["BLOCK_M"])
         _routed_bwd_dq[(r * mt, b * heads)](
@@ -636,10 +421,12 @@ class _RoutedAttention(torch.autograd.Function):
         starts = torch.empty(b, r, device=q.device, dtype=torch.int32)
         counts = torch.empty(b, r, device=q.device, dtype=torch.int32)
         qlist = torch.empty(b * r * topk, device=q.device, dtype=torch.int32)
-        sb = min(_pow2(r), 32)
+        sb = min(_pow2(r), 8)  # few key regions per program: many programs (this kernel is latency-bound)
         _routed_inverse[(triton.cdiv(r, sb), b)](
             idx, starts, counts, qlist, *_index_strides(idx), r, TOPK=topk, KP=_pow2(topk), SB=sb,
             RQ=min(_pow2(r), 256), num_warps=4)
+        dk = torch.empty(b, h, w, heads, dqk, device=q.device, dtype=q.dtype)
+        dv = torch.empty(b, h, w, heads, dv_dim, device=q.device, dtype=v.dtype)
         block_n = max(16, min(_pow2(t), 64))
         qt = min(_pow2(t), 64)
         nt = triton.cdiv(t, block_n)

@@ -9,6 +9,8 @@ from helpers import assert_close
 from attnzoo.kernels import region_routing, routed_attention, use_backend
 from attnzoo.kernels.reference import routed_attention_reference
 
+BACKENDS = ["torch", "flex", "triton"]
+
 
 def _inputs(rng, b, h, w, heads, dqk, dv, dtype=torch.float32):
     q = torch.randn(b, h, w, heads, dqk, generator=rng).to(dtype).requires_grad_()
@@ -41,47 +43,22 @@ def _check_against_reference(q, k, v, index, num_regions, backend, scale=None, g
         assert_close(g, r, dtype=q.dtype, scale=grad_scale, msg=f"d{name}, {backend}")
 
 
-SHAPES = [
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("b", "h", "w", "nreg", "topk", "dqk", "dv"), [
     (2, 8, 12, (2, 3), 2, 16, 16),    # non-square map and region grid, batch > 1
     (1, 4, 6, (2, 3), 1, 8, 24),      # topk = 1, d_v != d_qk
     (1, 6, 6, 3, 4, 16, 8),           # 2x2-token regions, several regions per key tile
     (1, 12, 12, (1, 2), 2, 16, 16),   # 72-token regions: several query and key chunks per region
-]
-# the fused kernels' two formulations (by shape by default); "triton-sparse" / "triton-dense" force one
-TRITON_FORMULATIONS = ["triton-sparse", "triton-dense"]
-
-
-@pytest.fixture(autouse=True)
-def _reset_formulation():
-    from attnzoo.kernels import _routed_triton
-
-    yield
-    _routed_triton.FORMULATION = None
-
-
-def _select(backend: str) -> str:
-    """'triton-sparse' / 'triton-dense' -> 'triton' with that formulation forced; other names unchanged."""
-    if backend.startswith("triton-"):
-        from attnzoo.kernels import _routed_triton
-
-        _routed_triton.FORMULATION = backend.split("-")[1]
-        return "triton"
-    return backend
-
-
-@pytest.mark.parametrize("backend", ["torch", "flex", *TRITON_FORMULATIONS])
-@pytest.mark.parametrize(("b", "h", "w", "nreg", "topk", "dqk", "dv"), SHAPES)
+])
 def test_routed_matches_reference(rng, backend, b, h, w, nreg, topk, dqk, dv):
-    backend = _select(backend)
     nh, nw = (nreg, nreg) if isinstance(nreg, int) else nreg
     q, k, v = _inputs(rng, b, h, w, 2, dqk, dv)
     index = _random_index(rng, b, nh * nw, topk)
     _check_against_reference(q, k, v, index, nreg, backend, scale=0.3)
 
 
-@pytest.mark.parametrize("backend", ["torch", "flex", *TRITON_FORMULATIONS])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_topk_all_regions_is_full_attention(rng, backend):
-    backend = _select(backend)
     q, k, v = _inputs(rng, 1, 4, 8, 2, 16, 16)
     index = _random_index(rng, 1, 4, 4)
     q, k, v = q.detach(), k.detach(), v.detach()
@@ -92,21 +69,19 @@ def test_topk_all_regions_is_full_attention(rng, backend):
     assert_close(out, full, msg=backend)
 
 
-@pytest.mark.parametrize("backend", ["torch", *TRITON_FORMULATIONS])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_repeated_region_counts_twice(rng, backend):
     """A region named twice weighs twice, exactly as the official gather does."""
-    backend = _select(backend)
     q, k, v = _inputs(rng, 1, 4, 4, 1, 16, 16)
     index = torch.tensor([[[0, 0, 1], [3, 2, 3], [1, 1, 1], [2, 3, 0]]])
     _check_against_reference(q, k, v, index, 2, backend)
 
 
-@pytest.mark.parametrize("formulation", TRITON_FORMULATIONS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_routed_triton_half(rng, dtype, formulation):
+def test_routed_triton_half(rng, dtype):
     q, k, v = _inputs(rng, 1, 8, 8, 2, 16, 16, dtype)
     index = _random_index(rng, 1, 4, 2)
-    _check_against_reference(q, k, v, index, 2, _select(formulation))
+    _check_against_reference(q, k, v, index, 2, "triton")
 
 
 def test_region_routing_matches_official_semantics(rng):
@@ -150,10 +125,9 @@ def test_routed_errors_name_the_fix(rng):
         region_routing(q.flatten(3)[:, :3], q.flatten(3)[:, :3], 3, topk=1)
 
 
-@pytest.mark.parametrize("backend", ["torch", *TRITON_FORMULATIONS])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_strided_views_of_a_fused_qkv(rng, backend):
     """q, k, v as chunks of one fused projection (non-contiguous views), as BiFormer produces them."""
-    backend = _select(backend)
     qkv = torch.randn(1, 8, 8, 3, 2, 16, generator=rng).requires_grad_()
     q, k, v = qkv.unbind(3)
     assert not q.is_contiguous()
@@ -168,36 +142,22 @@ def test_strided_views_of_a_fused_qkv(rng, backend):
     assert_close(got, want, dtype=torch.float32, scale=4.0, msg="d(qkv) through strided views")
 
 
-@pytest.mark.parametrize("formulation", TRITON_FORMULATIONS)
 @pytest.mark.parametrize(("b", "h", "w", "nreg", "topk"), [
     (2, 6, 8, (3, 4), 1),     # 2x2-token regions (BiFormer stage 3), non-square, topk = 1
     (1, 6, 4, (3, 2), 6),     # 2x2-token regions, topk = all regions
     (1, 4, 12, (2, 2), 3),    # 2x6-token regions: several regions per key tile
-    (1, 18, 10, (9, 5), 7),   # 180 tokens: several 64-token query and key tiles in the dense kernels
 ])
-def test_routed_triton_small_regions(rng, formulation, b, h, w, nreg, topk):
+def test_routed_triton_small_regions(rng, b, h, w, nreg, topk):
     q, k, v = _inputs(rng, b, h, w, 2, 16, 8)
     index = _random_index(rng, b, nreg[0] * nreg[1], topk)
-    _check_against_reference(q, k, v, index, nreg, _select(formulation), scale=0.4)
+    _check_against_reference(q, k, v, index, nreg, "triton", scale=0.4)
 
 
-@pytest.mark.parametrize("formulation", TRITON_FORMULATIONS)
-def test_routed_triton_repeats_small_regions(rng, formulation):
-    """Repeated regions (multiplicities > 1: the inverse routing table, the dense kernels' counts) with
-    2x2-token regions."""
+def test_routed_triton_repeats_small_regions(rng):
+    """Repeated regions (a multiplicity > 1 in the inverse routing table) with 2x2-token regions."""
     q, k, v = _inputs(rng, 1, 4, 6, 2, 16, 16)
     index = torch.tensor([[[0, 0, 5], [3, 3, 3], [1, 2, 1], [4, 5, 0], [2, 2, 5], [5, 1, 5]]])
-    _check_against_reference(q, k, v, index, (2, 3), _select(formulation))
-
-
-def test_routed_triton_formulation_by_shape():
-    """The shape rule: dense region-masked kernels once the routed keys are >= 1/4 of the map."""
-    from attnzoo.kernels._routed_triton import _use_dense
-
-    assert _use_dense(14 * 14, 4, 16)          # BiFormer stage 3 at 224: 64 of 196 keys
-    assert not _use_dense(28 * 28, 16, 4)      # stage 2 at 224: 64 of 784
-    assert not _use_dense(32 * 32, 4, 16)      # stage 3 at 512: 64 of 1024
-    assert _use_dense(4 * 8, 8, 4)             # topk = all regions
+    _check_against_reference(q, k, v, index, (2, 3), "triton")
 
 
 def test_routed_inverse_table(rng):
