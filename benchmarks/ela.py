@@ -6,11 +6,12 @@
 2. Module timings at ResNet-50's stage shapes (batch 128, bf16 autocast, NCHW), median ms of
    ``triton.testing.do_bench``: timm's bare block tail ``relu(x + shortcut)`` (what ELA is added to),
    ELA + tail on the torch path and fused, forward and forward+backward, plus the fused pieces alone
-   (strip means, gating, the small conv1d + GroupNorm + sigmoid part), and a device copy for the
-   bandwidth ceiling.
-3. Model rows with benchmarks/models.py's own ``run_row`` (same method as its table): resnet50_ela and
-   mobilenetv2_100_ela on the torch path ("torch"); the hosts and the fused rows come from
-   ``benchmarks/models.py --only resnet50`` (or ``--models`` here).
+   (strip means, gating, the small conv1d + GroupNorm + sigmoid part under autocast and in float32), host
+   microseconds per call (the launch path), and a device copy for the bandwidth ceiling.
+3. A torch.profiler table of resnet50_ela (inference forward and training step) under $OUT.
+4. Model rows with benchmarks/models.py's own ``run_row`` (same method as its table): resnet50_ela on the
+   torch path, and fused with the strip part in float32 without autocast at inference; the host and the
+   default fused row come from ``benchmarks/models.py --only resnet50`` (or ``--models`` here).
 
     PYTHONPATH=$PWD python benchmarks/ela.py --out $OUT
 """
@@ -18,10 +19,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -113,6 +116,26 @@ def bench(fn, reps: int = 100) -> float:
     return do_bench(fn, warmup=25, rep=reps, return_mode="median")
 
 
+@contextlib.contextmanager
+def gate_variant(variant: str) -> Iterator[None]:
+    """"float32": ELA's conv + GroupNorm + sigmoid with autocast off, in float32, when no gradient is needed
+    (fewer cast kernels and host calls); "autocast": the module as it is (conv in bf16 under autocast)."""
+    original = EfficientLocalAttention._gate
+
+    def gate_float32(self, z):
+        if torch.is_grad_enabled():  # training keeps the module's path (cuDNN's float32 grouped wgrad is slow)
+            return original(self, z)
+        with torch.autocast("cuda", enabled=False):
+            return torch.sigmoid(self.gn(self.conv(z.float())))
+
+    if variant == "float32":
+        EfficientLocalAttention._gate = gate_float32
+    try:
+        yield
+    finally:
+        EfficientLocalAttention._gate = original
+
+
 def time_stage(batch: int, c: int, hw: int) -> dict[str, object]:
     torch.manual_seed(0)
     ela = EfficientLocalAttention(c, "S").cuda()
@@ -148,12 +171,13 @@ def time_stage(batch: int, c: int, hw: int) -> dict[str, object]:
             row[f"fwdbwd_ms {key}"] = round(bench(train(fn), reps=200), 4)
             row[f"fwd_host_us {key}"] = host_us(infer(fn))
             row[f"fwdbwd_host_us {key}"] = host_us(train(fn), n=10)
-    for backend in ("triton", "torch"):
-        with use_backend(backend), torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+    for variant in ("autocast", "float32"):
+        with use_backend("triton"), gate_variant(variant), torch.inference_mode(), \
+                torch.autocast("cuda", dtype=torch.bfloat16):
             z_h, z_w = strip_means(x)
             gates = partial(ela.gates, z_h, z_w)
-            row[f"fwd_ms gates (conv1d+GN+sigmoid) {backend}"] = round(bench(gates), 4)
-            row[f"fwd_host_us gates {backend}"] = host_us(gates)
+            row[f"fwd_ms gates (conv1d+GN+sigmoid) {variant}"] = round(bench(gates), 4)
+            row[f"fwd_host_us gates {variant}"] = host_us(gates)
     with use_backend("triton"), torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
         z_h, z_w = strip_means(x)
         y_h, y_w = ela.gates(z_h, z_w)
@@ -220,14 +244,15 @@ def time_module(batch: int) -> list[dict]:
     return rows
 
 
-def model_rows(names: list[tuple[str, str | None]], batch: int) -> list[dict]:
+def model_rows(names: list[tuple[str, str | None, str]], batch: int) -> list[dict]:
     from models import run_row
 
     rows = []
-    for name, backend in names:
-        label = f"{name} [{backend or 'auto'}]"
+    for name, backend, variant in names:
+        label = f"{name} [{backend or 'auto'}, strip part {variant}]"
         t0 = time.time()
-        row = run_row(label, lambda n=name: timm.create_model(n), backend, batch, 224)
+        with gate_variant(variant):
+            row = run_row(label, lambda n=name: timm.create_model(n), backend, batch, 224)
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -239,9 +264,8 @@ def main() -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "runs"))
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--skip-models", action="store_true")
-    parser.add_argument("--models", nargs="*", default=["resnet50_ela:torch", "mobilenetv2_100:auto",
-                                                        "mobilenetv2_100_ela:auto", "mobilenetv2_100_ela:torch"],
-                        help="name:backend pairs (backend auto, torch or triton)")
+    parser.add_argument("--models", nargs="*", default=["resnet50_ela:torch:autocast", "resnet50_ela:auto:float32"],
+                        help="name:backend:variant (backend auto, torch or triton; variant autocast or float32)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("benchmarks/ela.py needs a CUDA device", file=sys.stderr)
@@ -258,10 +282,10 @@ def main() -> int:
     result["checks"] = run_checks()
     result["module"] = time_module(args.batch)
     (out / "ela.json").write_text(json.dumps(result, indent=1))
-    result["profile"] = {n: profile_model(n, args.batch, out) for n in ("resnet50", "resnet50_ela")}
+    result["profile"] = {"resnet50_ela": profile_model("resnet50_ela", args.batch, out)}
     (out / "ela.json").write_text(json.dumps(result, indent=1))
     if not args.skip_models:
-        pairs = [(p.split(":")[0], None if p.split(":")[1] == "auto" else p.split(":")[1]) for p in args.models]
+        pairs = [(n, None if b == "auto" else b, v) for n, b, v in (p.split(":") for p in args.models)]
         result["models"] = model_rows(pairs, args.batch)
         (out / "ela.json").write_text(json.dumps(result, indent=1))
 

@@ -5,10 +5,8 @@ For a map ``x`` of shape (B, C, H, W) the ops here compute
 - the strip means ``z_h = mean_W(x)`` (B, C, H) and ``z_w = mean_H(x)`` (B, C, W);
 - the gating ``out = act(x * y_h[..., :, None] * y_w[..., None, :] + shortcut)`` (act: none or ReLU), with
   the residual add and activation of a host block (timm's ResNet blocks) fused in;
-- both together around any small gate function on the strips (:func:`strip_attention`);
-- ELA's gate function itself, ``sigmoid(GroupNorm(conv1d(z)))`` on both strips (:func:`strip_conv_gates`), and
-  ELA end to end with it (:func:`strip_conv_attention`, what
-  :class:`attnzoo.vision.ela.EfficientLocalAttention` runs).
+- both together around a small gate function on the strips (:func:`strip_attention`), which is how
+  :class:`attnzoo.vision.ela.EfficientLocalAttention` runs.
 
 Backends (:func:`attnzoo.kernels.set_backend`, logged once per op):
 - ``"triton"`` (default on CUDA): one kernel reads x once for both means; one kernel applies both gates,
@@ -26,7 +24,7 @@ import torch
 
 from ._backend import resolve_backend
 
-__all__ = ["apply_strip_gates", "strip_attention", "strip_conv_attention", "strip_conv_gates", "strip_means"]
+__all__ = ["apply_strip_gates", "strip_attention", "strip_means"]
 
 GateFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -135,66 +133,3 @@ def strip_attention(x: torch.Tensor, gate_fn: GateFn, shortcut: torch.Tensor | N
     y_h, y_w = gate_fn(x.mean(dim=3), x.mean(dim=2))
     return _gate_torch(x, y_h, y_w, shortcut, act)
 
-
-def strip_conv_gates(z_h: torch.Tensor, z_w: torch.Tensor, weight: torch.Tensor, gn_weight: torch.Tensor,
-                     gn_bias: torch.Tensor, norm_groups: int, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
-    """ELA's gates: ``y = sigmoid(GroupNorm(conv1d(z)))`` with one conv and one GroupNorm shared by both strips.
-
-    Args:
-        z_h: (B, C, H) and z_w: (B, C, W) strip means, any float dtype.
-        weight: (C, C / conv_groups, K) conv1d weight (no bias), applied with zero "same" padding K // 2.
-        gn_weight, gn_bias: (C,) GroupNorm affine parameters; norm_groups divides C; eps as GroupNorm's.
-
-    Returns:
-        ``(y_h, y_w)`` of shapes (B, C, H) and (B, C, W); GroupNorm statistics per sample and per strip.
-        Triton backend with no gradient needed (inference): one kernel for both strips, float32 throughout.
-        Otherwise PyTorch (``F.conv1d``, ``F.group_norm``, sigmoid; differentiable, autocast applies as usual),
-        with square maps' strips stacked along the batch into one call (statistics stay per sample).
-    """
-    b, c, h = z_h.shape
-    if z_w.shape[:2] != (b, c) or weight.shape[0] != c or c % weight.shape[1] or c % norm_groups:
-        raise ValueError(f"strip_conv_gates: z_h {tuple(z_h.shape)}, z_w {tuple(z_w.shape)}, weight "
-                         f"{tuple(weight.shape)} and {norm_groups} GroupNorm groups do not fit one channel count")
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (z_h, z_w, weight, gn_weight, gn_bias))
-    if not needs_grad and _use_triton(z_h, "strip_conv_gates"):
-        from ._ela_triton import conv_norm_gates
-
-        return conv_norm_gates(z_h, z_w, weight, gn_weight, gn_bias, norm_groups, eps)
-
-    def gate(z: torch.Tensor) -> torch.Tensor:
-        # the cast matters without autocast only (float32 means into a bf16 model); under autocast conv1d casts
-        z = torch.nn.functional.conv1d(z.to(weight.dtype), weight, padding=weight.shape[2] // 2,
-                                       groups=c // weight.shape[1])
-        return torch.sigmoid(torch.nn.functional.group_norm(z, norm_groups, gn_weight, gn_bias, eps))
-
-    if z_h.shape == z_w.shape:
-        y_h, y_w = gate(torch.cat([z_h, z_w])).chunk(2)
-        return y_h, y_w
-    return gate(z_h), gate(z_w)
-
-
-def strip_conv_attention(x: torch.Tensor, weight: torch.Tensor, gn_weight: torch.Tensor, gn_bias: torch.Tensor,
-                         norm_groups: int, eps: float = 1e-5, shortcut: torch.Tensor | None = None,
-                         act: str | None = None) -> torch.Tensor:
-    """ELA end to end: ``act(x * y_h * y_w + shortcut)`` with ``(y_h, y_w) = strip_conv_gates(mean_W(x), mean_H(x))``.
-
-    Args:
-        x: (B, C, H, W), float dtype, any strides.
-        weight, gn_weight, gn_bias, norm_groups, eps: the shared conv1d and GroupNorm, as in
-            :func:`strip_conv_gates`.
-        shortcut: optional (B, C, H, W) residual added after the gating; act: None or "relu", applied last.
-
-    Returns:
-        (B, C, H, W) in x's dtype and memory layout, differentiable with respect to x, shortcut and the
-        parameters. Triton backend: three kernels forward (strip means; conv + GroupNorm + sigmoid of both
-        strips; gating with the residual and ReLU), and backward one reduction over the map, ATen's
-        sigmoid / GroupNorm / convolution backward on the small strips, and one pass for dx; the strip
-        part in float32. Torch backend: ``x.mean``, :func:`strip_conv_gates` and the gating in x's dtype.
-    """
-    _check_map(x, shortcut, act)
-    if _use_triton(x, "strip_conv_attention"):
-        from ._ela_triton import strip_conv_attention as fused
-
-        return fused(x, weight, gn_weight, gn_bias, norm_groups, eps, shortcut, act == "relu")
-    y_h, y_w = strip_conv_gates(x.mean(dim=3), x.mean(dim=2), weight, gn_weight, gn_bias, norm_groups, eps)
-    return _gate_torch(x, y_h, y_w, shortcut, act)

@@ -49,7 +49,7 @@ from timm.models.efficientnet import EfficientNet, _create_effnet
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet, _create_resnet
 from torch import nn
 
-from ..kernels.strip_gate import strip_conv_attention, strip_conv_gates
+from ..kernels.strip_gate import strip_attention
 from ._registry import register_model
 
 __all__ = ["ELABasicBlock", "ELABottleneck", "ELA_VERSIONS", "EfficientLocalAttention", "ela_param_count"]
@@ -108,21 +108,27 @@ class EfficientLocalAttention(nn.Module):
                               groups=channels // chs_per_group, bias=False, device=device, dtype=dtype)
         self.gn = nn.GroupNorm(norm_groups, channels, device=device, dtype=dtype)
 
-    def gates(self, z_h: torch.Tensor, z_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Strip means ``z_h`` (B, C, H), ``z_w`` (B, C, W) -> gates ``y_h`` (B, C, H), ``y_w`` (B, C, W).
+    def _gate(self, z: torch.Tensor) -> torch.Tensor:
+        # (B, C, L) -> (B, C, L); the same conv and GroupNorm serve both axes (the paper shares them).
+        # The fused path hands float32 means; the cast is a no-op on the torch path and under autocast.
+        return torch.sigmoid(self.gn(self.conv(z.to(self.conv.weight.dtype))))
 
-        The same conv and GroupNorm serve both axes (the paper shares them); see
-        :func:`attnzoo.kernels.strip_conv_gates`.
-        """
-        return strip_conv_gates(z_h, z_w, *self._gate_args())
+    def gates(self, z_h: torch.Tensor, z_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Strip means ``z_h`` (B, C, H), ``z_w`` (B, C, W) -> gates ``y_h`` (B, C, H), ``y_w`` (B, C, W)."""
+        if z_h.shape == z_w.shape:
+            # Square maps: both strips through the shared conv + GroupNorm in one batch (GroupNorm's statistics
+            # are per sample, so stacking along the batch changes nothing but the number of launches).
+            y_h, y_w = self._gate(torch.cat([z_h, z_w])).chunk(2)
+            return y_h, y_w
+        return self._gate(z_h), self._gate(z_w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> (B, C, H, W), in x's dtype and memory layout.
 
-        On CUDA (kernel backend "triton") it runs as fused Triton kernels
-        (:func:`attnzoo.kernels.strip_conv_attention`); elsewhere plain PyTorch.
+        On CUDA (kernel backend "triton") the strip means and the gating are fused Triton kernels
+        (:func:`attnzoo.kernels.strip_attention`); elsewhere plain PyTorch.
         """
-        return strip_conv_attention(x, *self._gate_args())
+        return strip_attention(x, self.gates, params=self._params())
 
     def forward_residual(self, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
         """``relu(ELA(x) + shortcut)``: a ResNet block's tail, fused with ELA on the triton backend.
@@ -130,10 +136,10 @@ class EfficientLocalAttention(nn.Module):
         x, shortcut: (B, C, H, W); returns (B, C, H, W) in x's dtype. On the torch backend exactly timm's tail
         (``x = ela(x); x += shortcut; relu``).
         """
-        return strip_conv_attention(x, *self._gate_args(), shortcut=shortcut, act="relu")
+        return strip_attention(x, self.gates, shortcut=shortcut, act="relu", params=self._params())
 
-    def _gate_args(self) -> tuple[Any, ...]:
-        return self.conv.weight, self.gn.weight, self.gn.bias, self.gn.num_groups, self.gn.eps
+    def _params(self) -> tuple[torch.Tensor, ...]:
+        return (self.conv.weight, self.gn.weight, self.gn.bias)
 
 
 # ELA fused into the tail of timm's ResNet blocks. timm's blocks end with `x = se(x); x = drop_path(x);

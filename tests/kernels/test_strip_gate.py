@@ -8,14 +8,7 @@ import pytest
 import torch
 from helpers import assert_close
 
-from attnzoo.kernels import (
-    apply_strip_gates,
-    set_backend,
-    strip_attention,
-    strip_conv_attention,
-    strip_conv_gates,
-    strip_means,
-)
+from attnzoo.kernels import apply_strip_gates, set_backend, strip_attention, strip_means
 
 BACKENDS = ["triton", "torch"]
 # (B, C, H, W): odd sizes; W = 70 spans two 64-wide column tiles (partial row sums); H = 1 and W = 1 edges
@@ -171,74 +164,6 @@ def test_expanded_grad_output(rng):
     assert_close(x.grad, (y_h.double()[..., None] * y_w.double()[..., None, :]))
 
 
-def _ref_conv_gates(z, weight, gn_w, gn_b, norm_groups, eps):
-    """float64, explicit sums: grouped conv1d with zero 'same' padding, GroupNorm per sample, sigmoid."""
-    z, weight = z.double(), weight.double()
-    b, c, length = z.shape
-    cpg, k = weight.shape[1], weight.shape[2]
-    zp = torch.nn.functional.pad(z, (k // 2, k // 2))
-    out = torch.zeros_like(z)
-    for o in range(c):
-        for i in range(cpg):
-            for t in range(k):
-                out[:, o] += weight[o, i, t] * zp[:, (o // cpg) * cpg + i, t:t + length]
-    grouped = out.reshape(b, norm_groups, -1)
-    mean = grouped.mean(-1, keepdim=True)
-    var = ((grouped - mean) ** 2).mean(-1, keepdim=True)
-    normed = ((grouped - mean) / torch.sqrt(var + eps)).reshape_as(out)
-    return torch.sigmoid(normed * gn_w.double()[:, None] + gn_b.double()[:, None])
-
-
-# (C, channels per conv group, kernel, GroupNorm groups, H, W): ELA-S/L-like, depthwise ELA-T/B-like, 9 channels
-# per GroupNorm group (MobileNetV2's 144 / 16), single-position strips
-@pytest.mark.parametrize("c,cpg,k,groups,h,w", [(32, 8, 5, 2, 6, 6), (16, 1, 7, 4, 5, 9), (144, 8, 5, 16, 3, 4),
-                                                (16, 8, 5, 2, 1, 3)])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_strip_conv_gates(rng, backend, c, cpg, k, groups, h, w):
-    set_backend(backend)
-    z_h, z_w = torch.randn(2, c, h, generator=rng), torch.randn(2, c, w, generator=rng)
-    weight = torch.randn(c, cpg, k, generator=rng) / (cpg * k) ** 0.5
-    gn_w, gn_b = torch.randn(c, generator=rng), torch.randn(c, generator=rng)
-    with torch.no_grad():  # triton: the fused inference kernel; torch: F.conv1d + F.group_norm
-        y_h, y_w = strip_conv_gates(z_h, z_w, weight, gn_w, gn_b, groups, 1e-5)
-    assert_close(y_h, _ref_conv_gates(z_h, weight, gn_w, gn_b, groups, 1e-5), scale=2.0)  # conv + norm roundings
-    assert_close(y_w, _ref_conv_gates(z_w, weight, gn_w, gn_b, groups, 1e-5), scale=2.0)
-    # with gradients: the PyTorch expressions on every backend
-    weight.requires_grad_()
-    y_h, y_w = strip_conv_gates(z_h, z_w, weight, gn_w, gn_b, groups, 1e-5)
-    assert y_h.grad_fn is not None
-    (dw,) = torch.autograd.grad(y_h.sum() + y_w.sum(), weight)
-    w64 = weight.detach().double().requires_grad_()
-    ref = _ref_conv_gates(z_h, w64, gn_w, gn_b, groups, 1e-5).sum() + _ref_conv_gates(z_w, w64, gn_w, gn_b, groups,
-                                                                                        1e-5).sum()
-    (dw_ref,) = torch.autograd.grad(ref, w64)
-    assert_close(dw, dw_ref, scale=5.0)  # sums over batch and positions of float32 products
-
-
-@pytest.mark.parametrize("shape,cpg,groups,act,layout", [((2, 16, 5, 5), 8, 2, "relu", "nchw"),
-                                                          ((1, 16, 4, 7), 1, 4, None, "channels_last"),
-                                                          ((1, 16, 3, 3), 8, 4, None, "strided")])
-def test_strip_conv_attention_triton_vs_float64(rng, shape, cpg, groups, act, layout):
-    # the fused Function (forward kernels, reduction + ATen strip backward + dx pass) vs the torch backend in float64
-    b, c, h, w = shape
-    x = _layout(torch.randn(*shape, generator=rng), layout).requires_grad_()
-    shortcut = torch.randn(*shape, generator=rng).requires_grad_() if act else None
-    weight = (torch.randn(c, cpg, 5, generator=rng) / (5 * cpg) ** 0.5).requires_grad_()
-    gn_w, gn_b = torch.randn(c, generator=rng).requires_grad_(), torch.randn(c, generator=rng).requires_grad_()
-    g = torch.randn(shape, generator=rng)
-    inputs = [x, weight, gn_w, gn_b] + ([shortcut] if act else [])
-    set_backend("triton")
-    out = strip_conv_attention(x, weight, gn_w, gn_b, groups, 1e-5, shortcut, act)
-    grads = torch.autograd.grad(out, inputs, g)
-    set_backend("torch")
-    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
-    ref = strip_conv_attention(ref_inputs[0], *ref_inputs[1:4], groups, 1e-5, ref_inputs[4] if act else None, act)
-    ref_grads = torch.autograd.grad(ref, ref_inputs, g.double())
-    assert_close(out, ref, scale=2.0)  # conv + GroupNorm in float32 before the gate
-    for name, a, e in zip(["dx", "dweight", "dgn_w", "dgn_b", "dshortcut"], grads, ref_grads):
-        assert_close(a, e, scale=10.0, msg=name)  # sums over batch and positions through GroupNorm's backward
-
-
 def test_errors():
     x = torch.randn(1, 2, 3, 4)
     with pytest.raises(ValueError, match="gates must be y_h"):
@@ -249,6 +174,3 @@ def test_errors():
         apply_strip_gates(x, torch.rand(1, 2, 3), torch.rand(1, 2, 4), torch.randn(1, 2, 3, 5))
     with pytest.raises(ValueError, match=r"\(batch, channels, height, width\)"):
         strip_means(torch.randn(2, 3, 4))
-    with pytest.raises(ValueError, match="do not fit one channel count"):
-        strip_conv_gates(torch.randn(1, 8, 3), torch.randn(1, 8, 4), torch.randn(8, 3, 5), torch.ones(8),
-                         torch.zeros(8), 2)
