@@ -21,17 +21,18 @@ every decode step (teacher-forced on the explicit run's tokens), next to how muc
 (a warning, not a stop, when the fused-vs-explicit difference is not well below that).
 
 Timing. Decode at batch 1 is host-bound (the GPU needs a few ms per token, Python and the launches take several
-times that), so host noise decides how far apart two runs land; the method is built for that:
+times that), and the host's speed drifts by tens of percent over seconds, so the method compares each variant
+with the no-pass run next to it in time:
 
-- per step: a LogitsProcessor records ``torch.cuda.synchronize(); perf_counter()`` at every generation step;
-  prefill = start of ``generate`` to the first step (vision tower, prompt forward and, for VHR, its image-free
-  forward), decode = the time between consecutive steps;
-- one warm-up generate per variant, then ``--repeats`` rounds of the main variants (no pass, VAR, VHR, CCA) with
-  ``--new-tokens`` tokens each, interleaved, the order rotated every round, ``gc.collect()`` before every
-  generate; then ``--eager-repeats`` rounds of the eager and explicit variants with ``--eager-new-tokens``;
-- reported: prefill median; decode median and inter-quartile range over all step intervals; the overhead vs no
-  pass from the medians, and its min..max over rounds (each round's medians compared) so that the spread is
-  visible next to the bar; the speed-up vs the eager form over the step intervals both variants have;
+- per step: a LogitsProcessor records ``torch.cuda.synchronize()``, then ``perf_counter()`` and the main thread's
+  CPU time at every generation step; prefill = start of ``generate`` to the first step (vision tower, prompt forward
+  and, for VHR, its image-free forward), decode = the time between consecutive steps (wall, and CPU: the host
+  time the launching thread ran, which other processes competing for the CPU do not inflate);
+- one warm-up generate per variant, then ``--repeats`` short rounds (``--new-tokens`` tokens each) of all
+  variants, interleaved, the order rotated every round, ``gc.collect()`` before every generate;
+- reported: prefill median; decode median and inter-quartile range over all step intervals (wall and CPU); the
+  overhead vs no pass and the speed-up vs the eager form paired by round: the median over rounds of the ratio of
+  the two variants' medians in that round, with the quartiles of that ratio over rounds;
 - device time per decode token (CUDA only): kernel and copy time from torch.profiler, the difference between a
   20-token and a 4-token generate over 16;
 - host time per attention call at the decode shape, for each pass at a layer it edits and one it leaves alone,
@@ -74,6 +75,21 @@ from attnzoo.mllm import AttentionPass, build_random_llava, build_tiny_llava, wr
 
 PROMPTS = ["Please describe this image in detail.", "Is there a dog in the image? Answer the question using a "
            "single word or phrase."]
+
+
+class CpuStepClock(StepClock):
+    """:class:`StepClock` that also records the main thread's CPU time at every step: the host time the thread that
+    issues every launch spent running, which other processes competing for the CPU (they only delay it) do not
+    inflate."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__(device)
+        self.cpu: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = super().__call__(input_ids, scores)
+        self.cpu.append(time.thread_time())
+        return scores
 
 
 def check_kernel(device: str, dtype: torch.dtype, tiny: bool) -> dict:
@@ -273,13 +289,8 @@ def device_ms_per_token(run_fn, name: str, short: int = 4, extra: int = 16) -> f
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny LLaVA on the CPU (smoke run)")
-    ap.add_argument("--new-tokens", type=int, default=None,
-                    help="tokens per answer in the rounds of the main variants (default 64; tiny: 8)")
-    ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds of the main variants (default 5; "
-                                                              "tiny: 2)")
-    ap.add_argument("--eager-new-tokens", type=int, default=None, help="tokens per answer of the eager and explicit "
-                                                                       "variants (default 32; tiny: 6)")
-    ap.add_argument("--eager-repeats", type=int, default=None, help="their rounds (default 2; tiny: 1)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="tokens per answer (default 20; tiny: 6)")
+    ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 12; tiny: 2)")
     ap.add_argument("--variants", default=None, help="comma list of variant names to time (default: all)")
     ap.add_argument("--skip-checks", action="store_true", help="no kernel / fused-vs-explicit checks")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -287,10 +298,8 @@ def main() -> int:
 
     device = "cpu" if args.tiny else "cuda"
     dtype = torch.float32 if args.tiny else torch.bfloat16
-    new_tokens = args.new_tokens or (8 if args.tiny else 64)
-    repeats = args.repeats or (2 if args.tiny else 5)
-    eager_tokens = args.eager_new_tokens or (6 if args.tiny else 32)
-    eager_repeats = args.eager_repeats or (1 if args.tiny else 2)
+    new_tokens = args.new_tokens or (6 if args.tiny else 20)
+    repeats = args.repeats or (2 if args.tiny else 12)
     out_path = Path(args.out) / "passes.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -306,8 +315,7 @@ def main() -> int:
     results: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                      "torch": torch.__version__, "transformers": transformers.__version__, "dtype": str(dtype),
                      "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "batch": 1,
-                     "new_tokens": new_tokens, "repeats": repeats, "eager_new_tokens": eager_tokens,
-                     "eager_repeats": eager_repeats, "checks": {}, "errors": {}, "rows": []}
+                     "new_tokens": new_tokens, "repeats": repeats, "checks": {}, "errors": {}, "rows": []}
     try:
         import triton
 
@@ -396,21 +404,14 @@ def main() -> int:
         "vhr eager": (mitigation.VHR, "eager"),
         "cca eager": (mitigation.CCA, "eager"),
     }
-    main_names = ["no pass", "var", "vhr", "cca"]
-    if args.variants:
-        wanted = [v.strip() for v in args.variants.split(",")]
-        unknown = [v for v in wanted if v not in variants]
-        if unknown:
-            ap.error(f"unknown variants {unknown}; choose from {list(variants)}")
-        variants = {k: v for k, v in variants.items() if k in wanted}
-    main_names = [n for n in main_names if n in variants]
-    other_names = [n for n in variants if n not in main_names]
+    names = list(variants)
 
-    def run(name: str, tokens: int) -> tuple[float, list[float]]:
+    def run(name: str, tokens: int) -> tuple[float, list[float], list[float]]:
+        """(prefill s, decode step wall times s, decode step main-thread CPU times s) of one generate."""
         from transformers import LogitsProcessorList
 
         factory, backend = variants[name]
-        clock = StepClock(device)
+        clock = CpuStepClock(device)
         gen = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
                    pad_token_id=lvlm.tokenizer.pad_token_id, logits_processor=LogitsProcessorList([clock]))
         lvlm.attn_backend = backend
@@ -427,17 +428,20 @@ def main() -> int:
             lvlm.attn_backend = "sdpa"
         if len(clock.stamps) != tokens:
             raise RuntimeError(f"{len(clock.stamps)} steps recorded, expected {tokens}")
-        return clock.stamps[0] - start, [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
+        return (clock.stamps[0] - start, [b - a for a, b in zip(clock.stamps, clock.stamps[1:])],
+                [b - a for a, b in zip(clock.cpu, clock.cpu[1:])])
 
+    # per variant, per round: prefill s, decode step wall times, decode step CPU times
     prefill: dict[str, list[float]] = {name: [] for name in variants}
-    rounds: dict[str, list[list[float]]] = {name: [] for name in variants}  # per round: its decode step times
+    rounds: dict[str, list[list[float]]] = {name: [] for name in variants}
+    cpu_rounds: dict[str, list[list[float]]] = {name: [] for name in variants}
     failed: set[str] = set()
 
     def attempt(name: str, tokens: int, record: bool) -> None:
         if name in failed:
             return
         try:
-            p, d = run(name, tokens)
+            p, d, c = run(name, tokens)
         except Exception as exc:
             failed.add(name)
             results["errors"][name] = repr(exc)
@@ -447,29 +451,30 @@ def main() -> int:
         if record:
             prefill[name].append(p)
             rounds[name].append(d)
+            cpu_rounds[name].append(c)
 
     t_time = time.perf_counter()
-    for name in variants:  # warm-up (Triton compilation, cuBLAS heuristics, allocator)
+    for name in names:  # warm-up (Triton compilation, cuBLAS heuristics, allocator)
         attempt(name, min(8, new_tokens), record=False)
     print(f"warm-up done in {time.perf_counter() - t_time:.1f} s", flush=True)
-    # interleaved rounds, the order rotated every round so that no variant always follows the same one
-    for names, tokens, count in ((main_names, new_tokens, repeats), (other_names, eager_tokens, eager_repeats)):
-        for r in range(count if names else 0):
-            shift = r % len(names)
-            for name in names[shift:] + names[:shift]:
-                attempt(name, tokens, record=True)
-            results["rows"] = summarize(variants, prefill, rounds, failed, eager_tokens, set(main_names))
-            save()
-            print(f"round {r + 1}/{count} of {names} done ({time.perf_counter() - t_time:.1f} s)", flush=True)
+    # short interleaved rounds, the order rotated every round: host speed drifts over seconds, so every variant
+    # is compared with the no-pass run of its own round
+    for r in range(repeats):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            attempt(name, new_tokens, record=True)
+        results["rows"] = summarize(variants, prefill, rounds, cpu_rounds, failed)
+        save()
+        print(f"round {r + 1}/{repeats} done ({time.perf_counter() - t_time:.1f} s)", flush=True)
 
     # ---- device time per decode token (kernels only), so that the host's share is visible
     if device == "cuda":
         device_ms: dict[str, float] = {}
-        for name in main_names + [n for n in ("no pass eager",) if n in variants]:
-            if name in failed:
+        for name in ("no pass", "var", "vhr", "cca", "no pass eager"):
+            if name not in variants or name in failed:
                 continue
             try:
-                device_ms[name] = device_ms_per_token(run, name)
+                device_ms[name] = device_ms_per_token(lambda n, t: run(n, t)[:2], name)
             except Exception as exc:
                 results["errors"][f"device time {name}"] = repr(exc)
                 print(f"device time of {name!r} failed: {exc!r}", flush=True)
@@ -481,24 +486,29 @@ def main() -> int:
 
     print(f"\n{results['device']}, torch {results['torch']}, triton {results.get('triton', '-')}, transformers "
           f"{results['transformers']}, {dtype}, batch 1, prompt {results['prompt_length']} tokens "
-          f"({results['image_tokens']} image tokens); main variants: {new_tokens} new tokens x {repeats} interleaved "
-          f"rounds; eager/explicit: {eager_tokens} x {eager_repeats}. Decode: median [IQR] over all step intervals; "
-          "overhead from medians, its min..max over rounds in brackets; vs eager over the same first "
-          f"{eager_tokens - 1} steps of each round.")
-    print("| pass | prefill ms | decode ms/token, median [IQR] | device ms/token | decode overhead vs no pass "
-          "[per-round range] | prefill overhead | speed-up vs eager (prefill / decode) |")
-    print("|---|---|---|---|---|---|---|")
+          f"({results['image_tokens']} image tokens); {new_tokens} new tokens x {repeats} interleaved rounds. "
+          "Decode wall and CPU: median [IQR] over all step intervals. Overhead vs no pass and speed-up vs eager: "
+          "median over rounds of the ratio of the two variants' round medians [IQR over rounds].")
+    print("| pass | prefill ms | decode ms/token (wall) | decode CPU ms/token | device ms/token | decode overhead vs "
+          "no pass (wall) | (CPU) | decode speed-up vs eager | prefill overhead | prefill speed-up vs eager |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+
+    def spread(row: dict, key: str, pct: bool) -> str:
+        value = row.get(key)
+        if value is None:
+            return "-"
+        mid, lo, hi = value
+        return f"{mid:+.1f}% [{lo:+.1f}..{hi:+.1f}]" if pct else f"{mid:.2f}x [{lo:.2f}..{hi:.2f}]"
+
     for row in results["rows"]:
-        over = "-"
-        if row.get("decode_overhead_pct") is not None:
-            span = row.get("decode_overhead_round_range_pct")
-            over = f"{row['decode_overhead_pct']:+.1f}%" + (f" [{span[0]:+.1f}..{span[1]:+.1f}]" if span else "")
-        pre = f"{row['prefill_overhead_pct']:+.1f}%" if row.get("prefill_overhead_pct") is not None else "-"
-        speed = f"{row['prefill_speedup_vs_eager']:.2f}x / {row['decode_speedup_vs_eager']:.2f}x" \
-            if row.get("decode_speedup_vs_eager") is not None else "-"
         dev = f"{row['device_ms_per_token']:.2f}" if row.get("device_ms_per_token") is not None else "-"
+        pre = f"{row['prefill_overhead_pct']:+.1f}%" if row.get("prefill_overhead_pct") is not None else "-"
+        pre_eager = f"{row['prefill_speedup_vs_eager']:.2f}x" if row.get("prefill_speedup_vs_eager") else "-"
         print(f"| {row['variant']} | {row['prefill_ms']:.1f} | {row['decode_ms_per_token']:.2f} "
-              f"[{row['decode_q25_ms']:.2f}-{row['decode_q75_ms']:.2f}] | {dev} | {over} | {pre} | {speed} |")
+              f"[{row['decode_q25_ms']:.2f}-{row['decode_q75_ms']:.2f}] | {row['decode_cpu_ms_per_token']:.2f} "
+              f"[{row['decode_cpu_q25_ms']:.2f}-{row['decode_cpu_q75_ms']:.2f}] | {dev} | "
+              f"{spread(row, 'decode_overhead_pct', True)} | {spread(row, 'decode_cpu_overhead_pct', True)} | "
+              f"{spread(row, 'decode_speedup_vs_eager', False)} | {pre} | {pre_eager} |")
     for name, err in results["errors"].items():
         print(f"error in {name}: {err}")
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s; results: {out_path}")
@@ -510,40 +520,43 @@ def _quantiles(values: list[float]) -> tuple[float, float, float]:
     return q25, q50, q75
 
 
+def _paired(a: list[list[float]], b: list[list[float]], pct: bool) -> list[float] | None:
+    """Median and quartiles over rounds of ``median(a round) / median(b round)`` (as a % change when ``pct``)."""
+    ratios = [statistics.median(x) / statistics.median(y) for x, y in zip(a, b) if x and y]
+    if not ratios:
+        return None
+    q25, q50, q75 = _quantiles(ratios)
+    return [100 * (v - 1) for v in (q50, q25, q75)] if pct else [q50, q25, q75]
+
+
 def summarize(variants: dict, prefill: dict[str, list[float]], rounds: dict[str, list[list[float]]],
-              failed: set[str], eager_tokens: int, paired: set[str]) -> list[dict]:
-    """One row per measured variant (times in ms): prefill median; decode median and quartiles over all step
-    intervals of all rounds; overhead vs no pass from the medians and, for the variants interleaved with it in the
-    same rounds (``paired``), from each round's medians (min..max); speed-up vs the eager version over the step
-    intervals both have (the first ``eager_tokens - 1`` of every round)."""
+              cpu_rounds: dict[str, list[list[float]]], failed: set[str]) -> list[dict]:
+    """One row per measured variant (times in ms): prefill median; decode wall and main-thread CPU median and quartiles
+    over all step intervals of all rounds; overhead vs no pass and speed-up vs the eager form paired by round
+    (``[median, q25, q75]`` over rounds of the ratio of the two variants' medians in that round)."""
     done = [n for n in variants if n not in failed and prefill[n] and rounds[n]]
-    med, steps = {}, {}
-    for n in done:
-        steps[n] = [s for r in rounds[n] for s in r]
-        med[n] = (1000 * statistics.median(prefill[n]), 1000 * statistics.median(steps[n]))
     rows = []
     for name in done:
-        p, d = med[name]
-        q25, _, q75 = _quantiles(steps[name])
-        row = {"variant": name, "prefill_ms": p, "decode_ms_per_token": d, "decode_q25_ms": 1000 * q25,
-               "decode_q75_ms": 1000 * q75, "decode_steps": len(steps[name]),
+        steps = [s for r in rounds[name] for s in r]
+        cpu = [s for r in cpu_rounds[name] for s in r]
+        q25, q50, q75 = _quantiles(steps)
+        c25, c50, c75 = _quantiles(cpu)
+        row = {"variant": name, "prefill_ms": 1000 * statistics.median(prefill[name]),
+               "decode_ms_per_token": 1000 * q50,
+               "decode_q25_ms": 1000 * q25, "decode_q75_ms": 1000 * q75, "decode_cpu_ms_per_token": 1000 * c50,
+               "decode_cpu_q25_ms": 1000 * c25, "decode_cpu_q75_ms": 1000 * c75, "decode_steps": len(steps),
                "decode_round_medians_ms": [1000 * statistics.median(r) for r in rounds[name]],
                "prefill_s": prefill[name]}
-        if "no pass" in med and not name.startswith("no pass"):
-            row["prefill_overhead_pct"] = 100 * (p / med["no pass"][0] - 1)
-            row["decode_overhead_pct"] = 100 * (d / med["no pass"][1] - 1)
-            per_round = [100 * (statistics.median(a) / statistics.median(b) - 1)
-                         for a, b in zip(rounds[name], rounds["no pass"])] if name in paired else []
-            if per_round:
-                row["decode_overhead_round_range_pct"] = [min(per_round), max(per_round)]
+        if "no pass" in done and not name.startswith("no pass"):
+            row["prefill_overhead_pct"] = 100 * (statistics.median(prefill[name]) / statistics.median(
+                prefill["no pass"]) - 1)
+            row["decode_overhead_pct"] = _paired(rounds[name], rounds["no pass"], pct=True)
+            row["decode_cpu_overhead_pct"] = _paired(cpu_rounds[name], cpu_rounds["no pass"], pct=True)
         base = name.split()[0]
         eager = "no pass eager" if base == "no" else f"{base} eager"
-        if not name.endswith("eager") and eager in med:
-            head = eager_tokens - 1
-            ours = statistics.median([s for r in rounds[name] for s in r[:head]])
-            theirs = statistics.median([s for r in rounds[eager] for s in r[:head]])
-            row["prefill_speedup_vs_eager"] = med[eager][0] / p
-            row["decode_speedup_vs_eager"] = theirs / ours
+        if not name.endswith("eager") and eager in done:
+            row["prefill_speedup_vs_eager"] = statistics.median(prefill[eager]) / statistics.median(prefill[name])
+            row["decode_speedup_vs_eager"] = _paired(rounds[eager], rounds[name], pct=False)
         rows.append(row)
     return rows
 
