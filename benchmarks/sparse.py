@@ -97,13 +97,13 @@ def check_small(dev: torch.device, backends: tuple[str, ...], halo: bool = True)
             want = torch.autograd.grad(ref, cpu64, grad)
             errs = [rel_err(out, ref)] + [rel_err(g, w) for g, w in zip(got, want)]
             rows.append(dict(op="routed", backend=backend, dtype=str(dtype), rel_err_out_dq_dk_dv=errs))
-            # routed with 2x2-token regions (BiFormer stage 3), 12x8 map; the fused kernels with 4 and 2 warps
+            # routed with 2x2-token regions (BiFormer stage 3), 12x8 map; the fused kernels with 2 and 4 warps
             from attnzoo.kernels import _routed_triton
 
             q, k, v = (torch.randn(2, 12, 8, 2, 32, generator=gen) for _ in range(3))
             index = torch.stack([torch.stack([torch.randperm(24, generator=gen)[:5] for _ in range(24)])
                                  for _ in range(2)])
-            for warps in (4, 2) if backend == "triton" else (4,):
+            for warps in (2, 4) if backend == "triton" else (2,):
                 inputs = [t.to(dev, dtype).requires_grad_() for t in (q, k, v)]
                 cpu64 = [t.double().requires_grad_() for t in (q, k, v)]
                 previous, _routed_triton.SMALL_REGION_WARPS = _routed_triton.SMALL_REGION_WARPS, warps
@@ -117,7 +117,8 @@ def check_small(dev: torch.device, backends: tuple[str, ...], halo: bool = True)
                     _routed_triton.SMALL_REGION_WARPS = previous
                 want = torch.autograd.grad(ref, cpu64, grad)
                 errs = [rel_err(out, ref)] + [rel_err(g, w) for g, w in zip(got, want)]
-                rows.append(dict(op=f"routed 2x2 regions ({warps} warps)", backend=backend, dtype=str(dtype),
+                label = f"routed 2x2 regions ({warps} warps)" if backend == "triton" else "routed 2x2 regions"
+                rows.append(dict(op=label, backend=backend, dtype=str(dtype),
                                  rel_err_out_dq_dk_dv=errs))
             # halo: 16x24 map, block 8, halo 3, stride 2 and 1, position tables
             for stride in (1, 2) if halo else ():
@@ -303,16 +304,16 @@ def bench_routed(name, cfg, dev, flex: bool, only_flex: bool = False, keep: set[
         variants = {"flex": variants["flex"]} if flex else {}
     if keep is not None:
         variants = {key: fn for key, fn in variants.items() if key in keep}
-    if "ours" in variants and t < 16:  # small regions: the attention kernels with 2 warps per program
+    if "ours" in variants and t < 16:  # small regions: the attention kernels with 4 warps per program
         from attnzoo.kernels import _routed_triton
 
-        def two_warps():
-            previous, _routed_triton.SMALL_REGION_WARPS = _routed_triton.SMALL_REGION_WARPS, 2
+        def four_warps():
+            previous, _routed_triton.SMALL_REGION_WARPS = _routed_triton.SMALL_REGION_WARPS, 4
             try:
                 return ours_routed("triton")(q, k, v, n_win, topk, scale)
             finally:
                 _routed_triton.SMALL_REGION_WARPS = previous
-        variants["ours (2 warps)"] = two_warps
+        variants["ours (4 warps)"] = four_warps
     rows = []
     for var, fn in variants.items():
         row = dict(op="routed", shape=name, variant=var, batch=b, map=m, heads=heads, head_dim=d, n_win=n_win,

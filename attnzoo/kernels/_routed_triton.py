@@ -350,8 +350,9 @@ def _tiles(t: int, topk: int) -> dict:
 
 
 # Warps per program of the attention kernels for regions under 16 tokens, whose tiles are 16 rows (mostly
-# padding): benchmarks/sparse.py times another value against this one.
-SMALL_REGION_WARPS = 4
+# padding). 2 measured 5-15% faster than 4 at BiFormer stage 3 (H100, bf16; docs/benchmarks.md);
+# benchmarks/sparse.py times 2 against this value.
+SMALL_REGION_WARPS = 2
 
 
 def _warps(t: int) -> int:
