@@ -314,6 +314,15 @@ def bench_routed(name, cfg, dev, flex: bool, only_flex: bool = False, keep: set[
             finally:
                 _routed_triton.SMALL_REGION_WARPS = previous
         variants["ours (4 warps)"] = four_warps
+
+        def inverse_32():
+            previous = _routed_triton.INVERSE_KEYS_PER_PROGRAM
+            _routed_triton.INVERSE_KEYS_PER_PROGRAM = 32
+            try:
+                return ours_routed("triton")(q, k, v, n_win, topk, scale)
+            finally:
+                _routed_triton.INVERSE_KEYS_PER_PROGRAM = previous
+        variants["ours (inverse, 32 keys per program)"] = inverse_32
     rows = []
     for var, fn in variants.items():
         row = dict(op="routed", shape=name, variant=var, batch=b, map=m, heads=heads, head_dim=d, n_win=n_win,

@@ -355,6 +355,10 @@ def _tiles(t: int, topk: int) -> dict:
 SMALL_REGION_WARPS = 2
 
 
+# Key regions per program of the inverse-routing-table kernel (benchmarks/sparse.py times 32 against it).
+INVERSE_KEYS_PER_PROGRAM = 8
+
+
 def _warps(t: int) -> int:
     return SMALL_REGION_WARPS if t < 16 else 4
 
@@ -422,7 +426,7 @@ class _RoutedAttention(torch.autograd.Function):
         starts = torch.empty(b, r, device=q.device, dtype=torch.int32)
         counts = torch.empty(b, r, device=q.device, dtype=torch.int32)
         qlist = torch.empty(b * r * topk, device=q.device, dtype=torch.int32)
-        sb = min(_pow2(r), 8)  # few key regions per program: many programs (this kernel is latency-bound)
+        sb = min(_pow2(r), INVERSE_KEYS_PER_PROGRAM)
         _routed_inverse[(triton.cdiv(r, sb), b)](
             idx, starts, counts, qlist, *_index_strides(idx), r, TOPK=topk, KP=_pow2(topk), SB=sb,
             RQ=min(_pow2(r), 256), num_warps=4)
