@@ -21,6 +21,10 @@ ELA-L   7            channels // 8           16
 
 No official code or weights were released, so the models below have no checkpoint URL.
 
+On CUDA the module runs on :func:`attnzoo.kernels.strip_attention` (Triton: one pass over the map for both
+strip means, one for both gates); the ResNet hosts use :class:`ELABasicBlock` / :class:`ELABottleneck`, timm's
+blocks with the same modules, whose tail computes ``relu(ELA(x) + shortcut)`` in that one gating pass.
+
 Hosts are timm's own classes, built through timm's own builders, with ELA passed through timm's hooks, at
 the positions Coordinate Attention takes in these networks (ELA revises CA and is evaluated in its place):
 
