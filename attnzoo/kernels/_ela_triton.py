@@ -7,8 +7,8 @@ to NCHW first); the tile shape follows the layout so the unit-stride axis is rea
   H (B, C, W) in float32. Plain, it gives the strip means; gated, it is the backward reduction of
   ``out = act(x * g_h * g_w + s)``: with ``d = dout * act'`` it gives ``sum_W(d * x * g_w)`` and
   ``sum_H(d * x * g_h)`` and can store ``d`` on the way (the shortcut's gradient).
-- ``_strip_gate``: ``out = act(x * g_h[h] * g_w[w] + a_h[h] + a_w[w] + s)`` element-wise, one read and one
-  write of the map. Forward: the gating with the residual add and ReLU of the host block fused in;
+- ``_strip_gate``: ``out = act(x * g_h[h] * g_w[w] + s_h * a_h[h] + s_w * a_w[w] + s)`` element-wise, one read
+  and one write of the map. Forward: the gating with the residual add and ReLU of the host block fused in;
   backward: ``dx = d * g_h * g_w + dz_h / W + dz_w / H`` (gate gradient plus the strip means' gradient).
 
 Each program owns a tile of [BC channels, BH rows, BW columns]. The map's height and width and each map's
