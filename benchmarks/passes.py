@@ -404,6 +404,12 @@ def main() -> int:
         "vhr eager": (mitigation.VHR, "eager"),
         "cca eager": (mitigation.CCA, "eager"),
     }
+    if args.variants:
+        wanted = [v.strip() for v in args.variants.split(",")]
+        unknown = [v for v in wanted if v not in variants]
+        if unknown:
+            ap.error(f"unknown variants {unknown}; choose from {list(variants)}")
+        variants = {k: v for k, v in variants.items() if k in wanted}
     names = list(variants)
 
     def run(name: str, tokens: int) -> tuple[float, list[float], list[float]]:
