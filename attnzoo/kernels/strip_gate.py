@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ._backend import resolve_backend
+from ._checks import register_check
 
 __all__ = ["apply_strip_gates", "strip_attention", "strip_means"]
 
@@ -133,3 +134,24 @@ def strip_attention(x: torch.Tensor, gate_fn: GateFn, shortcut: torch.Tensor | N
     y_h, y_w = gate_fn(x.mean(dim=3), x.mean(dim=2))
     return _gate_torch(x, y_h, y_w, shortcut, act)
 
+
+
+@register_check("strip_attention")
+def _check(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, str]:
+    # a GroupNorm + sigmoid gate on the strips (no conv: cuDNN's TF32 would blur the comparison), the ReLU
+    # residual tail, odd map sizes
+    gen = torch.Generator().manual_seed(0)
+    x, shortcut = torch.randn(2, 16, 9, 7, generator=gen), torch.randn(2, 16, 9, 7, generator=gen)
+    gamma, beta = torch.randn(16, generator=gen), torch.randn(16, generator=gen)
+
+    def gate_fn_for(g: torch.Tensor, b: torch.Tensor) -> GateFn:
+        def gate(z: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(torch.nn.functional.group_norm(z.to(g.dtype), 4, g, b))
+
+        return lambda z_h, z_w: (gate(z_h), gate(z_w))
+
+    out = strip_attention(x.to(device), gate_fn_for(gamma.to(device), beta.to(device)), shortcut.to(device), "relu")
+    xd = x.double()
+    y_h, y_w = gate_fn_for(gamma.double(), beta.double())(xd.mean(3), xd.mean(2))
+    ref = torch.relu(xd * y_h[..., None] * y_w[..., None, :] + shortcut.double())
+    return out.cpu(), ref, resolve_backend(device, "strip_attention")

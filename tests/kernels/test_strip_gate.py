@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import assert_close
 
-from attnzoo.kernels import apply_strip_gates, set_backend, strip_attention, strip_means
+from attnzoo.kernels import apply_strip_gates, list_checks, set_backend, strip_attention, strip_means
 
 BACKENDS = ["triton", "torch"]
 # (B, C, H, W): odd sizes; W = 70 spans two 64-wide column tiles (partial row sums); H = 1 and W = 1 edges
@@ -162,6 +162,14 @@ def test_expanded_grad_output(rng):
     y_h, y_w = torch.rand(1, 3, 4, generator=rng), torch.rand(1, 3, 5, generator=rng)
     apply_strip_gates(x, y_h, y_w).sum().backward()
     assert_close(x.grad, (y_h.double()[..., None] * y_w.double()[..., None, :]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_registered_self_check(backend):
+    set_backend(backend)
+    out, ref, ran = list_checks()["strip_attention"](torch.device("cpu"))
+    assert ran == backend
+    assert_close(out, ref, dtype=torch.float32)
 
 
 def test_errors():
