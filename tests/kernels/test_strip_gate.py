@@ -182,3 +182,38 @@ def test_errors():
         apply_strip_gates(x, torch.rand(1, 2, 3), torch.rand(1, 2, 4), torch.randn(1, 2, 3, 5))
     with pytest.raises(ValueError, match=r"\(batch, channels, height, width\)"):
         strip_means(torch.randn(2, 3, 4))
+
+
+def test_automatic_choice_runs_the_kernels_only_when_a_gradient_is_recorded(monkeypatch, rng):
+    """Auto backend on a (pretend) CUDA device: inference takes the PyTorch expressions (measured faster
+    there), a recorded gradient takes the fused kernels; set_backend('triton') forces them in both."""
+    from attnzoo.kernels import _ela_triton, strip_gate
+
+    set_backend(None)
+    calls = []
+    real = _ela_triton.strip_attention
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(strip_gate, "resolve_backend", lambda device, op: "triton")
+    monkeypatch.setattr(_ela_triton, "strip_attention", spy)
+    x = torch.randn(2, 3, 5, 4, generator=rng)
+
+    def gates(z_h, z_w):
+        return torch.sigmoid(z_h), torch.sigmoid(z_w)
+
+    with torch.no_grad():
+        inference = strip_attention(x, gates)
+    assert calls == []
+    training = strip_attention(x.clone().requires_grad_(True), gates)
+    assert calls == [1]
+    assert_close(training.detach(), inference)
+    set_backend("triton")
+    try:
+        with torch.no_grad():
+            strip_attention(x, gates)
+    finally:
+        set_backend(None)
+    assert calls == [1, 1]
