@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ._backend import triton_interpreting
+from ._grouped_attention_triton import _key_rows, _masked, _query_tile
 
 LOG2E = 1.4426950408889634
 KIND_IDS = {"reverse": 0, "reverse_normalize": 1, "uniform": 2}
@@ -41,21 +42,8 @@ def _counterfactual_fwd_kernel(
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)  # 64-bit batch offsets
-    h = bh % H
-    kvh = h // GROUP
-
-    qi = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_ok = qi < Lq
-    q_pos = Lkv - Lq + qi  # lower-right aligned: the query's own key position
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < HEAD_DIM
-    q = tl.load(Q + b * stride_qb + h * stride_qh + qi[:, None] * stride_qn + d[None, :],
-                mask=q_ok[:, None] & d_ok[None, :], other=0.0)
-    if DOT_F32:
-        q = q.to(tl.float32)
+    pid, b, h, kvh, qi, q_ok, q_pos, d, d_ok, q = _query_tile(Q, stride_qb, stride_qh, stride_qn, H, GROUP, Lq, Lkv,
+                                                              HEAD_DIM, BLOCK_D, BLOCK_M, DOT_F32)
 
     # online softmax in base 2; the finite floor keeps rows with no key in a tile NaN-free
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -71,23 +59,13 @@ def _counterfactual_fwd_kernel(
     for start in range(0, kv_end, BLOCK_N):
         kn = start + tl.arange(0, BLOCK_N)
         kv_ok = kn < Lkv
-        keep = kv_ok[None, :] & q_ok[:, None]
-        if HAS_MASK:
-            mk = tl.load(MASK + b * stride_mb + h * stride_mh + qi[:, None] * stride_mq + kn[None, :],
-                         mask=keep, other=0)
-            keep = keep & (mk != 0)
-        elif CAUSAL:
-            keep = keep & (kn[None, :] <= q_pos[:, None])
-        vt = tl.load(v_base + kn[:, None] * stride_vn + d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
-        if DOT_F32:
-            vt = vt.to(tl.float32)
+        keep = _masked(kv_ok[None, :] & q_ok[:, None], MASK, b, h, qi, kn, q_ok, kv_ok, q_pos, stride_mb, stride_mh,
+                       stride_mq, CAUSAL, HAS_MASK)
+        vt = _key_rows(v_base, kn, kv_ok, stride_vn, d, d_ok, DOT_F32)
         if KIND == 2:  # uniform needs no scores; 0/1 weights are exact in every dtype (fp32 accumulation)
             sv += tl.dot(keep.to(vt.dtype), vt, input_precision=DOT_PREC)
         else:
-            kt = tl.load(k_base + kn[:, None] * stride_kn + d[None, :], mask=kv_ok[:, None] & d_ok[None, :],
-                         other=0.0)
-            if DOT_F32:
-                kt = kt.to(tl.float32)
+            kt = _key_rows(k_base, kn, kv_ok, stride_kn, d, d_ok, DOT_F32)
             s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * qk_scale
             s = tl.where(keep, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))

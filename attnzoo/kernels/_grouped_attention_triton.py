@@ -25,6 +25,51 @@ from ._backend import triton_interpreting
 LOG2E = 1.4426950408889634
 
 
+# --- pieces the decoder-attention kernels share (here and in _counterfactual_triton) -----------------------
+
+@triton.jit
+def _query_tile(Q, stride_qb, stride_qh, stride_qn, H, GROUP, Lq, Lkv, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_F32: tl.constexpr):
+    """This program's batch, head, kv head and BLOCK_M queries (positions lower-right aligned), and their q tile."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)  # 64-bit batch offsets
+    h = bh % H
+    kvh = h // GROUP
+    qi = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_ok = qi < Lq
+    q_pos = Lkv - Lq + qi  # the query's own key position
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    q = tl.load(Q + b * stride_qb + h * stride_qh + qi[:, None] * stride_qn + d[None, :],
+                mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    return pid, b, h, kvh, qi, q_ok, q_pos, d, d_ok, q
+
+
+@triton.jit
+def _key_rows(base, kn, kv_ok, stride_n, d, d_ok, DOT_F32: tl.constexpr):
+    """A (BLOCK_N, BLOCK_D) tile of keys or values, zeros past the end."""
+    t = tl.load(base + kn[:, None] * stride_n + d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
+    if DOT_F32:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _masked(keep, MASK, b, h, qi, kn, q_ok, kv_ok, q_pos, stride_mb, stride_mh, stride_mq,
+            CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+    """``keep`` and the attention mask: the bool mask when one is given, else causal order when asked."""
+    if HAS_MASK:
+        mk = tl.load(MASK + b * stride_mb + h * stride_mh + qi[:, None] * stride_mq + kn[None, :],
+                     mask=q_ok[:, None] & kv_ok[None, :], other=0)
+        keep = keep & (mk != 0)
+    elif CAUSAL:
+        keep = keep & (kn[None, :] <= q_pos[:, None])
+    return keep
+
+
 @triton.jit
 def _key_group_fwd_kernel(
     Q, K, V, GID, MASK, O, MASS,
@@ -36,21 +81,8 @@ def _key_group_fwd_kernel(
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)  # 64-bit batch offsets
-    h = bh % H
-    kvh = h // GROUP
-
-    qi = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_ok = qi < Lq
-    q_pos = Lkv - Lq + qi  # lower-right aligned: the query's own key position
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < HEAD_DIM
-    q = tl.load(Q + b * stride_qb + h * stride_qh + qi[:, None] * stride_qn + d[None, :],
-                mask=q_ok[:, None] & d_ok[None, :], other=0.0)
-    if DOT_F32:
-        q = q.to(tl.float32)
+    pid, b, h, kvh, qi, q_ok, q_pos, d, d_ok, q = _query_tile(Q, stride_qb, stride_qh, stride_qn, H, GROUP, Lq, Lkv,
+                                                              HEAD_DIM, BLOCK_D, BLOCK_M, DOT_F32)
     g_idx = tl.arange(0, BLOCK_G)
 
     # Online softmax in base 2; the finite floor keeps rows with no key in a tile NaN-free.
@@ -67,17 +99,10 @@ def _key_group_fwd_kernel(
         kn = start + tl.arange(0, BLOCK_N)
         kv_ok = kn < Lkv
         gid = tl.load(GID + b * stride_gb + kn, mask=kv_ok, other=-1)
-        kt = tl.load(k_base + kn[:, None] * stride_kn + d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
-        if DOT_F32:
-            kt = kt.to(tl.float32)
+        kt = _key_rows(k_base, kn, kv_ok, stride_kn, d, d_ok, DOT_F32)
         s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * qk_scale
         keep = (gid >= 0)[None, :] & q_ok[:, None]
-        if HAS_MASK:
-            mk = tl.load(MASK + b * stride_mb + h * stride_mh + qi[:, None] * stride_mq + kn[None, :],
-                         mask=q_ok[:, None] & kv_ok[None, :], other=0)
-            keep = keep & (mk != 0)
-        elif CAUSAL:
-            keep = keep & (kn[None, :] <= q_pos[:, None])
+        keep = _masked(keep, MASK, b, h, qi, kn, q_ok, kv_ok, q_pos, stride_mb, stride_mh, stride_mq, CAUSAL, HAS_MASK)
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -88,9 +113,7 @@ def _key_group_fwd_kernel(
         p_groups = tl.where(member[None, :, :], p[:, None, :], 0.0)
         mass = mass * alpha[:, None] + tl.sum(p_groups, 2)
         alpha_rows = tl.reshape(tl.broadcast_to(alpha[:, None], (BLOCK_M, BLOCK_G)), (BLOCK_M * BLOCK_G,))
-        vt = tl.load(v_base + kn[:, None] * stride_vn + d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
-        if DOT_F32:
-            vt = vt.to(tl.float32)
+        vt = _key_rows(v_base, kn, kv_ok, stride_vn, d, d_ok, DOT_F32)
         p_rows = tl.reshape(p_groups, (BLOCK_M * BLOCK_G, BLOCK_N))
         acc = acc * alpha_rows[:, None] + tl.dot(p_rows.to(vt.dtype), vt, input_precision=DOT_PREC)
         m_i = m_new
@@ -123,21 +146,8 @@ def _var_fwd_kernel(
     # VAR in one pass: the online softmax keeps the plain output, the non-sink image keys' output and the sink
     # keys' output (three accumulators, one dot each) and the masses of groups 1-3; the epilogue decides per
     # (head, query) whether the cell is image-centric and writes the edited output in the input dtype.
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    kvh = h // GROUP
-
-    qi = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_ok = qi < Lq
-    q_pos = Lkv - Lq + qi
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < HEAD_DIM
-    q = tl.load(Q + b * stride_qb + h * stride_qh + qi[:, None] * stride_qn + d[None, :],
-                mask=q_ok[:, None] & d_ok[None, :], other=0.0)
-    if DOT_F32:
-        q = q.to(tl.float32)
+    pid, b, h, kvh, qi, q_ok, q_pos, d, d_ok, q = _query_tile(Q, stride_qb, stride_qh, stride_qn, H, GROUP, Lq, Lkv,
+                                                              HEAD_DIM, BLOCK_D, BLOCK_M, DOT_F32)
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -151,22 +161,15 @@ def _var_fwd_kernel(
     v_base = V + b * stride_vb + kvh * stride_vh
     kv_end = Lkv
     if CAUSAL:
-        kv_end = tl.minimum(Lkv, Lkv - Lq + (pid + 1) * BLOCK_M)
+        kv_end = tl.minimum(Lkv, Lkv - Lq + (pid + 1) * BLOCK_M)  # keys after the tile's last query never count
     for start in range(0, kv_end, BLOCK_N):
         kn = start + tl.arange(0, BLOCK_N)
         kv_ok = kn < Lkv
         gid = tl.load(GID + b * stride_gb + kn, mask=kn < Lg, other=0)  # keys past the ids: generated text
-        kt = tl.load(k_base + kn[:, None] * stride_kn + d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
-        if DOT_F32:
-            kt = kt.to(tl.float32)
+        kt = _key_rows(k_base, kn, kv_ok, stride_kn, d, d_ok, DOT_F32)
         s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * qk_scale
         keep = (kv_ok & (gid >= 0))[None, :] & q_ok[:, None]
-        if HAS_MASK:
-            mk = tl.load(MASK + b * stride_mb + h * stride_mh + qi[:, None] * stride_mq + kn[None, :],
-                         mask=q_ok[:, None] & kv_ok[None, :], other=0)
-            keep = keep & (mk != 0)
-        elif CAUSAL:
-            keep = keep & (kn[None, :] <= q_pos[:, None])
+        keep = _masked(keep, MASK, b, h, qi, kn, q_ok, kv_ok, q_pos, stride_mb, stride_mh, stride_mq, CAUSAL, HAS_MASK)
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -178,9 +181,7 @@ def _var_fwd_kernel(
         mass_image = mass_image * alpha + tl.sum(p_image, 1)
         mass_vsink = mass_vsink * alpha + tl.sum(p_vsink, 1)
         mass_tsink = mass_tsink * alpha + tl.sum(p_tsink, 1)
-        vt = tl.load(v_base + kn[:, None] * stride_vn + d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
-        if DOT_F32:
-            vt = vt.to(tl.float32)
+        vt = _key_rows(v_base, kn, kv_ok, stride_vn, d, d_ok, DOT_F32)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
         acc_image = acc_image * alpha[:, None] + tl.dot(p_image.to(vt.dtype), vt, input_precision=DOT_PREC)
         acc_sink = acc_sink * alpha[:, None] + tl.dot((p_vsink + p_tsink).to(vt.dtype), vt,
