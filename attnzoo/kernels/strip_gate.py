@@ -169,7 +169,9 @@ def _check(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, str]:
 
         return lambda z_h, z_w: (gate(z_h), gate(z_w))
 
-    out = strip_attention(x.to(device), gate_fn_for(gamma.to(device), beta.to(device)), shortcut.to(device), "relu")
+    # x records a gradient, so the automatic choice takes the kernels the backend label names (see _fused_pays)
+    x_dev = x.to(device).requires_grad_(True)
+    out = strip_attention(x_dev, gate_fn_for(gamma.to(device), beta.to(device)), shortcut.to(device), "relu").detach()
     xd = x.double()
     y_h, y_w = gate_fn_for(gamma.double(), beta.double())(xd.mean(3), xd.mean(2))
     ref = torch.relu(xd * y_h[..., None] * y_w[..., None, :] + shortcut.double())
