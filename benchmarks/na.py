@@ -118,6 +118,19 @@ def _check_one(backend, dtype, case, device) -> dict:
     return dict(backend=backend, dtype=str(dtype), case=str(case), ok=ok, **errs)
 
 
+def check_summary(rows: list[dict]) -> str:
+    """Per backend: cases within tolerance, cases outside it, and cases the backend could not run at all (an
+    exception, e.g. FlexAttention failing to compile its backward for a large head_dim), kept apart."""
+    parts = []
+    for backend in dict.fromkeys(r["backend"] for r in rows):
+        mine = [r for r in rows if r["backend"] == backend]
+        ok = sum(r["ok"] for r in mine)
+        errors = sum("error" in r for r in mine)
+        parts.append(f"{backend}: {ok}/{len(mine)} within tolerance, {len(mine) - ok - errors} outside, "
+                     f"{errors} could not run")
+    return "; ".join(parts)
+
+
 def check_large(device) -> dict:
     """Triton bf16 vs torch float32 on a NAT-T stage-1 problem with rpb (forward and all gradients)."""
     gen = torch.Generator().manual_seed(1)
@@ -296,8 +309,7 @@ def main(argv=None) -> int:
         result["checks"] = check_backends(device, tuple(args.check_backends.split(",")))
         result["large_check"] = check_large(device)
         save()
-        print(f"checks done in {time.time() - t0:.0f} s; all ok: {all(r['ok'] for r in result['checks'])}",
-              flush=True)
+        print(f"checks done in {time.time() - t0:.0f} s; {check_summary(result['checks'])}", flush=True)
     start = time.time()
     for name in args.shapes.split(","):
         if time.time() - start > args.budget_s:
