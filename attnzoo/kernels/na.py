@@ -282,6 +282,11 @@ def _na_fused(q, k, v, rpb, additional_keys, additional_values, kernel_size, str
     if torch.compiler.is_compiling():
         return torch.ops.attnzoo.na_forward(q, k, v, rpb, additional_keys, additional_values, list(kernel_size),
                                             list(stride), list(dilation), list(is_causal), scale)
+    if not torch.is_grad_enabled() or not any(
+            t is not None and t.requires_grad for t in (q, k, v, rpb, additional_keys, additional_values)):
+        # nothing to differentiate (inference): the kernels without an autograd node (host time)
+        return _na_forward_impl(q, k, v, rpb, additional_keys, additional_values, kernel_size, stride, dilation,
+                                is_causal, scale)
     return _NAFusedEager.apply(q, k, v, rpb, additional_keys, additional_values, kernel_size, stride, dilation,
                                is_causal, scale)
 
