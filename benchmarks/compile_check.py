@@ -29,8 +29,10 @@ if "--cpu" in sys.argv:  # the interpreter must be chosen before triton is impor
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import timm  # noqa: E402
+from models import bench_ms  # noqa: E402  (benchmarks/models.py: median ms, CUDA events or wall clock)
 
 import attnzoo  # noqa: E402,F401  (registers the models)
 from attnzoo.kernels import use_backend  # noqa: E402
@@ -38,26 +40,6 @@ from attnzoo.kernels import use_backend  # noqa: E402
 # A reduced DiNAT for the CPU smoke test: every stage, dilated and plain layers, padded small maps.
 TINY = dict(depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 2), embed_dim=16, dilations=((2,), (1,), (1,), (1,)),
             kernel_size=3, num_classes=10)
-
-
-def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, reps: int) -> float:
-    """Median milliseconds of ``fn`` over ``reps`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -119,8 +101,8 @@ def main() -> int:
         failed |= not ok
         print(f"inference: compiled vs eager rel err {err:.2e} (tol {args.tol:.0e}) {'ok' if ok else 'FAIL'}; "
               f"max abs diff {(got.float() - want.float()).abs().max().item():.3e}")
-        eager_ms = median_ms(infer(model), device, warmup, reps)
-        compiled_ms = median_ms(infer(compiled), device, warmup, reps)
+        eager_ms = bench_ms(infer(model), warmup, reps, device)
+        compiled_ms = bench_ms(infer(compiled), warmup, reps, device)
         rows.append(("inference", eager_ms, compiled_ms, compile_s))
 
         if args.train:
@@ -148,8 +130,8 @@ def main() -> int:
             failed |= not ok
             print(f"training: gradients compiled vs eager rel err {err:.2e}, worst rpb grad {rpb_err:.2e} "
                   f"(tol {args.tol:.0e}) {'ok' if ok else 'FAIL'}")
-            eager_ms = median_ms(step(model), device, warmup, reps)
-            compiled_ms = median_ms(step(compiled), device, warmup, reps)
+            eager_ms = bench_ms(step(model), warmup, reps, device)
+            compiled_ms = bench_ms(step(compiled), warmup, reps, device)
             rows.append(("fwd+bwd", eager_ms, compiled_ms, train_compile_s))
 
     name = f"{args.model}{' (tiny)' if args.tiny else ''}"

@@ -66,19 +66,27 @@ for _name in ["halonet26t", "halonet50ts"]:
     ROWS.append((f"{_name} [attnzoo halo]", _halo_fused(_name), "triton", 128, 256))
 
 
-def bench_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 10) -> float:
-    """Median milliseconds of ``fn`` over ``reps`` runs after ``warmup`` runs (CUDA events)."""
+def bench_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 10, device: torch.device | None = None) -> float:
+    """Median milliseconds of ``fn`` over ``reps`` runs after ``warmup`` runs: CUDA events on CUDA (the
+    default), wall clock on the CPU."""
+    on_cuda = device is None or torch.device(device).type == "cuda"
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    if on_cuda:
+        torch.cuda.synchronize()
     times = []
     for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        if on_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
     return sorted(times)[len(times) // 2]
 
 
