@@ -6,7 +6,9 @@ one set of weights, variants switched in place:
 
 - ``no pass`` / ``no pass eager``: nothing attached, SDPA / eager attention everywhere;
 - ``var``: VAR with the fused key-group attention (attnzoo.kernels.key_group_attention) in the layers it edits,
-  SDPA elsewhere; ``var explicit``: VAR on explicit float32 post-softmax weights in those layers, SDPA elsewhere;
+  SDPA elsewhere; ``var before``: the same with the decode path of session 3 (argument checks in every call, the
+  kernel launched through ``JITFunction.run``) for a paired before/after; ``var explicit``: VAR on explicit float32
+  post-softmax weights in those layers, SDPA elsewhere;
 - ``vhr``, ``cca``: the passes as shipped (SDPA wherever they allow it);
 - ``<pass> eager``: the same pass with ``lvlm.attn_backend = "eager"``: every layer the pass does not take over
   runs eager attention, as the official code runs the model with ``attn_implementation="eager"`` (VAR eager
@@ -16,7 +18,9 @@ Random weights have no massive activations, so VAR's ``tau`` is calibrated on th
 the RMS-normalised residual in the sink dimensions, layers >= 2) so that some tokens are sinks and the
 redistribution actually runs; every other hyper-parameter is the paper's.
 
-Correctness first, on the device: fused VAR vs explicit VAR logits on a left-padded batch of 2 at prefill and at
+Correctness first, on the device: the key-group and VAR kernels vs float64 re-computations on 7B attention shapes
+(VAR's direct and normal launches bit-identical; ``--stop-on-check-failure`` skips the timings when one fails), then
+fused VAR vs explicit VAR logits on a left-padded batch of 2 at prefill and at
 every decode step (teacher-forced on the explicit run's tokens), next to how much VAR changes the logits at all
 (a warning, not a stop, when the fused-vs-explicit difference is not well below that).
 
@@ -131,6 +135,91 @@ def check_kernel(device: str, dtype: torch.dtype, tiny: bool) -> dict:
     return out
 
 
+def check_var_kernel(device: str, dtype: torch.dtype, tiny: bool) -> dict:
+    """var_attention (the device's backend) vs a float64 re-computation (float64 group sums edited by the same rule)
+    on LLaVA-7B attention shapes: a left-padded batch of 2 at prefill (causal, and with a bool keep-mask) and at 18
+    decode steps (keys past the prompt's ids; the key length crosses a multiple of 16, so direct launches replay
+    kernels across integer specializations). Cells whose selection is within 2e-3 of a threshold are left out of
+    the error (bf16 rounding may decide them either way). On CUDA also: direct and normal launches bit-identical."""
+    from attnzoo.kernels.grouped_attention import var_attention, var_combine
+
+    gen = torch.Generator().manual_seed(1)
+    heads, dim, prompt = (4, 16, 40) if tiny else (32, 128, 602)
+    image = slice(5, prompt - 20)
+    on_image = torch.zeros(2, prompt, dtype=torch.bool)
+    on_image[:, image] = True
+    sink = torch.rand(2, prompt, generator=gen) < 0.15
+    # VAR's groups: 0 text, 1 image, 2 visual sink, 3 text sink; sample 1 has 7 keys of left padding (-1)
+    ids = torch.where(on_image, torch.where(sink, 2, 1), torch.where(sink, 3, 0)).to(torch.int32)
+    ids[1, :7] = -1
+    after = torch.tensor([image.stop - 1, image.stop - 1], dtype=torch.int32)
+    image_eps = 1e-6 * ((ids == 1) | (ids == 2)).sum(-1).float()
+    p, summ, rho = 0.6, 0.2, 0.5
+
+    def reference(q, k, v, mask, kv_len):
+        full = torch.nn.functional.pad(ids, (0, kv_len - prompt), value=0)
+        outs, masses = key_group_attention_reference(q, k, v, full, 4, mask=mask)
+        positions = torch.arange(kv_len - q.shape[2], kv_len)
+        ref = var_combine(outs, masses, positions, after, image_eps.double(), p, summ, rho)
+        on_image = masses[..., 1] + masses[..., 2]
+        share = masses[..., 2] / (on_image + image_eps.double()[:, None, None])
+        clear = ((on_image - summ).abs() > 2e-3) & ((share - rho).abs() > 2e-3)  # (B, H, q)
+        later = positions[None, None, :] > after[:, None, None]
+        selected = (on_image >= summ) & (share <= rho) & later
+        return ref.transpose(1, 2), clear.transpose(1, 2), selected
+
+    out: dict = {}
+    dev = lambda t: t.to(device)  # noqa: E731
+    q_scale = 3.0  # peaky attention: image masses spread over [0, 1], so the thresholds split the cells
+    cases = [("prefill", prompt, prompt, False), ("prefill, bool mask", prompt, prompt, True)]
+    cases += [(f"decode +{t}", 1, prompt + t, False) for t in range(18)]
+    k_all = torch.randn(2, heads, prompt + 18, dim, generator=gen).to(dtype)
+    v_all = torch.randn(2, heads, prompt + 18, dim, generator=gen).to(dtype)
+    worst = {"max_abs_err": 0.0, "cells_left_out": 0, "cells": 0, "selected": 0}
+    direct_equal = None
+    for name, q_len, kv_len, with_mask in cases:
+        q = (q_scale * torch.randn(2, heads, q_len, dim, generator=gen)).to(dtype)
+        k, v = k_all[:, :, :kv_len].contiguous(), v_all[:, :, :kv_len].contiguous()
+        mask = None
+        if with_mask:
+            mask = torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len)[None, None].repeat(2, 1, 1, 1)
+            mask[1, :, :, :7] = False
+        got = var_attention(dev(q), dev(k), dev(v), dev(ids), dev(after), dev(image_eps), p, summ, rho,
+                            mask=None if mask is None else dev(mask))
+        ref, clear, selected = reference(q, k, v, mask, kv_len)
+        err = (got.double().cpu() - ref).abs().amax(-1)  # (B, q, H)
+        real = torch.ones_like(clear)
+        if q_len > 1:
+            real[1, :7] = False  # padding queries of sample 1 see no key of their own: not compared
+        err = err[clear & real]
+        row = {"max_abs_err": float(err.max()), "output_scale": float(ref.abs().max()),
+               "cells_left_out": int((~clear & real).sum()), "cells": int(real.sum()),
+               "selected_share": float(selected.double().mean())}
+        if name.startswith("prefill") or name in ("decode +0", "decode +17"):
+            out[name] = row
+        worst["max_abs_err"] = max(worst["max_abs_err"], row["max_abs_err"])
+        worst["cells_left_out"] += row["cells_left_out"]
+        worst["cells"] += row["cells"]
+        worst["selected"] += int(selected.sum())
+        if device == "cuda" and name.startswith("decode"):  # the direct launch vs the normal launch, same inputs
+            from attnzoo.kernels import _grouped_attention_triton as gat
+
+            gat.DIRECT_LAUNCH = False
+            gat._VAR_DIRECT.clear()
+            normal = var_attention(dev(q), dev(k), dev(v), dev(ids), dev(after), dev(image_eps), p, summ, rho)
+            gat.DIRECT_LAUNCH = True
+            again = var_attention(dev(q), dev(k), dev(v), dev(ids), dev(after), dev(image_eps), p, summ, rho)
+            same = bool(torch.equal(normal, got) and torch.equal(again, got))
+            direct_equal = same if direct_equal is None else direct_equal and same
+    out["all cases"] = worst
+    out["direct_launch_bit_identical"] = direct_equal
+    if device == "cuda":
+        from attnzoo.kernels import _grouped_attention_triton as gat
+
+        out["compiled_specializations"] = len(gat._VAR_COMPILED)
+    return out
+
+
 def calibrated_tau(lvlm, batch, dims: tuple[int, ...], first_layer: int = 2, quantile: float = 0.85) -> float:
     """A VAR tau at which about 15% of the real prompt tokens are sinks in the layers VAR uses."""
     values = []
@@ -206,6 +295,27 @@ def check_var(lvlm, batch, var_kwargs: dict, steps: int) -> dict:
             "pad": [int(x) for x in batch.layout.num_pad]}
 
 
+class VarBefore(mitigation.VAR):
+    """VAR's decode path before the direct launch (session 3): every call through :func:`var_attention`'s checks;
+    timed with ``DIRECT_LAUNCH`` off (:func:`launch_path`)."""
+
+    def fused_key_groups(self, ctx, query, key, value, mask):
+        from attnzoo.kernels.grouped_attention import var_attention
+
+        ids, _, _, _, _, _, after, image_eps = self._layer_groups(ctx)
+        return var_attention(query, key, value, ids, after, image_eps, self.p, self.summ, self.rho,
+                             scale=ctx.scaling, causal=ctx.causal, mask=mask)
+
+
+def launch_path(direct: bool) -> None:
+    """Switch the VAR kernel's direct launch on or off (a no-op without triton)."""
+    try:
+        from attnzoo.kernels import _grouped_attention_triton as gat
+    except ImportError:
+        return
+    gat.DIRECT_LAUNCH = direct
+
+
 class _IdlePass(AttentionPass):
     """Attached, asked for a plan in every attention call (no ``may_act``), never acts: the runtime's own cost."""
 
@@ -250,12 +360,23 @@ def host_costs(lvlm, batch, var_kwargs: dict, device: str, calls: int = 200, rep
     groups = torch.zeros(1, batch.layout.prompt_length, dtype=torch.int32, device=device)
     after = torch.zeros(1, dtype=torch.int32, device=device)
     eps = torch.zeros(1, dtype=torch.float32, device=device)
-    out["var_attention (bare call)"] = per_call(lambda: var_attention(q, k, v, groups, after, eps, 0.6, 0.2, 0.5,
-                                                                      scale=scale))
+    from attnzoo.kernels.grouped_attention import var_attention_backend
+
+    launch = var_attention_backend(q.device)
+    for direct in (False, True):
+        launch_path(direct)
+        label = "direct launch" if direct else "normal launch"
+        out[f"var_attention (bare call, {label})"] = per_call(
+            lambda: var_attention(q, k, v, groups, after, eps, 0.6, 0.2, 0.5, scale=scale))
+        out[f"var_attention backend function (no checks, {label})"] = per_call(
+            lambda: launch(q, k, v, groups, after, eps, 0.6, 0.2, 0.5, scale, True, None, None))
     makers = {"no pass": None, "idle pass (asked every call)": _IdlePass,
-              "var": lambda: mitigation.VAR(fused=True, **var_kwargs), "vhr": mitigation.VHR, "cca": mitigation.CCA}
+              "var": lambda: mitigation.VAR(fused=True, **var_kwargs),
+              "var before": lambda: VarBefore(fused=True, **var_kwargs), "vhr": mitigation.VHR,
+              "cca": mitigation.CCA}
     for name, make in makers.items():
         handle = lvlm.attach(make()) if make is not None else None
+        launch_path(name != "var before")
         try:
             with torch.no_grad(), lvlm.use_layout(batch.layout):
                 lvlm.model(**batch.inputs)  # prefill: the pass finds this batch's sinks / heads
@@ -293,6 +414,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 12; tiny: 2)")
     ap.add_argument("--variants", default=None, help="comma list of variant names to time (default: all)")
     ap.add_argument("--skip-checks", action="store_true", help="no kernel / fused-vs-explicit checks")
+    ap.add_argument("--stop-on-check-failure", action="store_true", help="no timings when a kernel check fails")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
 
@@ -362,7 +484,26 @@ def main() -> int:
                   flush=True)
             set_backend("torch")
             results["key_group_backend"] = "torch (fallback)"
+            if args.stop_on_check_failure:
+                save()
+                return 1
         save()
+        try:
+            var_kernel = check_var_kernel(device, dtype, args.tiny)
+            results["checks"]["var_kernel"] = var_kernel
+            save()
+            print(f"VAR kernel check (vs float64): {json.dumps(var_kernel)}", flush=True)
+            worst = var_kernel["all cases"]
+            if worst["max_abs_err"] > (1e-4 if args.tiny else 3e-2) * max(1.0, var_kernel["prefill"]["output_scale"]) \
+                    or var_kernel["direct_launch_bit_identical"] is False:
+                raise RuntimeError("var_attention differs from the float64 reference beyond the dtype's rounding, or "
+                                   "direct and normal launches differ")
+        except Exception as exc:
+            results["errors"]["var_kernel"] = repr(exc)
+            save()
+            print(f"VAR KERNEL CHECK FAILED: {exc!r}\n{traceback.format_exc()}", flush=True)
+            if args.stop_on_check_failure:
+                return 1
 
         # ---- correctness on this device: fused VAR == explicit VAR
         try:
@@ -396,6 +537,7 @@ def main() -> int:
     variants: dict[str, tuple[Callable[[], object] | None, str]] = {
         "no pass": (None, "sdpa"),
         "var": (lambda: mitigation.VAR(fused=True, **var_kwargs), "sdpa"),
+        "var before": (lambda: VarBefore(fused=True, **var_kwargs), "sdpa"),
         "vhr": (mitigation.VHR, "sdpa"),
         "cca": (mitigation.CCA, "sdpa"),
         "no pass eager": (None, "eager"),
@@ -421,6 +563,7 @@ def main() -> int:
         gen = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
                    pad_token_id=lvlm.tokenizer.pad_token_id, logits_processor=LogitsProcessorList([clock]))
         lvlm.attn_backend = backend
+        launch_path(name != "var before")
         handle = factory().apply(lvlm) if factory is not None else None
         try:
             gc.collect()  # no collection of an earlier run's garbage inside this one
@@ -476,7 +619,7 @@ def main() -> int:
     # ---- device time per decode token (kernels only), so that the host's share is visible
     if device == "cuda":
         device_ms: dict[str, float] = {}
-        for name in ("no pass", "var", "vhr", "cca", "no pass eager"):
+        for name in ("no pass", "var", "var before", "vhr", "cca", "no pass eager"):
             if name not in variants or name in failed:
                 continue
             try:

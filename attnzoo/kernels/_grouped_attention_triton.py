@@ -257,16 +257,65 @@ def key_group_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 
 @functools.lru_cache(maxsize=64)
-def _var_config(decode: bool, dim: int, dtype: torch.dtype, interpreting: bool) -> dict:
+def _var_config(decode: bool, dim: int, dtype: torch.dtype, causal: bool, has_mask: bool,
+                interpreting: bool) -> tuple[dict, int, tuple]:
     """Launch constants of :func:`var_attention_triton`, computed once per shape class (decode runs per layer
-    per token, so the host work around the launch counts)."""
+    per token, so the host work around the launch counts): ``(meta, BLOCK_M, tail)`` with ``tail`` the
+    constexpr values in the kernel's argument order (what a direct launch passes after the scalars)."""
     if interpreting:
         block_m, block_n, warps = 16, 32, 4
     else:  # sm_90 (ptxas -v, bf16, D=128): no register spills without a mask, < 64 bytes with one
         block_m, block_n, warps = (16, 64, 4) if decode else (32, 64, 8)
-    return dict(HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)),
-                DOT_F32=interpreting and dtype == torch.bfloat16, DOT_PREC=_dot_precision(dtype),
-                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+    meta = dict(HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), CAUSAL=causal and not has_mask,
+                HAS_MASK=has_mask, DOT_F32=interpreting and dtype == torch.bfloat16, DOT_PREC=_dot_precision(dtype),
+                BLOCK_M=block_m, BLOCK_N=block_n)
+    names = _var_fwd_kernel.arg_names
+    tail = tuple(meta[name] for name in names[names.index("HEAD_DIM"):])
+    return dict(meta, num_warps=warps), block_m, tail
+
+
+# Direct launches of the VAR kernel (see attnzoo.kernels._launch). At decode the integer arguments (key length,
+# cache strides) change every step but are the same in every edited layer of that step, and a compiled
+# kernel serves every integer with the same specialization (value 1, divisibility by 16, 32-bit range), so:
+# one compiled kernel per specialization, one launcher per distinct integer set (the last few kept).
+DIRECT_LAUNCH = True  # benchmarks/passes.py switches it off to time the normal launch path
+_VAR_COMPILED: dict[tuple, object] = {}
+_VAR_DIRECT: dict[tuple, object] = {}
+
+
+def _int_specialization(values: tuple[int, ...]) -> tuple:
+    """What triton specializes an integer argument on: 1, divisibility by 16, and whether it fits 32 bits."""
+    return tuple((x == 1, x % 16 == 0, -2**31 <= x < 2**31) for x in values)
+
+
+def _var_launch(grid: tuple[int, int], ptrs: tuple, ints: tuple, scalars: tuple, meta: dict, tail: tuple,
+                config: tuple, device: int) -> None:
+    """Launch the VAR kernel: directly when this integer set or its specialization was launched before; ``config``
+    names the constexprs and pointer dtypes (the arguments of :func:`_var_config`)."""
+    key = (grid, ints, config, device)
+    launch = _VAR_DIRECT.get(key)
+    if launch is not None and launch(ptrs, scalars):
+        return
+    from . import _launch
+
+    if launch is None and DIRECT_LAUNCH and _launch.SUPPORTED and not triton_interpreting() \
+            and not any(t.data_ptr() & 15 for t in ptrs):  # compiled for aligned pointers only: replay only those
+        spec = (_int_specialization(ints), config, device)
+        compiled = _VAR_COMPILED.get(spec)
+        if compiled is None:  # first launch of this specialization: compile (or find) it the normal way
+            compiled = _var_fwd_kernel[grid](*ptrs, *ints, *scalars, **meta)
+            if compiled is None or not hasattr(compiled, "packed_metadata"):
+                return
+            _VAR_COMPILED[spec] = compiled
+            launched = True
+        else:
+            launched = False
+        if len(_VAR_DIRECT) >= 16:  # old decode steps' integer sets
+            _VAR_DIRECT.clear()
+        launch = _VAR_DIRECT[key] = _launch.DirectLaunch(compiled, (*grid, 1), ints, tail)
+        if launched or launch(ptrs, scalars):
+            return
+    _var_fwd_kernel[grid](*ptrs, *ints, *scalars, **meta)
 
 
 def var_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_groups: torch.Tensor,
@@ -274,7 +323,8 @@ def var_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_
                          rho: float, scale: float, causal: bool = True, mask: torch.Tensor | None = None,
                          out: torch.Tensor | None = None) -> torch.Tensor:
     """Triton backend of :func:`attnzoo.kernels.var_attention` (arguments already validated): one launch, the
-    edited output written as ``(B, Lq, H, D)`` in the input dtype (into ``out`` when given)."""
+    edited output written as ``(B, Lq, H, D)`` in the input dtype (into ``out`` when given). On CUDA with
+    triton >= 3.4 the launch skips triton's per-call argument binding (:mod:`attnzoo.kernels._launch`)."""
     batch, heads, q_len, dim = q.shape
     # one stride() call per tensor: the host work around the launch counts at decode
     q_strides, k_strides, v_strides = q.stride(), k.stride(), v.stride()
@@ -296,13 +346,13 @@ def var_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_
         mask_strides = (mask_strides[0], 0 if mask_t.shape[1] == 1 else mask_strides[1], mask_strides[2])
     else:
         mask_t, mask_strides = key_groups, (0, 0, 0)  # never read (HAS_MASK is False)
-    config = _var_config(q_len <= 16, dim, q.dtype, triton_interpreting())
-    _var_fwd_kernel[(-(-q_len // config["BLOCK_M"]), batch * heads)](  # plain ints: triton.cdiv is slow on the host
-        q, k, v, key_groups, redistribute_after, image_eps, mask_t, out,
-        q_strides[0], q_strides[1], q_strides[2], k_strides[0], k_strides[1], k_strides[2],
-        v_strides[0], v_strides[1], v_strides[2], key_groups.stride(0), *mask_strides,
-        out_strides[0], out_strides[1], out_strides[2],
-        heads, heads // k.shape[1], q_len, k.shape[2], key_groups.shape[1], scale * LOG2E, float(p), float(summ),
-        float(rho), CAUSAL=bool(causal) and mask is None, HAS_MASK=mask is not None, **config,
-    )
+    config = (q_len <= 16, dim, q.dtype, bool(causal), mask is not None, triton_interpreting())
+    meta, block_m, tail = _var_config(*config)
+    ints = (q_strides[0], q_strides[1], q_strides[2], k_strides[0], k_strides[1], k_strides[2],
+            v_strides[0], v_strides[1], v_strides[2], key_groups.stride(0), *mask_strides,
+            out_strides[0], out_strides[1], out_strides[2],
+            heads, heads // k.shape[1], q_len, k.shape[2], key_groups.shape[1])
+    _var_launch((-(-q_len // block_m), batch * heads),  # plain ints: triton.cdiv is slow on the host
+                (q, k, v, key_groups, redistribute_after, image_eps, mask_t, out), ints,
+                (scale * LOG2E, float(p), float(summ), float(rho)), meta, tail, config, q.get_device())
     return out

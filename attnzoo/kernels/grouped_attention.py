@@ -20,11 +20,13 @@ over queries on the CPU ("flex" falls back to it). Forward only: this op serves 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ._backend import resolve_backend
 
-__all__ = ["key_group_attention", "var_attention"]
+__all__ = ["key_group_attention", "var_attention", "var_attention_backend"]
 
 # The PyTorch backend materialises at most this many fp32 scores per query chunk (256 MiB).
 _TORCH_CHUNK_ELEMENTS = 1 << 26
@@ -215,6 +217,31 @@ def var_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_groups:
 
         return var_attention_triton(q, k, v, key_groups, redistribute_after, image_eps, p, summ, rho, scale, causal,
                                     mask, out)
+    return var_attention_torch(q, k, v, key_groups, redistribute_after, image_eps, p, summ, rho, scale, causal, mask,
+                               out)
+
+
+def var_attention_backend(device: torch.device | str) -> Callable[..., torch.Tensor]:
+    """The function :func:`var_attention` hands its work to on ``device``, after its checks.
+
+    It takes the arguments of :func:`var_attention` in the same order, all positional, with ``scale`` a float (not
+    None), and does not check them: for a caller that ran :func:`var_attention` once with the same kinds of
+    tensors and calls it again per layer per token, where the checks would cost as much host time as the launch
+    (VAR: checked at each prefill, then straight to the backend at every decode step).
+    """
+    if resolve_backend(device, "var_attention") == "triton":
+        from ._grouped_attention_triton import var_attention_triton
+
+        return var_attention_triton
+    return var_attention_torch
+
+
+def var_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_groups: torch.Tensor,
+                        redistribute_after: torch.Tensor, image_eps: torch.Tensor, p: float, summ: float, rho: float,
+                        scale: float, causal: bool = True, mask: torch.Tensor | None = None,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+    """PyTorch backend of :func:`var_attention` (same arguments, ``scale`` a float): the four groups' outputs and
+    masses from :func:`key_group_attention_torch`, edited by :func:`var_combine`; ``(B, Lq, H, D)``."""
     ids = key_groups
     if ids.shape[1] < k.shape[2]:
         ids = torch.nn.functional.pad(ids, (0, k.shape[2] - ids.shape[1]), value=VAR_OTHER)

@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import torch
 
 from .._logging import get_logger, log_once
-from ..kernels.grouped_attention import var_attention
+from ..kernels.grouped_attention import var_attention, var_attention_backend
 from ..mllm.attention import AttentionContext, Plan
 from .base import Pass, check_range, register_pass
 
@@ -143,6 +143,7 @@ class VAR(Pass):
         self._skipped_layer = -1  # the last decoder layer when except_last_layer (set on attach)
         self._groups: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._dims: tuple[int, ...] | None = None
+        self._launch: Any = None  # var_attention's backend function once a checked call ran on this batch
         super().__post_init__()
 
     def validate(self) -> None:
@@ -182,6 +183,7 @@ class VAR(Pass):
         if layout is not None:
             self._sinks = {}  # a new batch: its sinks are found again at its prefill (kept after it ends)
             self._groups = {}
+            self._launch = None
 
     # ------------------------------------------------------------------ sink detection (prefill)
 
@@ -283,10 +285,20 @@ class VAR(Pass):
     def fused_key_groups(self, ctx: AttentionContext, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          mask: torch.Tensor | None) -> torch.Tensor:
         """The edited outputs ``(B, q, H, D)`` of all heads from one :func:`var_attention` call: the prompt's
-        group ids (keys after the prompt are generated text, group 0), no per-step allocation but the output."""
+        group ids (keys after the prompt are generated text, group 0), no per-step allocation but the output.
+
+        Prefill calls go through :func:`var_attention`'s argument checks; decode calls of the same batch (same
+        tensors' kinds, longer keys) go straight to its backend function: at decode this runs once per edited
+        layer per token, and the checks cost about as much host time as the kernel launch."""
         ids, _, _, _, _, _, after, image_eps = self._layer_groups(ctx)
-        return var_attention(query, key, value, ids, after, image_eps, self.p, self.summ, self.rho,
-                             scale=ctx.scaling, causal=ctx.causal, mask=mask)
+        launch = self._launch
+        if launch is None or ctx.is_prefill:
+            out = var_attention(query, key, value, ids, after, image_eps, self.p, self.summ, self.rho,
+                                scale=ctx.scaling, causal=ctx.causal, mask=mask)
+            self._launch = var_attention_backend(query.device)
+            return out
+        return launch(query, key, value, ids, after, image_eps, self.p, self.summ, self.rho, ctx.scaling, ctx.causal,
+                      mask, None)
 
     def sinks(self) -> dict[int, torch.Tensor]:
         """The sink tokens found at the last prefill: layer -> ``(B, L)`` bool over prompt positions."""

@@ -209,3 +209,89 @@ def test_var_attention_argument_errors():
     with pytest.raises(ValueError, match="redistribute_after must be int32"):
         grouped_attention.var_attention(q, k, v, torch.zeros(1, 5, dtype=torch.int32), after.long(), eps, 0.6, 0.2,
                                         0.5)
+
+
+def test_int_specialization_is_at_least_as_fine_as_triton():
+    """Two integer sets with one specialization key must get one compiled kernel from triton too; otherwise a direct
+    launch would replay a kernel compiled for other integers."""
+    import itertools
+
+    from attnzoo.kernels._grouped_attention_triton import _int_specialization
+
+    native = pytest.importorskip("triton._C.libtriton").native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    values = [0, 1, 2, 15, 16, 17, 32, 600, 608, 76800, 77824, 2**31 - 16, 2**31, 2**31 + 16, 2**40, -1, -16]
+    for a, b in itertools.product(values, repeat=2):
+        if _int_specialization((a,)) == _int_specialization((b,)):
+            assert native(BaseBackend, a, False, True, True) == native(BaseBackend, b, False, True, True), (a, b)
+
+
+class _FakeCompiled:
+    packed_metadata = ()
+
+
+class _FakeKernel:
+    """Stands in for the jitted VAR kernel: records normal launches and returns a compiled kernel."""
+
+    arg_names = ()
+
+    def __init__(self):
+        self.normal = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.normal.append(args)
+            return _FakeCompiled()
+        return launch
+
+
+class _FakeDirect:
+    made: list = []
+    calls: list = []
+
+    def __init__(self, compiled, grid, ints, tail):
+        self.compiled, self.ints = compiled, ints
+        _FakeDirect.made.append(self)
+
+    def __call__(self, ptrs, scalars):
+        if any(t.data_ptr() & 15 for t in ptrs):
+            return False
+        _FakeDirect.calls.append(self.ints)
+        return True
+
+
+def test_var_direct_launch_reuse(monkeypatch):
+    """One normal launch per integer specialization; integer sets of the same specialization (decode steps) reuse the
+    compiled kernel through direct launches; misaligned pointers take the normal path."""
+    from attnzoo.kernels import _grouped_attention_triton as gat
+    from attnzoo.kernels import _launch
+
+    kernel = _FakeKernel()
+    monkeypatch.setattr(gat, "_var_fwd_kernel", kernel)
+    monkeypatch.setattr(gat, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(gat, "_VAR_COMPILED", {})
+    monkeypatch.setattr(gat, "_VAR_DIRECT", {})
+    monkeypatch.setattr(_launch, "SUPPORTED", True)
+    monkeypatch.setattr(_launch, "DirectLaunch", _FakeDirect)
+    _FakeDirect.made, _FakeDirect.calls = [], []
+    ptrs = (torch.zeros(8), torch.zeros(8))
+    config = (True, 128, torch.bfloat16, True, False, False)
+
+    def launch(ints, p=ptrs, cfg=config):
+        gat._var_launch((1, 32), p, ints, (0.1,), {}, (), cfg, 0)
+
+    launch((610 * 128, 1))  # first: compiles the normal way
+    assert len(kernel.normal) == 1 and not _FakeDirect.calls
+    launch((610 * 128, 1))  # the next layer of the same step
+    launch((611 * 128, 1))  # the next step: same specialization (multiples of 16), new launcher, no compile
+    assert len(kernel.normal) == 1 and _FakeDirect.calls == [(610 * 128, 1), (611 * 128, 1)]
+    launch((611 * 128 + 1, 1))  # another specialization: normal launch (and compile)
+    launch((611 * 128, 1), cfg=(True, 128, torch.float16, True, False, False))  # another dtype: normal launch
+    assert len(kernel.normal) == 3
+    misaligned = (torch.zeros(9)[1:], torch.zeros(8))
+    launch((610 * 128, 1), p=misaligned)  # the cached launcher declines: normal path
+    assert len(kernel.normal) == 4 and len(_FakeDirect.calls) == 2
+    monkeypatch.setattr(gat, "DIRECT_LAUNCH", False)
+    launch((612 * 128, 1))
+    assert len(kernel.normal) == 5
