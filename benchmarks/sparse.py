@@ -120,6 +120,24 @@ def check_small(dev: torch.device, backends: tuple[str, ...], halo: bool = True)
                 label = f"routed 2x2 regions ({warps} warps)" if backend == "triton" else "routed 2x2 regions"
                 rows.append(dict(op=label, backend=backend, dtype=str(dtype),
                                  rel_err_out_dq_dk_dv=errs))
+            # routed at BiFormer stage 3's geometry (14x14 map, 7x7 regions of 2x2, topk 16): the dense region-
+            # masked kernels on triton, one routing row naming a region twice (counted weights in its tiles)
+            q, k, v = (torch.randn(2, 14, 14, 2, 32, generator=gen) for _ in range(3))
+            index = torch.stack([torch.stack([torch.randperm(49, generator=gen)[:16] for _ in range(49)])
+                                 for _ in range(2)])
+            index[1, 20, 3] = index[1, 20, 0]
+            inputs = [t.to(dev, dtype).requires_grad_() for t in (q, k, v)]
+            cpu64 = [t.double().requires_grad_() for t in (q, k, v)]
+            with K.use_backend(backend):
+                out = routed_attention(*inputs, index.to(dev), 7)
+            ref = routed_attention_reference(*cpu64, index, 7)
+            grad = torch.randn_like(ref)
+            got = torch.autograd.grad(out, inputs, grad.to(dev, dtype))
+            want = torch.autograd.grad(ref, cpu64, grad)
+            errs = [rel_err(out, ref)] + [rel_err(g, w) for g, w in zip(got, want)]
+            rows.append(dict(op="routed stage-3 geometry, a repeat" + (" (dense masks)" if backend == "triton"
+                                                                      else ""),
+                             backend=backend, dtype=str(dtype), rel_err_out_dq_dk_dv=errs))
             # halo: 16x24 map, block 8, halo 3, stride 2 and 1, position tables
             for stride in (1, 2) if halo else ():
                 q = torch.randn(2, 16 // stride, 24 // stride, 2, 32, generator=gen)
@@ -144,9 +162,16 @@ def check_small(dev: torch.device, backends: tuple[str, ...], halo: bool = True)
 def check_routing(dev: torch.device) -> list[dict]:
     """The fused routing (triton backend) against the torch ops on the same fp32 inputs, at every stage."""
     rows = []
-    for name in ("biformer_t/s_224_s1", "biformer_t/s_224_s3", "biformer_b_512_s3"):
+    from attnzoo.kernels import _routed_triton
+
+    for name, fused in (("biformer_t/s_224_s1", None), ("biformer_t/s_224_s3", None), ("biformer_b_512_s3", None),
+                        ("biformer_b_512_s3", 1 << 30)):
         b, m, dim, heads, n_win, topk = ROUTED[name]
         q, k = (torch.randn(b, m, m, dim, device=dev) for _ in range(2))
+        previous = _routed_triton.FUSED_ROUTING_MAX_ELEMENTS
+        if fused is not None:
+            name += " (one kernel)"
+            _routed_triton.FUSED_ROUTING_MAX_ELEMENTS = fused
         with K.use_backend("triton"):
             w_ours, i_ours = region_routing(q, k, n_win, topk, scale=dim ** -0.5)
         with K.use_backend("torch"):
@@ -164,6 +189,7 @@ def check_routing(dev: torch.device) -> list[dict]:
                          index_equal_fraction=(i_ours == i_ref).float().mean().item(),
                          same_set_fraction=(i_ours.sort(-1).values == i_ref.sort(-1).values).all(-1).float().mean()
                          .item(), weight_rel_err=rel_err(w_ours, w_ref)))
+        _routed_triton.FUSED_ROUTING_MAX_ELEMENTS = previous
     return rows
 
 
@@ -270,6 +296,46 @@ def ours_routed(backend):
     return fn
 
 
+def ours_patched(q, k, v, n_win, topk, scale, **constants):
+    """Ours with module constants of the kernels set for the call (CUDA graphs capture the launches so set)."""
+    from attnzoo.kernels import _routed_triton
+
+    def fn():
+        saved = {name: getattr(_routed_triton, name) for name in constants}
+        for name, value in constants.items():
+            setattr(_routed_triton, name, value)
+        try:
+            return ours_routed("triton")(q, k, v, n_win, topk, scale)
+        finally:
+            for name, value in saved.items():
+                setattr(_routed_triton, name, value)
+    return fn
+
+
+def ours_alternatives(q, k, v, n_win, topk, scale) -> dict:
+    """The tuning alternatives of ours that differ from the defaults at this shape: routing in one kernel or
+    two, sparse or dense region-masked attention kernels, and the dense kernels' tiles and warps."""
+    from attnzoo.kernels import _routed_triton as rt
+
+    b, m = q.shape[:2]
+    c = q.shape[3] * q.shape[4]
+    r, t = n_win * n_win, (m // n_win) ** 2
+    out = {}
+    one_kernel = m * m * c <= rt.FUSED_ROUTING_MAX_ELEMENTS and max(16, rt._pow2(r)) <= 256
+    if one_kernel:
+        out["ours, routing in two kernels"] = ours_patched(q, k, v, n_win, topk, scale, FUSED_ROUTING_MAX_ELEMENTS=0)
+    elif r <= 256 and m * m * c <= 1 << 19:
+        out["ours, routing in one kernel"] = ours_patched(q, k, v, n_win, topk, scale,
+                                                          FUSED_ROUTING_MAX_ELEMENTS=1 << 30)
+    if rt._dense_tiles(r, t, topk) is not None:
+        out["ours, sparse kernels"] = ours_patched(q, k, v, n_win, topk, scale, DENSE_MIN_ROUTED_FRACTION=2.0)
+        for bm, bn, warps in ((32, 64, 4), (64, 32, 4), (32, 32, 2), (64, 64, 8), (128, 64, 8)):
+            if (bm, bn, warps) != (rt.DENSE_BLOCK_M, rt.DENSE_BLOCK_N, rt.DENSE_WARPS):
+                out[f"ours, dense {bm}x{bn} {warps} warps"] = ours_patched(
+                    q, k, v, n_win, topk, scale, DENSE_BLOCK_M=bm, DENSE_BLOCK_N=bn, DENSE_WARPS=warps)
+    return out
+
+
 def dense_sdpa(q, k, v, scale):
     b, h, w, heads, d = q.shape
     qf, kf, vf = (x.reshape(b, h * w, heads, -1).transpose(1, 2) for x in (q, k, v))
@@ -304,25 +370,8 @@ def bench_routed(name, cfg, dev, flex: bool, only_flex: bool = False, keep: set[
         variants = {"flex": variants["flex"]} if flex else {}
     if keep is not None:
         variants = {key: fn for key, fn in variants.items() if key in keep}
-    if "ours" in variants and t < 16:  # small regions: the attention kernels with 4 warps per program
-        from attnzoo.kernels import _routed_triton
-
-        def four_warps():
-            previous, _routed_triton.SMALL_REGION_WARPS = _routed_triton.SMALL_REGION_WARPS, 4
-            try:
-                return ours_routed("triton")(q, k, v, n_win, topk, scale)
-            finally:
-                _routed_triton.SMALL_REGION_WARPS = previous
-        variants["ours (4 warps)"] = four_warps
-
-        def inverse_32():
-            previous = _routed_triton.INVERSE_KEYS_PER_PROGRAM
-            _routed_triton.INVERSE_KEYS_PER_PROGRAM = 32
-            try:
-                return ours_routed("triton")(q, k, v, n_win, topk, scale)
-            finally:
-                _routed_triton.INVERSE_KEYS_PER_PROGRAM = previous
-        variants["ours (inverse, 32 keys per program)"] = inverse_32
+    if "ours" in variants:
+        variants.update(ours_alternatives(q, k, v, n_win, topk, scale))
     rows = []
     for var, fn in variants.items():
         row = dict(op="routed", shape=name, variant=var, batch=b, map=m, heads=heads, head_dim=d, n_win=n_win,

@@ -87,7 +87,51 @@ def _region_topk(MEANS, IDX, WEIGHT, B, R, C, scale,
         km = tl.load(MEANS + ((B + b) * R + cols[None, :]) * C + offs_c[:, None], mask=s_ok[None, :] & c_ok[:, None],
                      other=0.0)  # (CB, RP)
         logits += tl.dot(qm, km, input_precision=PREC)
-    logits = logits * scale
+    _topk_softmax_store(logits * scale, rows, cols, r_ok, s_ok, IDX, WEIGHT, b, R, TOPK, KP, RB, RP)
+
+
+@triton.jit
+def _region_routing_fused(Q, K, IDX, WEIGHT, sqb, sqy, sqx, skb, sky, skx, R, C, inv_t, scale,
+                          RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr,
+                          TB: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, RB: tl.constexpr,
+                          RP: tl.constexpr, CB: tl.constexpr, PREC: tl.constexpr):
+    """The whole routing of RB query regions in one program: means of their q regions and of every k region
+    (fp32 sums over TB-token slices), affinity, top-k, softmax. Every program of a batch element recomputes
+    the key-region means: for small maps re-reading k from L2 is cheaper than a second launch."""
+    pid, b = tl.program_id(0), tl.program_id(1)
+    rows = pid * RB + tl.arange(0, RB)
+    cols = tl.arange(0, RP)
+    r_ok, s_ok = rows < R, cols < R
+    offs_t = tl.arange(0, TB)
+    logits = tl.zeros([RB, RP], tl.float32)
+    for c0 in range(0, C, CB):
+        offs_c = c0 + tl.arange(0, CB)
+        c_ok = offs_c < C
+        q_sum = tl.zeros([RB, CB], tl.float32)
+        k_sum = tl.zeros([RP, CB], tl.float32)
+        for t0 in range(0, T, TB):
+            tok = t0 + offs_t
+            t_ok = tok < T
+            # (regions, tokens, channels) slices, summed over the tokens
+            qy, qx = _tile_coords(rows[:, None], tok[None, :], RH, RW, NW)
+            ky, kx = _tile_coords(cols[:, None], tok[None, :], RH, RW, NW)
+            q_ok = (r_ok[:, None] & t_ok[None, :])[:, :, None] & c_ok[None, None, :]
+            k_ok = (s_ok[:, None] & t_ok[None, :])[:, :, None] & c_ok[None, None, :]
+            q = tl.load(Q + b * sqb + (qy * sqy + qx * sqx)[:, :, None] + offs_c[None, None, :], mask=q_ok,
+                        other=0.0)
+            k = tl.load(K + b * skb + (ky * sky + kx * skx)[:, :, None] + offs_c[None, None, :], mask=k_ok,
+                        other=0.0)
+            q_sum += tl.sum(q.to(tl.float32), 1)
+            k_sum += tl.sum(k.to(tl.float32), 1)
+        logits += tl.dot(q_sum * inv_t, tl.trans(k_sum * inv_t), input_precision=PREC)
+    _topk_softmax_store(logits * scale, rows, cols, r_ok, s_ok, IDX, WEIGHT, b, R, TOPK, KP, RB, RP)
+
+
+@triton.jit
+def _topk_softmax_store(logits, rows, cols, r_ok, s_ok, IDX, WEIGHT, b, R,
+                        TOPK: tl.constexpr, KP: tl.constexpr, RB: tl.constexpr, RP: tl.constexpr):
+    """Top-k of each row of logits (RB, RP) (decreasing; ties to the lower id), then the softmax of the kept
+    logits; stores rows ``rows`` of the index (int64) and weight of batch element b."""
     # One int64 key per logit: an order-preserving integer image of the fp32 value in the high half, the
     # reversed column in the low half, so that one max per pick gives the best logit and, among equal
     # ones, the lowest region id (one reduction per pick instead of two).
@@ -123,18 +167,26 @@ def region_routing_triton(q: torch.Tensor, k: torch.Tensor, nh: int, nw: int, to
     b, h, w, c = q.shape
     r, rh, rw = nh * nw, h // nh, w // nw
     t = rh * rw
-    means = torch.empty(2, b, r, c, device=q.device, dtype=torch.float32)
-    _region_means[(r, b)](q, k, means, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                          b, r, c, 1.0 / t, RH=rh, RW=rw, NW=nw, T=t, TB=min(_pow2(t), 64),
-                          CB=min(_pow2(c), 64), num_warps=4)
     index = torch.empty(b, r, topk, device=q.device, dtype=torch.int64)
     weight = torch.empty(b, r, topk, device=q.device, dtype=q.dtype)
     rp = max(16, _pow2(r))
     # fp32 inputs: exact fp32 logits; half inputs: tf32 dots, still finer than the torch ops' half rounding.
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    if h * w * c <= FUSED_ROUTING_MAX_ELEMENTS and rp <= 256:
+        cb = min(_pow2(c), 32)
+        tb = max(1, min(_pow2(t), 8192 // (rp * cb)))  # (regions, tokens, channels) slices of <= 8192 values
+        _region_routing_fused[(triton.cdiv(r, 16), b)](
+            q, k, index, weight, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            r, c, 1.0 / t, scale, RH=rh, RW=rw, NW=nw, T=t, TB=tb, TOPK=topk, KP=_pow2(topk), RB=16, RP=rp, CB=cb,
+            PREC=prec, num_warps=4)
+        return weight, index
+    means = torch.empty(2, b, r, c, device=q.device, dtype=torch.float32)
+    _region_means[(r, b)](q, k, means, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                          b, r, c, 1.0 / t, RH=rh, RW=rw, NW=nw, T=t, TB=min(_pow2(t), 64),
+                          CB=min(_pow2(c), 64), num_warps=4)
     # Few warps: the top-k is a chain of row reductions, cheapest within a warp.
     _region_topk[(triton.cdiv(r, 16), b)](means, index, weight, b, r, c, scale, TOPK=topk, KP=_pow2(topk), RB=16,
-                                          RP=rp, CB=32, PREC="ieee" if q.dtype == torch.float32 else "tf32",
-                                          num_warps=min(8, max(2, rp // 32)))
+                                          RP=rp, CB=32, PREC=prec, num_warps=min(8, max(2, rp // 32)))
     return weight, index
 
 
@@ -332,6 +384,205 @@ def _routed_bwd_dkdv(Q, K, V, DO, LSE, DELTA, STARTS, COUNTS, QLIST, DK, DV_OUT,
              mask=n_ok[:, None] & (offs_dv[None, :] < DV_REAL))
 
 
+# ---------------------------------------------------------------- dense region-masked kernels (tiny regions)
+#
+# For small maps with tiny regions (BiFormer stage 3: 2x2-token regions, topk / regions ~ 1/3) each query
+# region's tile would be 16 rows of which T are real, and each key region would be read once per query region
+# that chose it. There, tiles of BLOCK_M queries x BLOCK_N keys in region order (token i of the map-in-region-
+# order lies in region i // T) run against every key tile, and the routing becomes a mask: bit s of a query
+# region's 64-bit word says whether region s is routed (so at most 64 regions). A routing row that names a
+# region twice (a gather would count it twice) sets the row's repeat flag; tiles with such rows weigh each
+# pair by its multiplicity instead, counted from the routing table (exact, slower, never taken for torch.topk
+# indices).
+
+
+@triton.jit
+def _route_words(IDX, b, qr, ok, sib, sir, sis, TOPK: tl.constexpr, BLOCK: tl.constexpr):
+    """Routing words of BLOCK query rows (regions qr): (bit r set = region r routed; 1 = region named twice)."""
+    word = tl.zeros([BLOCK], tl.int64)
+    rep = tl.zeros([BLOCK], tl.int32)
+    for j in range(TOPK):
+        reg = tl.load(IDX + b * sib + qr * sir + j * sis, mask=ok, other=0).to(tl.int64)
+        bit = tl.where(ok, tl.full([BLOCK], 1, tl.int64) << reg, 0)
+        rep = tl.where((word & bit) != 0, 1, rep)
+        word = word | bit
+    return word, rep
+
+
+@triton.jit
+def _mask_routes(s, field, shift, any_rep, idx_ptrs, idx_ok, kr, sis, TOPK: tl.constexpr):
+    """Routing mask on a logits tile s (base-2 units). field (query regions' words shifted to the key tile's
+    first region, int32) and idx_ptrs broadcast along the key axis, shift (key region - first region) and kr
+    along the query axis. Pairs outside the routing get -inf; with repeats, log2(multiplicity) is added."""
+    if any_rep != 0:
+        count = tl.zeros(s.shape, tl.int32)
+        for j in range(TOPK):
+            reg = tl.load(idx_ptrs + j * sis, mask=idx_ok, other=-1)
+            count += (reg == kr).to(tl.int32)
+        s = tl.where(count > 0, s + tl.log2(tl.maximum(count, 1).to(tl.float32)), float("-inf"))
+    else:
+        s = tl.where(((field >> shift) & 1) != 0, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _routed_dense_fwd(Q, K, V, IDX, O, LSE,
+                      sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh,
+                      sib, sir, sis, sob, soy, sox, soh,
+                      W, NTOK, HEADS, scale_log2, D_REAL, DV_REAL,
+                      RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
+                      TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // HEADS, bh % HEADS
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # query tokens in region order
+    m_ok = offs_m < R * T
+    qr = offs_m // T
+    qy, qx = _tile_coords(qr, offs_m % T, RH, RW, NW)
+    offs_d, offs_dv = tl.arange(0, D), tl.arange(0, DV)
+    q = tl.load(Q + b * sqb + qy[:, None] * sqy + qx[:, None] * sqx + h * sqh + offs_d[None, :],
+                mask=m_ok[:, None] & (offs_d[None, :] < D_REAL), other=0.0)
+    word, rep = _route_words(IDX, b, qr, m_ok, sib, sir, sis, TOPK, BLOCK_M)
+    any_rep = tl.max(rep, 0)
+    idx_ptrs = IDX + b * sib + qr[:, None] * sir
+    # finite start: a row with no routed key in a tile keeps p = 0 instead of exp2(-inf - -inf)
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV], tl.float32)
+    for n0 in range(0, R * T, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < R * T
+        kr = offs_n // T
+        ky, kx = _tile_coords(kr, offs_n % T, RH, RW, NW)
+        base = n0 // T
+        field = ((word >> base) & 0x7FFFFFFF).to(tl.int32)
+        kt = tl.load(K + b * skb + ky[None, :] * sky + kx[None, :] * skx + h * skh + offs_d[:, None],
+                     mask=n_ok[None, :] & (offs_d[:, None] < D_REAL), other=0.0)  # (D, N)
+        s = _dot(q, kt, PREC, UPCAST) * scale_log2
+        s = _mask_routes(s, field[:, None], (kr - base)[None, :], any_rep, idx_ptrs, m_ok[:, None], kr[None, :],
+                         sis, TOPK)
+        # online softmax: rescale what was accumulated when the running max grows
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vt = tl.load(V + b * svb + ky[:, None] * svy + kx[:, None] * svx + h * svh + offs_dv[None, :],
+                     mask=n_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)  # (N, DV)
+        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, PREC, UPCAST)
+        m_i = m_new
+    l_i = tl.where(m_ok, l_i, 1.0)  # padding rows: nothing accumulated
+    acc = acc / l_i[:, None]
+    tl.store(O + b * sob + qy[:, None] * soy + qx[:, None] * sox + h * soh + offs_dv[None, :],
+             acc.to(O.dtype.element_ty), mask=m_ok[:, None] & (offs_dv[None, :] < DV_REAL))
+    tl.store(LSE + bh * NTOK + qy * W + qx, m_i + tl.log2(l_i), mask=m_ok)
+
+
+@triton.jit
+def _routed_dense_bwd_dq(Q, K, V, IDX, DO, O, LSE, DELTA, WORDS, DQ,
+                         sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh,
+                         sib, sir, sis, sdob, sdoy, sdox, sdoh, sob, soy, sox, soh,
+                         W, NTOK, HEADS, scale_log2, scale, D_REAL, DV_REAL,
+                         RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
+                         TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // HEADS, bh % HEADS
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < R * T
+    qr = offs_m // T
+    qy, qx = _tile_coords(qr, offs_m % T, RH, RW, NW)
+    offs_d, offs_dv = tl.arange(0, D), tl.arange(0, DV)
+    q = tl.load(Q + b * sqb + qy[:, None] * sqy + qx[:, None] * sqx + h * sqh + offs_d[None, :],
+                mask=m_ok[:, None] & (offs_d[None, :] < D_REAL), other=0.0)
+    do = tl.load(DO + b * sdob + qy[:, None] * sdoy + qx[:, None] * sdox + h * sdoh + offs_dv[None, :],
+                 mask=m_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)
+    o = tl.load(O + b * sob + qy[:, None] * soy + qx[:, None] * sox + h * soh + offs_dv[None, :],
+                mask=m_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO * O), reused by the dk/dv pass
+    tl.store(DELTA + bh * NTOK + qy * W + qx, delta, mask=m_ok)
+    lse = tl.load(LSE + bh * NTOK + qy * W + qx, mask=m_ok, other=0.0)
+    word, rep = _route_words(IDX, b, qr, m_ok, sib, sir, sis, TOPK, BLOCK_M)
+    # the routing words and repeat flags of every query region, for the dk/dv pass (written by head 0)
+    tl.store(WORDS + (b * R + qr) * 2, word, mask=m_ok & (h == 0))
+    tl.store(WORDS + (b * R + qr) * 2 + 1, rep.to(tl.int64), mask=m_ok & (h == 0))
+    any_rep = tl.max(rep, 0)
+    idx_ptrs = IDX + b * sib + qr[:, None] * sir
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    for n0 in range(0, R * T, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < R * T
+        kr = offs_n // T
+        ky, kx = _tile_coords(kr, offs_n % T, RH, RW, NW)
+        base = n0 // T
+        field = ((word >> base) & 0x7FFFFFFF).to(tl.int32)
+        k = tl.load(K + b * skb + ky[:, None] * sky + kx[:, None] * skx + h * skh + offs_d[None, :],
+                    mask=n_ok[:, None] & (offs_d[None, :] < D_REAL), other=0.0)  # (N, D)
+        v = tl.load(V + b * svb + ky[:, None] * svy + kx[:, None] * svx + h * svh + offs_dv[None, :],
+                    mask=n_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)  # (N, DV)
+        s = _dot(q, tl.trans(k), PREC, UPCAST) * scale_log2
+        s = _mask_routes(s, field[:, None], (kr - base)[None, :], any_rep, idx_ptrs, m_ok[:, None], kr[None, :],
+                         sis, TOPK)
+        p = tl.exp2(s - lse[:, None])
+        dp = _dot(do, tl.trans(v), PREC, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, PREC, UPCAST)
+    tl.store(DQ + b * sqb + qy[:, None] * sqy + qx[:, None] * sqx + h * sqh + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < D_REAL))
+
+
+@triton.jit
+def _routed_dense_bwd_dkdv(Q, K, V, IDX, DO, LSE, DELTA, WORDS, DK, DV_OUT,
+                           sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh,
+                           sib, sir, sis, sdob, sdoy, sdox, sdoh,
+                           W, NTOK, HEADS, scale_log2, scale, D_REAL, DV_REAL,
+                           RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
+                           TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // HEADS, bh % HEADS
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # key tokens in region order
+    n_ok = offs_n < R * T
+    kr = offs_n // T
+    ky, kx = _tile_coords(kr, offs_n % T, RH, RW, NW)
+    base = (pid * BLOCK_N) // T
+    shift = (kr - base)[:, None]
+    offs_d, offs_dv = tl.arange(0, D), tl.arange(0, DV)
+    k = tl.load(K + b * skb + ky[:, None] * sky + kx[:, None] * skx + h * skh + offs_d[None, :],
+                mask=n_ok[:, None] & (offs_d[None, :] < D_REAL), other=0.0)
+    v = tl.load(V + b * svb + ky[:, None] * svy + kx[:, None] * svx + h * svh + offs_dv[None, :],
+                mask=n_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, DV], tl.float32)
+    for m0 in range(0, R * T, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < R * T
+        qr = offs_m // T
+        qy, qx = _tile_coords(qr, offs_m % T, RH, RW, NW)
+        word = tl.load(WORDS + (b * R + qr) * 2, mask=m_ok, other=0)
+        any_rep = tl.max(tl.load(WORDS + (b * R + qr) * 2 + 1, mask=m_ok, other=0), 0)
+        field = ((word >> base) & 0x7FFFFFFF).to(tl.int32)
+        q = tl.load(Q + b * sqb + qy[:, None] * sqy + qx[:, None] * sqx + h * sqh + offs_d[None, :],
+                    mask=m_ok[:, None] & (offs_d[None, :] < D_REAL), other=0.0)  # (M, D)
+        do = tl.load(DO + b * sdob + qy[:, None] * sdoy + qx[:, None] * sdox + h * sdoh + offs_dv[None, :],
+                     mask=m_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)  # (M, DV)
+        lse = tl.load(LSE + bh * NTOK + qy * W + qx, mask=m_ok, other=0.0)
+        delta = tl.load(DELTA + bh * NTOK + qy * W + qx, mask=m_ok, other=0.0)
+        st = _dot(k, tl.trans(q), PREC, UPCAST) * scale_log2  # (N, M)
+        st = _mask_routes(st, field[None, :], shift, any_rep, IDX + b * sib + qr[None, :] * sir, m_ok[None, :],
+                          kr[:, None], sis, TOPK)
+        pt = tl.exp2(st - lse[None, :])
+        dv += _dot(pt.to(do.dtype), do, PREC, UPCAST)
+        dpt = _dot(v, tl.trans(do), PREC, UPCAST)
+        dst = pt * (dpt - delta[None, :])
+        dk += _dot(dst.to(q.dtype), q, PREC, UPCAST)
+    # DK, DV_OUT are contiguous (B, H, W, heads, d)
+    tok_off = ((b * (NTOK // W) + ky) * W + kx) * HEADS + h
+    tl.store(DK + tok_off[:, None] * D_REAL + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+             mask=n_ok[:, None] & (offs_d[None, :] < D_REAL))
+    tl.store(DV_OUT + tok_off[:, None] * DV_REAL + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty),
+             mask=n_ok[:, None] & (offs_dv[None, :] < DV_REAL))
+
+
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
@@ -349,6 +600,11 @@ def _tiles(t: int, topk: int) -> dict:
     return dict(BLOCK_M=block_m, KT=kt, KR=kr)
 
 
+# One routing kernel (every program recomputes its batch element's key-region means) where the map holds at
+# most this many values (H * W * C) and there are at most 256 regions; else region means, then affinity + top-k.
+FUSED_ROUTING_MAX_ELEMENTS = 1 << 17
+
+
 # Warps per program of the attention kernels for regions under 16 tokens, whose tiles are 16 rows (mostly
 # padding). 2 measured 5-15% faster than 4 at BiFormer stage 3 (H100, bf16; docs/benchmarks.md);
 # benchmarks/sparse.py times 2 against this value.
@@ -357,6 +613,24 @@ SMALL_REGION_WARPS = 2
 
 # Key regions per program of the inverse-routing-table kernel (benchmarks/sparse.py times 32 against it).
 INVERSE_KEYS_PER_PROGRAM = 8
+
+
+# Dense region-masked kernels (see above) for maps of at most 64 regions of under 16 tokens where a query
+# region routes to at least this fraction of the regions (BiFormer stage 3 at 224: 16 of 49); tile sizes
+# and warps per program of those kernels (benchmarks/sparse.py times the alternatives).
+DENSE_MIN_ROUTED_FRACTION = 0.25
+DENSE_BLOCK_M = 64
+DENSE_BLOCK_N = 64
+DENSE_WARPS = 4
+
+
+def _dense_tiles(r: int, t: int, topk: int) -> dict | None:
+    """Tile sizes of the dense region-masked kernels, or None where the sparse kernels run."""
+    if r > 64 or t >= 16 or topk < DENSE_MIN_ROUTED_FRACTION * r:
+        return None
+    if (DENSE_BLOCK_N + t - 2) // t > 30:  # a key tile's regions must fit one 31-bit field of a routing word
+        return None
+    return dict(BLOCK_M=DENSE_BLOCK_M, BLOCK_N=DENSE_BLOCK_N)
 
 
 def _warps(t: int) -> int:
@@ -386,10 +660,20 @@ class _RoutedAttention(torch.autograd.Function):
         topk = idx.shape[-1]
         rh, rw = h // nh, w // nw
         t = rh * rw
-        tiles = _tiles(t, topk)
-        mt = triton.cdiv(t, tiles["BLOCK_M"])
         out = torch.empty(b, h, w, heads, dv, device=q.device, dtype=q.dtype)
         lse = torch.empty(b, heads, h * w, device=q.device, dtype=torch.float32)
+        dense = _dense_tiles(nh * nw, t, topk)
+        if dense is not None:
+            _routed_dense_fwd[(triton.cdiv(nh * nw * t, dense["BLOCK_M"]), b * heads)](
+                q, k, v, idx, out, lse, *_strides(q), *_strides(k), *_strides(v), *_index_strides(idx),
+                *_strides(out), w, h * w, heads, scale * _LOG2E, dqk, dv,
+                RH=rh, RW=rw, NW=nw, T=t, R=nh * nw, TOPK=topk, D=max(16, _pow2(dqk)), DV=max(16, _pow2(dv)),
+                **_prec(q.dtype), num_warps=DENSE_WARPS, **dense)
+            ctx.save_for_backward(q, k, v, idx, out, lse)
+            ctx.geometry = (nh, nw, scale)
+            return out
+        tiles = _tiles(t, topk)
+        mt = triton.cdiv(t, tiles["BLOCK_M"])
         _routed_fwd[(nh * nw * mt, b * heads)](
             q, k, v, idx, out, lse, *_strides(q), *_strides(k), *_strides(v), *_index_strides(idx),
             *_strides(out), w, h * w, heads, scale * _LOG2E, dqk, dv,
@@ -416,6 +700,21 @@ class _RoutedAttention(torch.autograd.Function):
         common = dict(RH=rh, RW=rw, NW=nw, T=t, D=max(16, _pow2(dqk)), DV=max(16, _pow2(dv_dim)),
                       **_prec(q.dtype), num_warps=_warps(t))
         dq = torch.empty_like(q)
+        dense = _dense_tiles(r, t, topk)
+        if dense is not None:
+            dk = torch.empty(b, h, w, heads, dqk, device=q.device, dtype=q.dtype)
+            dv = torch.empty(b, h, w, heads, dv_dim, device=q.device, dtype=v.dtype)
+            words = torch.empty(b, r, 2, device=q.device, dtype=torch.int64)  # written by the dq pass
+            common.update(R=r, TOPK=topk, num_warps=DENSE_WARPS, **dense)
+            _routed_dense_bwd_dq[(triton.cdiv(r * t, dense["BLOCK_M"]), b * heads)](
+                q, k, v, idx, dout, out, lse, delta, words, dq, *_strides(q), *_strides(k), *_strides(v),
+                *_index_strides(idx), *_strides(dout), *_strides(out), w, h * w, heads, scale * _LOG2E, scale,
+                dqk, dv_dim, **common)
+            _routed_dense_bwd_dkdv[(triton.cdiv(r * t, dense["BLOCK_N"]), b * heads)](
+                q, k, v, idx, dout, lse, delta, words, dk, dv, *_strides(q), *_strides(k), *_strides(v),
+                *_index_strides(idx), *_strides(dout), w, h * w, heads, scale * _LOG2E, scale, dqk, dv_dim,
+                **common)
+            return dq, dk, dv, None, None, None, None
         tiles = _tiles(t, topk)
         mt = triton.cdiv(t, tiles["BLOCK_M"])
         _routed_bwd_dq[(r * mt, b * heads)](

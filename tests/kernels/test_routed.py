@@ -142,22 +142,65 @@ def test_strided_views_of_a_fused_qkv(rng, backend):
     assert_close(got, want, dtype=torch.float32, scale=4.0, msg="d(qkv) through strided views")
 
 
+@pytest.fixture(params=["sparse", "dense"])
+def small_region_path(request, monkeypatch):
+    """Runs a test with the sparse kernels or the dense region-masked ones wherever the shape allows them
+    (tiles of 16 x 32 tokens, so that maps span several query and key tiles)."""
+    from attnzoo.kernels import _routed_triton
+
+    if request.param == "sparse":
+        monkeypatch.setattr(_routed_triton, "DENSE_MIN_ROUTED_FRACTION", 2.0)
+    else:
+        monkeypatch.setattr(_routed_triton, "DENSE_MIN_ROUTED_FRACTION", 0.0)
+        monkeypatch.setattr(_routed_triton, "DENSE_BLOCK_M", 16)
+        monkeypatch.setattr(_routed_triton, "DENSE_BLOCK_N", 32)
+    return request.param
+
+
 @pytest.mark.parametrize(("b", "h", "w", "nreg", "topk"), [
     (2, 6, 8, (3, 4), 1),     # 2x2-token regions (BiFormer stage 3), non-square, topk = 1
     (1, 6, 4, (3, 2), 6),     # 2x2-token regions, topk = all regions
     (1, 4, 12, (2, 2), 3),    # 2x6-token regions: several regions per key tile
+    (1, 6, 9, (2, 3), 4),     # 3x3-token regions: key tiles start inside a region
 ])
-def test_routed_triton_small_regions(rng, b, h, w, nreg, topk):
+def test_routed_triton_small_regions(rng, small_region_path, b, h, w, nreg, topk):
     q, k, v = _inputs(rng, b, h, w, 2, 16, 8)
     index = _random_index(rng, b, nreg[0] * nreg[1], topk)
     _check_against_reference(q, k, v, index, nreg, "triton", scale=0.4)
 
 
-def test_routed_triton_repeats_small_regions(rng):
-    """Repeated regions (a multiplicity > 1 in the inverse routing table) with 2x2-token regions."""
+def test_routed_triton_repeats_small_regions(rng, small_region_path):
+    """Repeated regions (a multiplicity > 1 in the inverse routing table, a counted weight in the dense masks)
+    with 2x2-token regions; rows without repeats in the same call."""
     q, k, v = _inputs(rng, 1, 4, 6, 2, 16, 16)
     index = torch.tensor([[[0, 0, 5], [3, 3, 3], [1, 2, 1], [4, 5, 0], [2, 2, 5], [5, 1, 5]]])
     _check_against_reference(q, k, v, index, (2, 3), "triton")
+
+
+def test_routed_triton_dense_masks_64_regions(rng, monkeypatch):
+    """The dense region-masked kernels at their limit of 64 regions (the routing word's top bit in use), with
+    their default tiles, 2x2-token regions and topk 16 as at BiFormer stage 3; each query tile has repeat-free
+    rows (the bit masks) except one row naming a region twice (counted weights for that tile only)."""
+    from attnzoo.kernels import _routed_triton
+
+    assert _routed_triton._dense_tiles(64, 4, 16) is not None
+    q, k, v = _inputs(rng, 1, 16, 16, 1, 16, 16)
+    index = _random_index(rng, 1, 64, 16)
+    if 63 not in index[0, 63]:
+        index[0, 63, 0] = 63  # still distinct
+    index[0, 5, 1:3] = index[0, 5, 0]  # query region 5 names one region three times
+    _check_against_reference(q, k, v, index, 8, "triton", scale=0.3)
+
+
+def test_routed_triton_path_choice():
+    """Dense masks only for at most 64 regions of under 16 tokens with a routed fraction of at least 1/4."""
+    from attnzoo.kernels._routed_triton import _dense_tiles
+
+    assert _dense_tiles(49, 4, 16) is not None      # BiFormer stage 3 at 224
+    assert _dense_tiles(49, 16, 4) is None          # stage 2: 16-token regions, sparse
+    assert _dense_tiles(256, 4, 16) is None         # stage 3 at 512: 256 regions
+    assert _dense_tiles(49, 4, 1) is None           # topk 1 of 49: sparse
+    assert _dense_tiles(49, 2, 16) is None          # 2-token regions: a key tile spans too many regions
 
 
 def test_routed_inverse_table(rng):
@@ -180,13 +223,18 @@ def test_routed_inverse_table(rng):
     assert qlist[starts[1, 3]:starts[1, 3] + counts[1, 3]].tolist().count(7) == 3
 
 
+@pytest.mark.parametrize("one_kernel", [True, False])
 @pytest.mark.parametrize(("b", "h", "w", "c", "nreg", "topk"), [
     (2, 12, 12, 80, (6, 6), 5),   # 36 regions (several row blocks), channels over one chunk
     (1, 18, 18, 24, (1, 2), 2),   # 162-token regions (several token chunks), topk = all
     (2, 6, 8, 16, (3, 4), 1),     # 2x2-token regions, topk = 1
 ])
-def test_region_routing_triton_matches_torch(rng, b, h, w, c, nreg, topk):
-    """The fused routing (triton backend, no gradient) picks the torch ops' regions in the same order."""
+def test_region_routing_triton_matches_torch(rng, monkeypatch, one_kernel, b, h, w, c, nreg, topk):
+    """The fused routing (triton backend, no gradient; one kernel, or region means then top-k) picks the torch
+    ops' regions in the same order."""
+    from attnzoo.kernels import _routed_triton
+
+    monkeypatch.setattr(_routed_triton, "FUSED_ROUTING_MAX_ELEMENTS", 1 << 30 if one_kernel else 0)
     q = torch.randn(b, h, w, c, generator=rng)
     k = torch.randn(b, h, w, c, generator=rng)
     weight, index = region_routing(q, k, nreg, topk, scale=0.3)
