@@ -279,6 +279,7 @@ def _var_config(decode: bool, dim: int, dtype: torch.dtype, causal: bool, has_ma
 # kernel serves every integer with the same specialization (value 1, divisibility by 16, 32-bit range), so:
 # one compiled kernel per specialization, one launcher per distinct integer set (the last few kept).
 DIRECT_LAUNCH = True  # benchmarks/passes.py switches it off to time the normal launch path
+_INTERPRETING = triton_interpreting()  # as when the kernels above were decorated (interpreted or compiled)
 _VAR_COMPILED: dict[tuple, object] = {}
 _VAR_DIRECT: dict[tuple, object] = {}
 
@@ -298,7 +299,7 @@ def _var_launch(grid: tuple[int, int], ptrs: tuple, ints: tuple, scalars: tuple,
         return
     from . import _launch
 
-    if launch is None and DIRECT_LAUNCH and _launch.SUPPORTED and not triton_interpreting() \
+    if launch is None and DIRECT_LAUNCH and _launch.SUPPORTED and not _INTERPRETING \
             and not any(t.data_ptr() & 15 for t in ptrs):  # compiled for aligned pointers only: replay only those
         spec = (_int_specialization(ints), config, device)
         compiled = _VAR_COMPILED.get(spec)
@@ -326,7 +327,8 @@ def var_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_
     edited output written as ``(B, Lq, H, D)`` in the input dtype (into ``out`` when given). On CUDA with
     triton >= 3.4 the launch skips triton's per-call argument binding (:mod:`attnzoo.kernels._launch`)."""
     batch, heads, q_len, dim = q.shape
-    # one stride() call per tensor: the host work around the launch counts at decode
+    # the host work around the launch counts at decode (once per edited layer per token): one stride() call per
+    # tensor, the interpreter flag read once (the kernel object was made for it at import)
     q_strides, k_strides, v_strides = q.stride(), k.stride(), v.stride()
     if q_strides[3] != 1:
         q = q.contiguous()
@@ -338,15 +340,15 @@ def var_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_
         v = v.contiguous()
         v_strides = v.stride()
     if out is None:
-        out = torch.empty(batch, q_len, heads, dim, device=q.device, dtype=q.dtype)
+        out = q.new_empty((batch, q_len, heads, dim))
     out_strides = out.stride()
     if mask is not None:
         mask_t = mask.view(torch.uint8) if mask.stride(-1) == 1 else mask.contiguous().view(torch.uint8)
-        mask_strides = mask_t.stride()
-        mask_strides = (mask_strides[0], 0 if mask_t.shape[1] == 1 else mask_strides[1], mask_strides[2])
+        m_strides = mask_t.stride()
+        mask_strides = (m_strides[0], 0 if mask_t.shape[1] == 1 else m_strides[1], m_strides[2])
     else:
         mask_t, mask_strides = key_groups, (0, 0, 0)  # never read (HAS_MASK is False)
-    config = (q_len <= 16, dim, q.dtype, bool(causal), mask is not None, triton_interpreting())
+    config = (q_len <= 16, dim, q.dtype, causal, mask is not None, _INTERPRETING)
     meta, block_m, tail = _var_config(*config)
     ints = (q_strides[0], q_strides[1], q_strides[2], k_strides[0], k_strides[1], k_strides[2],
             v_strides[0], v_strides[1], v_strides[2], key_groups.stride(0), *mask_strides,

@@ -269,7 +269,7 @@ def test_var_direct_launch_reuse(monkeypatch):
 
     kernel = _FakeKernel()
     monkeypatch.setattr(gat, "_var_fwd_kernel", kernel)
-    monkeypatch.setattr(gat, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(gat, "_INTERPRETING", False)
     monkeypatch.setattr(gat, "_VAR_COMPILED", {})
     monkeypatch.setattr(gat, "_VAR_DIRECT", {})
     monkeypatch.setattr(_launch, "SUPPORTED", True)
