@@ -10,6 +10,8 @@ LLaVA-1.5-7B-shaped model with random weights (attnzoo.mllm.build_random_llava, 
 - ``causalmm both`` / ``causalmm both naive``: the three-branch version (vision + language counterfactual), batched /
   sequential; the language counterfactual's output in closed form (``attnzoo.kernels.counterfactual_attention``:
   one fused pass per layer for its rows, SDPA for the others);
+- ``causalmm both before``: the same with its decode path before the direct launch (checks and triton's normal
+  launch in every counterfactual call), for a paired before/after;
 - ``causalmm both explicit``: the same with ``fused=False`` (explicit attention weights of every row in every
   decoder layer, edited; the previous implementation).
 
@@ -62,15 +64,39 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+class CausalMMBefore(mitigation.CausalMM):
+    """CausalMM's decode path before the direct launch: every counterfactual call through
+    ``counterfactual_attention``'s checks; timed with direct launches off (:func:`launch_path`)."""
+
+    @property
+    def _launch(self):
+        return None
+
+    @_launch.setter
+    def _launch(self, value) -> None:
+        pass
+
+
+def launch_path(direct: bool) -> None:
+    """Switch the counterfactual kernel's direct launch on or off (a no-op without triton)."""
+    try:
+        from attnzoo.kernels import _counterfactual_triton
+    except ImportError:
+        return
+    _counterfactual_triton.LAUNCHES.enabled = direct
+
+
 def variants() -> dict[str, tuple[object | None, bool]]:
     """name -> (pass or None, batched)."""
     lqcd = mitigation.LQCD()
     cmm = mitigation.CausalMM(do_sample=False, seed=0)
     both = mitigation.CausalMM(do_sample=False, seed=0, counterfactual="both")
     explicit = mitigation.CausalMM(do_sample=False, seed=0, counterfactual="both", fused=False)
+    before = CausalMMBefore(do_sample=False, seed=0, counterfactual="both")
     return {"no pass": (None, True), "lqcd": (lqcd, True), "lqcd naive": (lqcd, False),
             "causalmm": (cmm, True), "causalmm naive": (cmm, False), "causalmm both": (both, True),
-            "causalmm both naive": (both, False), "causalmm both explicit": (explicit, True)}
+            "causalmm both naive": (both, False), "causalmm both explicit": (explicit, True),
+            "causalmm both before": (before, True)}
 
 
 def check_kernel(device: str, dtype: torch.dtype) -> list[dict]:
@@ -133,6 +159,7 @@ def run(lvlm, batch, p, batched: bool, new_tokens: int, device: str) -> tuple[to
     relative to the start: one per step for the batched variants, ``k`` per step for the naive ones)."""
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     stamps: list[float] = []
+    launch_path(not isinstance(p, CausalMMBefore))
 
     def stamp(module, args, output) -> None:
         sync(device)

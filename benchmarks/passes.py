@@ -204,10 +204,10 @@ def check_var_kernel(device: str, dtype: torch.dtype, tiny: bool) -> dict:
         if device == "cuda" and name.startswith("decode"):  # the direct launch vs the normal launch, same inputs
             from attnzoo.kernels import _grouped_attention_triton as gat
 
-            gat.DIRECT_LAUNCH = False
-            gat._VAR_DIRECT.clear()
+            gat.VAR_LAUNCHES.enabled = False
+            gat.VAR_LAUNCHES.direct.clear()
             normal = var_attention(dev(q), dev(k), dev(v), dev(ids), dev(after), dev(image_eps), p, summ, rho)
-            gat.DIRECT_LAUNCH = True
+            gat.VAR_LAUNCHES.enabled = True
             again = var_attention(dev(q), dev(k), dev(v), dev(ids), dev(after), dev(image_eps), p, summ, rho)
             same = bool(torch.equal(normal, got) and torch.equal(again, got))
             direct_equal = same if direct_equal is None else direct_equal and same
@@ -216,7 +216,7 @@ def check_var_kernel(device: str, dtype: torch.dtype, tiny: bool) -> dict:
     if device == "cuda":
         from attnzoo.kernels import _grouped_attention_triton as gat
 
-        out["compiled_specializations"] = len(gat._VAR_COMPILED)
+        out["compiled_specializations"] = len(gat.VAR_LAUNCHES.compiled)
     return out
 
 
@@ -297,7 +297,7 @@ def check_var(lvlm, batch, var_kwargs: dict, steps: int) -> dict:
 
 class VarBefore(mitigation.VAR):
     """VAR's decode path before the direct launch (session 3): every call through :func:`var_attention`'s checks;
-    timed with ``DIRECT_LAUNCH`` off (:func:`launch_path`)."""
+    timed with direct launches off (:func:`launch_path`)."""
 
     def fused_key_groups(self, ctx, query, key, value, mask):
         from attnzoo.kernels.grouped_attention import var_attention
@@ -313,7 +313,7 @@ def launch_path(direct: bool) -> None:
         from attnzoo.kernels import _grouped_attention_triton as gat
     except ImportError:
         return
-    gat.DIRECT_LAUNCH = direct
+    gat.VAR_LAUNCHES.enabled = direct
 
 
 class _IdlePass(AttentionPass):

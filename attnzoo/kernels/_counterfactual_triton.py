@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._backend import triton_interpreting
-from ._grouped_attention_triton import _key_rows, _masked, _query_tile
+from ._grouped_attention_triton import _INTERPRETING, SpecializedLaunches, _key_rows, _masked, _query_tile
 
 LOG2E = 1.4426950408889634
 KIND_IDS = {"reverse": 0, "reverse_normalize": 1, "uniform": 2}
@@ -103,22 +103,31 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _config(decode: bool, dim: int, dtype: torch.dtype, interpreting: bool) -> dict:
-    """Launch constants, computed once per shape class (decode runs per layer per token: host work counts)."""
+def _config(decode: bool, dim: int, dtype: torch.dtype, kind: str, causal: bool, has_mask: bool,
+            interpreting: bool) -> tuple[dict, int, tuple]:
+    """Launch constants, computed once per shape class (decode runs per layer per token: host work counts):
+    ``(meta, BLOCK_M, tail)`` with ``tail`` the constexpr values in the kernel's argument order."""
     if interpreting:
         block_m, block_n, warps = 16, 32, 4
     else:
         block_m, block_n, warps = (16, 64, 4) if decode else (64, 64, 8)
-    return dict(HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)),
-                DOT_F32=interpreting and dtype == torch.bfloat16, DOT_PREC=_dot_precision(dtype),
-                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+    meta = dict(KIND=KIND_IDS[kind], CAUSAL=causal and not has_mask, HAS_MASK=has_mask, HEAD_DIM=dim,
+                BLOCK_D=max(16, triton.next_power_of_2(dim)), DOT_F32=interpreting and dtype == torch.bfloat16,
+                DOT_PREC=_dot_precision(dtype), BLOCK_M=block_m, BLOCK_N=block_n)
+    names = _counterfactual_fwd_kernel.arg_names
+    tail = tuple(meta[name] for name in names[names.index("KIND"):])
+    return dict(meta, num_warps=warps), block_m, tail
+
+
+LAUNCHES = SpecializedLaunches(_counterfactual_fwd_kernel)
 
 
 def counterfactual_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, scale: float,
                                     causal: bool, mask: torch.Tensor | None, real_keys: torch.Tensor | None,
                                     out: torch.Tensor) -> torch.Tensor:
     """Triton backend of :func:`attnzoo.kernels.counterfactual_attention` (arguments validated; ``out`` a
-    ``(B, H, Lq, D)`` tensor of any strides with unit stride on D, ``real_keys`` float32 ``(B,)`` for uniform)."""
+    ``(B, H, Lq, D)`` tensor of any strides with unit stride on D, ``real_keys`` float32 ``(B,)`` for uniform).
+    On CUDA with triton >= 3.4 the launch skips triton's per-call argument binding (:class:`SpecializedLaunches`)."""
     batch, heads, q_len, dim = q.shape
     # one stride() call per tensor: the host work around the launch counts at decode
     q_strides, k_strides, v_strides, out_strides = q.stride(), k.stride(), v.stride(), out.stride()
@@ -133,16 +142,17 @@ def counterfactual_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.T
         v_strides = v.stride()
     if mask is not None:
         mask_t = mask.view(torch.uint8) if mask.stride(-1) == 1 else mask.contiguous().view(torch.uint8)
-        mask_strides = mask_t.stride()
-        mask_strides = (mask_strides[0], 0 if mask_t.shape[1] == 1 else mask_strides[1], mask_strides[2])
+        m_strides = mask_t.stride()
+        mask_strides = (m_strides[0], 0 if mask_t.shape[1] == 1 else m_strides[1], m_strides[2])
     else:
         mask_t, mask_strides = q, (0, 0, 0)  # never read (HAS_MASK is False)
-    config = _config(q_len <= 16, dim, q.dtype, triton_interpreting())
-    _counterfactual_fwd_kernel[(-(-q_len // config["BLOCK_M"]), batch * heads)](  # plain ints: cheap on the host
-        q, k, v, mask_t, q if real_keys is None else real_keys, out,
-        q_strides[0], q_strides[1], q_strides[2], k_strides[0], k_strides[1], k_strides[2],
-        v_strides[0], v_strides[1], v_strides[2], *mask_strides, out_strides[0], out_strides[1], out_strides[2],
-        heads, heads // k.shape[1], q_len, k.shape[2], scale * LOG2E,
-        KIND=KIND_IDS[kind], CAUSAL=bool(causal) and mask is None, HAS_MASK=mask is not None, **config,
-    )
+    config = (q_len <= 16, dim, q.dtype, kind, causal, mask is not None, _INTERPRETING)
+    meta, block_m, tail = _config(*config)
+    config = (*config, real_keys is None)  # the REAL pointer's dtype
+    ints = (q_strides[0], q_strides[1], q_strides[2], k_strides[0], k_strides[1], k_strides[2],
+            v_strides[0], v_strides[1], v_strides[2], *mask_strides, out_strides[0], out_strides[1], out_strides[2],
+            heads, heads // k.shape[1], q_len, k.shape[2])
+    LAUNCHES((-(-q_len // block_m), batch * heads),  # plain ints: cheap on the host
+             (q, k, v, mask_t, q if real_keys is None else real_keys, out), ints, (scale * LOG2E,), meta, tail,
+             config, q.get_device())
     return out

@@ -15,6 +15,7 @@ float32 before the dots. Imported lazily (only when the triton backend runs). Fo
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 import triton
@@ -274,14 +275,7 @@ def _var_config(decode: bool, dim: int, dtype: torch.dtype, causal: bool, has_ma
     return dict(meta, num_warps=warps), block_m, tail
 
 
-# Direct launches of the VAR kernel (see attnzoo.kernels._launch). At decode the integer arguments (key length,
-# cache strides) change every step but are the same in every edited layer of that step, and a compiled
-# kernel serves every integer with the same specialization (value 1, divisibility by 16, 32-bit range), so:
-# one compiled kernel per specialization, one launcher per distinct integer set (the last few kept).
-DIRECT_LAUNCH = True  # benchmarks/passes.py switches it off to time the normal launch path
 _INTERPRETING = triton_interpreting()  # as when the kernels above were decorated (interpreted or compiled)
-_VAR_COMPILED: dict[tuple, object] = {}
-_VAR_DIRECT: dict[tuple, object] = {}
 
 
 def _int_specialization(values: tuple[int, ...]) -> tuple:
@@ -289,34 +283,53 @@ def _int_specialization(values: tuple[int, ...]) -> tuple:
     return tuple((x == 1, x % 16 == 0, -2**31 <= x < 2**31) for x in values)
 
 
-def _var_launch(grid: tuple[int, int], ptrs: tuple, ints: tuple, scalars: tuple, meta: dict, tail: tuple,
-                config: tuple, device: int) -> None:
-    """Launch the VAR kernel: directly when this integer set or its specialization was launched before; ``config``
-    names the constexprs and pointer dtypes (the arguments of :func:`_var_config`)."""
-    key = (grid, ints, config, device)
-    launch = _VAR_DIRECT.get(key)
-    if launch is not None and launch(ptrs, scalars):
-        return
-    from . import _launch
+class SpecializedLaunches:
+    """Direct launches (:class:`attnzoo.kernels._launch.DirectLaunch`) of one kernel whose integer arguments change
+    between calls: a decoder-attention kernel at decode gets a new key length and new cache strides every step,
+    the same in every layer of that step. A compiled kernel serves every integer set with the same
+    specialization (value 1, divisibility by 16, 32-bit range), so this keeps one compiled kernel per
+    specialization and one launcher per integer set (the last few), and launches the normal way only the first
+    time a specialization is seen or when a direct launch does not apply (interpreter, old triton, misaligned
+    pointers, a profiler's launch hook).
 
-    if launch is None and DIRECT_LAUNCH and _launch.SUPPORTED and not _INTERPRETING \
-            and not any(t.data_ptr() & 15 for t in ptrs):  # compiled for aligned pointers only: replay only those
-        spec = (_int_specialization(ints), config, device)
-        compiled = _VAR_COMPILED.get(spec)
-        if compiled is None:  # first launch of this specialization: compile (or find) it the normal way
-            compiled = _var_fwd_kernel[grid](*ptrs, *ints, *scalars, **meta)
-            if compiled is None or not hasattr(compiled, "packed_metadata"):
-                return
-            _VAR_COMPILED[spec] = compiled
-            launched = True
-        else:
-            launched = False
-        if len(_VAR_DIRECT) >= 16:  # old decode steps' integer sets
-            _VAR_DIRECT.clear()
-        launch = _VAR_DIRECT[key] = _launch.DirectLaunch(compiled, (*grid, 1), ints, tail)
-        if launched or launch(ptrs, scalars):
+    Arguments of a call: ``ptrs`` (tensors), ``ints``, ``scalars`` (floats) in the kernel's argument order, then
+    the constexprs: ``meta`` (with launch options such as ``num_warps``) and ``tail`` (their values in argument
+    order); ``config`` a hashable that fixes the constexprs and the pointers' dtypes.
+    """
+
+    def __init__(self, kernel: Any) -> None:
+        self.kernel = kernel
+        self.enabled = True  # benchmarks switch it off to time the normal launch path
+        self.compiled: dict[tuple, Any] = {}
+        self.direct: dict[tuple, Any] = {}
+
+    def __call__(self, grid: tuple[int, int], ptrs: tuple, ints: tuple, scalars: tuple, meta: dict, tail: tuple,
+                 config: tuple, device: int) -> None:
+        key = (grid, ints, config, device)
+        launch = self.direct.get(key)
+        if launch is not None and launch(ptrs, scalars):
             return
-    _var_fwd_kernel[grid](*ptrs, *ints, *scalars, **meta)
+        from . import _launch
+
+        if launch is None and self.enabled and _launch.SUPPORTED and not _INTERPRETING \
+                and not any(t.data_ptr() & 15 for t in ptrs):  # compiled for aligned pointers: replay only those
+            spec = (_int_specialization(ints), config, device)
+            compiled = self.compiled.get(spec)
+            launched = compiled is None
+            if launched:  # first launch of this specialization: compile (or find) it the normal way
+                compiled = self.kernel[grid](*ptrs, *ints, *scalars, **meta)
+                if compiled is None or not hasattr(compiled, "packed_metadata"):
+                    return
+                self.compiled[spec] = compiled
+            if len(self.direct) >= 16:  # old decode steps' integer sets
+                self.direct.clear()
+            launch = self.direct[key] = _launch.DirectLaunch(compiled, (*grid, 1), ints, tail)
+            if launched or launch(ptrs, scalars):
+                return
+        self.kernel[grid](*ptrs, *ints, *scalars, **meta)
+
+
+VAR_LAUNCHES = SpecializedLaunches(_var_fwd_kernel)
 
 
 def var_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_groups: torch.Tensor,
@@ -354,7 +367,7 @@ def var_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_
             v_strides[0], v_strides[1], v_strides[2], key_groups.stride(0), *mask_strides,
             out_strides[0], out_strides[1], out_strides[2],
             heads, heads // k.shape[1], q_len, k.shape[2], key_groups.shape[1])
-    _var_launch((-(-q_len // block_m), batch * heads),  # plain ints: triton.cdiv is slow on the host
+    VAR_LAUNCHES((-(-q_len // block_m), batch * heads),  # plain ints: triton.cdiv is slow on the host
                 (q, k, v, key_groups, redistribute_after, image_eps, mask_t, out), ints,
                 (scale * LOG2E, float(p), float(summ), float(rho)), meta, tail, config, q.get_device())
     return out

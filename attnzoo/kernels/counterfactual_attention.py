@@ -21,11 +21,13 @@ never stored), a PyTorch path chunked over queries on the CPU ("flex" falls back
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ._backend import resolve_backend
 
-__all__ = ["COUNTERFACTUAL_KINDS", "counterfactual_attention"]
+__all__ = ["COUNTERFACTUAL_KINDS", "counterfactual_attention", "counterfactual_attention_backend"]
 
 COUNTERFACTUAL_KINDS = ("reverse", "reverse_normalize", "uniform")
 
@@ -95,6 +97,22 @@ def counterfactual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
         return counterfactual_attention_triton(q, k, v, kind, scale, causal, mask, real_keys, out)
     return counterfactual_attention_torch(q, k, v, kind, scale, causal, mask, real_keys, out)
+
+
+def counterfactual_attention_backend(device: torch.device | str) -> Callable[..., torch.Tensor]:
+    """The function :func:`counterfactual_attention` hands its work to on ``device``, after its checks.
+
+    Its arguments: ``(q, k, v, kind, scale, causal, mask, real_keys, out)``, all positional, with ``scale`` a float,
+    ``real_keys`` float32 ``(B,)`` (required for ``uniform``) and ``out`` given; nothing is checked. For a caller
+    that ran :func:`counterfactual_attention` once with the same kinds of tensors and calls it again per layer per
+    token, where the checks would cost about as much host time as the launch (CausalMM: checked at each prefill,
+    straight to the backend at every decode step).
+    """
+    if resolve_backend(device, "counterfactual_attention") == "triton":
+        from ._counterfactual_triton import counterfactual_attention_triton
+
+        return counterfactual_attention_triton
+    return counterfactual_attention_torch
 
 
 def counterfactual_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, scale: float,

@@ -232,9 +232,7 @@ class _FakeCompiled:
 
 
 class _FakeKernel:
-    """Stands in for the jitted VAR kernel: records normal launches and returns a compiled kernel."""
-
-    arg_names = ()
+    """Stands in for a jitted kernel: records normal launches and returns a compiled kernel."""
 
     def __init__(self):
         self.normal = []
@@ -261,17 +259,15 @@ class _FakeDirect:
         return True
 
 
-def test_var_direct_launch_reuse(monkeypatch):
+def test_direct_launch_reuse(monkeypatch):
     """One normal launch per integer specialization; integer sets of the same specialization (decode steps) reuse the
-    compiled kernel through direct launches; misaligned pointers take the normal path."""
+    compiled kernel through direct launches; misaligned pointers and a disabled launcher take the normal path."""
     from attnzoo.kernels import _grouped_attention_triton as gat
     from attnzoo.kernels import _launch
 
     kernel = _FakeKernel()
-    monkeypatch.setattr(gat, "_var_fwd_kernel", kernel)
+    launches = gat.SpecializedLaunches(kernel)
     monkeypatch.setattr(gat, "_INTERPRETING", False)
-    monkeypatch.setattr(gat, "_VAR_COMPILED", {})
-    monkeypatch.setattr(gat, "_VAR_DIRECT", {})
     monkeypatch.setattr(_launch, "SUPPORTED", True)
     monkeypatch.setattr(_launch, "DirectLaunch", _FakeDirect)
     _FakeDirect.made, _FakeDirect.calls = [], []
@@ -279,7 +275,7 @@ def test_var_direct_launch_reuse(monkeypatch):
     config = (True, 128, torch.bfloat16, True, False, False)
 
     def launch(ints, p=ptrs, cfg=config):
-        gat._var_launch((1, 32), p, ints, (0.1,), {}, (), cfg, 0)
+        launches((1, 32), p, ints, (0.1,), {}, (), cfg, 0)
 
     launch((610 * 128, 1))  # first: compiles the normal way
     assert len(kernel.normal) == 1 and not _FakeDirect.calls
@@ -292,6 +288,6 @@ def test_var_direct_launch_reuse(monkeypatch):
     misaligned = (torch.zeros(9)[1:], torch.zeros(8))
     launch((610 * 128, 1), p=misaligned)  # the cached launcher declines: normal path
     assert len(kernel.normal) == 4 and len(_FakeDirect.calls) == 2
-    monkeypatch.setattr(gat, "DIRECT_LAUNCH", False)
+    launches.enabled = False
     launch((612 * 128, 1))
     assert len(kernel.normal) == 5

@@ -265,16 +265,20 @@ def test_fused_language_counterfactual_equals_explicit_float64(kind):
         assert_close(a[torch.isfinite(a)], e[torch.isfinite(e)], dtype=torch.float32)
 
 
-@pytest.mark.parametrize("kind", ["reverse_normalize", "uniform"])
-def test_fused_language_counterfactual_equals_explicit_float32(kind):
-    """The same on the float32 tiny LLaVA, both counterfactuals (three branches), float32 tolerances."""
+@pytest.mark.parametrize(("kind", "backend"), [("reverse_normalize", "torch"), ("uniform", "torch"),
+                                               ("reverse", "triton")])
+def test_fused_language_counterfactual_equals_explicit_float32(kind, backend):
+    """The same on the float32 tiny LLaVA, both counterfactuals (three branches), float32 tolerances; with the Triton
+    kernel (interpreter) too, whose decode calls go straight to the launch (checked at prefill only)."""
+    from attnzoo.kernels import use_backend
+
     lvlm, _ = models()
     b = batch()
     steps = {}
     for fused in (True, False):
         cmm = mitigation.CausalMM(counterfactual="both", vision_kind="reversed", language_kind=kind,
                                   do_sample=False, epsilon=1e-9, fused=fused)
-        with cmm.apply(lvlm):
+        with cmm.apply(lvlm), use_backend(backend):
             tokens, steps[fused] = contrastive_generate(lvlm, b, cmm, max_new_tokens=NEW_TOKENS, return_logits=True)
     for a, e in zip(steps[True], steps[False]):
         kept = torch.isfinite(e)
