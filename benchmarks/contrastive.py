@@ -105,7 +105,7 @@ def check_kernel(device: str, dtype: torch.dtype) -> list[dict]:
     rounded to the model dtype, times V). Left-padded batches with a keep-mask, and batch-1 calls without a mask
     (causal) written into a row slice of an SDPA output, as ``CausalMM.attend`` calls it. Returns one row per
     (shape, kind) with the largest absolute errors; ``ok``: the kernel is at most 1.5x (+1e-3) as far from float64
-    as the explicit path."""
+    as the explicit path, and (CUDA) direct and normal launches give bit-identical outputs."""
     from attnzoo.kernels import counterfactual_attention
 
     gen = torch.Generator(device=device).manual_seed(0)
@@ -133,6 +133,16 @@ def check_kernel(device: str, dtype: torch.dtype) -> list[dict]:
                 target = full[1:2]
                 counterfactual_attention(q, k, v, kind, causal=True, out=target)
                 got = target.double()
+            direct_equal = None
+            if device == "cuda":  # the same call with the normal launch path, twice more (direct launches replayed)
+                again = []
+                for direct in (False, True):
+                    launch_path(direct)
+                    if with_mask:
+                        again.append(counterfactual_attention(q, k, v, kind, mask=keep, real_keys=real.sum(-1)))
+                    else:
+                        again.append(counterfactual_attention(q, k, v, kind, causal=True))
+                direct_equal = all(bool(torch.equal(a.double(), got)) for a in again)
             refs = []
             for w in (weights64, weights32):
                 if kind == "uniform":
@@ -150,7 +160,8 @@ def check_kernel(device: str, dtype: torch.dtype) -> list[dict]:
             explicit_err = (explicit - ref64).abs().max().item()
             rows.append({"shape": name, "kind": kind, "max_abs_vs_float64": err,
                          "explicit_max_abs_vs_float64": explicit_err, "max_abs_ref": ref64.abs().max().item(),
-                         "rows_checked": int(real_rows.sum()), "ok": err <= 1.5 * explicit_err + 1e-3})
+                         "rows_checked": int(real_rows.sum()), "direct_launch_bit_identical": direct_equal,
+                         "ok": err <= 1.5 * explicit_err + 1e-3 and direct_equal is not False})
     return rows
 
 
