@@ -329,7 +329,8 @@ def ours_alternatives(q, k, v, n_win, topk, scale) -> dict:
                                                           FUSED_ROUTING_MAX_ELEMENTS=1 << 30)
     if rt._dense_tiles(r, t, topk) is not None:
         out["ours, sparse kernels"] = ours_patched(q, k, v, n_win, topk, scale, DENSE_MIN_ROUTED_FRACTION=2.0)
-        for bm, bn, warps in ((32, 64, 4), (64, 32, 4), (32, 32, 2), (64, 64, 8), (128, 64, 8)):
+        for bm, bn, warps in ((64, 64, 4), (64, 32, 4), (64, 16, 4), (64, 32, 2), (32, 32, 2), (32, 32, 4),
+                              (128, 32, 8)):
             if (bm, bn, warps) != (rt.DENSE_BLOCK_M, rt.DENSE_BLOCK_N, rt.DENSE_WARPS):
                 out[f"ours, dense {bm}x{bn} {warps} warps"] = ours_patched(
                     q, k, v, n_win, topk, scale, DENSE_BLOCK_M=bm, DENSE_BLOCK_N=bn, DENSE_WARPS=warps)

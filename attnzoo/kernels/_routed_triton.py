@@ -36,6 +36,15 @@ def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _as_operand(mask, like, UPCAST: tl.constexpr):
+    """A 0/1 mask as a dot operand of like's dtype (fp32 under UPCAST: the CPU interpreter turns bool into
+    garbage bf16)."""
+    if UPCAST:
+        return mask.to(tl.float32)
+    return mask.to(like.dtype)
+
+
+@triton.jit
 def _tile_coords(idx, n_tok, RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr):
     """(row, col) on the map of token n_tok of region idx (row-major regions and tokens)."""
     return (idx // NW) * RH + n_tok // RW, (idx % NW) * RW + n_tok % RW
@@ -91,38 +100,42 @@ def _region_topk(MEANS, IDX, WEIGHT, B, R, C, scale,
 
 
 @triton.jit
-def _region_routing_fused(Q, K, IDX, WEIGHT, sqb, sqy, sqx, skb, sky, skx, R, C, inv_t, scale,
-                          RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr,
-                          TB: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, RB: tl.constexpr,
-                          RP: tl.constexpr, CB: tl.constexpr, PREC: tl.constexpr):
-    """The whole routing of RB query regions in one program: means of their q regions and of every k region
-    (fp32 sums over TB-token slices), affinity, top-k, softmax. Every program of a batch element recomputes
-    the key-region means: for small maps re-reading k from L2 is cheaper than a second launch."""
+def _region_routing_fused(Q, K, IDX, WEIGHT, sqb, sqy, sqx, skb, sky, skx, R, C, W, NTOK, inv_t, scale,
+                          RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, TOPK: tl.constexpr,
+                          KP: tl.constexpr, RB: tl.constexpr, RP: tl.constexpr, TK: tl.constexpr, CB: tl.constexpr,
+                          PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """The whole routing of RB query regions in one program: region sums of q and of every k region as dots
+    of a 0/1 token-to-region matrix with (TK tokens, CB channels) tiles in map order (exact fp32 sums; the
+    tiles stream through the dot pipeline), then means, affinity, top-k, softmax. Every program of a batch
+    element recomputes the key-region sums: for small maps re-reading k from L2 beats a second launch."""
     pid, b = tl.program_id(0), tl.program_id(1)
     rows = pid * RB + tl.arange(0, RB)
     cols = tl.arange(0, RP)
     r_ok, s_ok = rows < R, cols < R
-    offs_t = tl.arange(0, TB)
+    offs_k = tl.arange(0, TK)
+    # map rows holding this program's query regions: tokens [q_lo, q_hi) in map order
+    q_lo = ((pid * RB) // NW) * RH * W
+    q_hi = tl.minimum(((tl.minimum(pid * RB + RB, R) - 1) // NW + 1) * RH * W, NTOK)
     logits = tl.zeros([RB, RP], tl.float32)
     for c0 in range(0, C, CB):
         offs_c = c0 + tl.arange(0, CB)
         c_ok = offs_c < C
         q_sum = tl.zeros([RB, CB], tl.float32)
         k_sum = tl.zeros([RP, CB], tl.float32)
-        for t0 in range(0, T, TB):
-            tok = t0 + offs_t
-            t_ok = tok < T
-            # (regions, tokens, channels) slices, summed over the tokens
-            qy, qx = _tile_coords(rows[:, None], tok[None, :], RH, RW, NW)
-            ky, kx = _tile_coords(cols[:, None], tok[None, :], RH, RW, NW)
-            q_ok = (r_ok[:, None] & t_ok[None, :])[:, :, None] & c_ok[None, None, :]
-            k_ok = (s_ok[:, None] & t_ok[None, :])[:, :, None] & c_ok[None, None, :]
-            q = tl.load(Q + b * sqb + (qy * sqy + qx * sqx)[:, :, None] + offs_c[None, None, :], mask=q_ok,
-                        other=0.0)
-            k = tl.load(K + b * skb + (ky * sky + kx * skx)[:, :, None] + offs_c[None, None, :], mask=k_ok,
-                        other=0.0)
-            q_sum += tl.sum(q.to(tl.float32), 1)
-            k_sum += tl.sum(k.to(tl.float32), 1)
+        for n0 in range(0, NTOK, TK):
+            tok = n0 + offs_k
+            y, x = tok // W, tok % W
+            k = tl.load(K + b * skb + y[:, None] * sky + x[:, None] * skx + offs_c[None, :],
+                        mask=(tok < NTOK)[:, None] & c_ok[None, :], other=0.0)
+            member = ((y // RH) * NW + x // RW)[None, :] == cols[:, None]  # (RP, TK): token in region
+            k_sum = k_sum + _dot(_as_operand(member, k, UPCAST), k, PREC, UPCAST)
+        for n0 in range(q_lo, q_hi, TK):
+            tok = n0 + offs_k
+            y, x = tok // W, tok % W
+            q = tl.load(Q + b * sqb + y[:, None] * sqy + x[:, None] * sqx + offs_c[None, :],
+                        mask=(tok < q_hi)[:, None] & c_ok[None, :], other=0.0)
+            member = ((y // RH) * NW + x // RW)[None, :] == rows[:, None]
+            q_sum = q_sum + _dot(_as_operand(member, q, UPCAST), q, PREC, UPCAST)
         logits += tl.dot(q_sum * inv_t, tl.trans(k_sum * inv_t), input_precision=PREC)
     _topk_softmax_store(logits * scale, rows, cols, r_ok, s_ok, IDX, WEIGHT, b, R, TOPK, KP, RB, RP)
 
@@ -173,12 +186,11 @@ def region_routing_triton(q: torch.Tensor, k: torch.Tensor, nh: int, nw: int, to
     # fp32 inputs: exact fp32 logits; half inputs: tf32 dots, still finer than the torch ops' half rounding.
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     if h * w * c <= FUSED_ROUTING_MAX_ELEMENTS and rp <= 256:
-        cb = min(_pow2(c), 32)
-        tb = max(1, min(_pow2(t), 8192 // (rp * cb)))  # (regions, tokens, channels) slices of <= 8192 values
         _region_routing_fused[(triton.cdiv(r, 16), b)](
             q, k, index, weight, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            r, c, 1.0 / t, scale, RH=rh, RW=rw, NW=nw, T=t, TB=tb, TOPK=topk, KP=_pow2(topk), RB=16, RP=rp, CB=cb,
-            PREC=prec, num_warps=4)
+            r, c, w, h * w, 1.0 / t, scale, RH=rh, RW=rw, NW=nw, TOPK=topk, KP=_pow2(topk), RB=16, RP=rp, TK=64,
+            CB=min(max(16, _pow2(c)), 64), PREC=prec, UPCAST=q.dtype == torch.bfloat16 and triton_interpreting(),
+            num_warps=4)
         return weight, index
     means = torch.empty(2, b, r, c, device=q.device, dtype=torch.float32)
     _region_means[(r, b)](q, k, means, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -401,7 +413,7 @@ def _route_words(IDX, b, qr, ok, sib, sir, sis, TOPK: tl.constexpr, BLOCK: tl.co
     """Routing words of BLOCK query rows (regions qr): (bit r set = region r routed; 1 = region named twice)."""
     word = tl.zeros([BLOCK], tl.int64)
     rep = tl.zeros([BLOCK], tl.int32)
-    for j in range(TOPK):
+    for j in tl.static_range(TOPK):  # unrolled: independent loads in flight together
         reg = tl.load(IDX + b * sib + qr * sir + j * sis, mask=ok, other=0).to(tl.int64)
         bit = tl.where(ok, tl.full([BLOCK], 1, tl.int64) << reg, 0)
         rep = tl.where((word & bit) != 0, 1, rep)
@@ -416,7 +428,7 @@ def _mask_routes(s, field, shift, any_rep, idx_ptrs, idx_ok, kr, sis, TOPK: tl.c
     along the query axis. Pairs outside the routing get -inf; with repeats, log2(multiplicity) is added."""
     if any_rep != 0:
         count = tl.zeros(s.shape, tl.int32)
-        for j in range(TOPK):
+        for j in tl.static_range(TOPK):
             reg = tl.load(idx_ptrs + j * sis, mask=idx_ok, other=-1)
             count += (reg == kr).to(tl.int32)
         s = tl.where(count > 0, s + tl.log2(tl.maximum(count, 1).to(tl.float32)), float("-inf"))
