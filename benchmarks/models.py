@@ -104,7 +104,9 @@ def check_against_torch(build: Callable[[], torch.nn.Module], backend: str, size
 
 
 def run_row(label: str, build: Callable[[], torch.nn.Module], backend: str | None, batch: int,
-            size: int) -> dict[str, object]:
+            size: int, probe: Callable[[torch.nn.Module, torch.Tensor], dict] | None = None) -> dict[str, object]:
+    """One table row; ``probe(model, x)``, if given, runs after the inference timing (eval mode, same backend)
+    and its dict joins the row."""
     row: dict[str, object] = {"label": label, "batch": batch, "size": size}
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -128,6 +130,8 @@ def run_row(label: str, build: Callable[[], torch.nn.Module], backend: str | Non
         ms = bench_ms(infer)
         row["infer_img_s"] = round(batch / ms * 1e3, 1)
         row["infer_peak_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+        if probe is not None:
+            row.update(probe(model, x))
 
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)

@@ -48,6 +48,6 @@ from .counterfactual_attention import counterfactual_attention  # noqa: E402
 
 __all__ += ["counterfactual_attention"]
 # --- strip attention: ELA's strip means and gates (strip_gate.py) ---
-from .strip_gate import apply_strip_gates, strip_attention, strip_means  # noqa: E402
+from .strip_gate import apply_strip_gates, ela_attention, strip_attention, strip_means  # noqa: E402
 
-__all__ += ["apply_strip_gates", "strip_attention", "strip_means"]
+__all__ += ["apply_strip_gates", "ela_attention", "strip_attention", "strip_means"]

@@ -1,31 +1,49 @@
 """Fused Triton kernels for strip attention (ELA-style gates over H and W). Imported lazily by strip_gate.py.
 
-Two kernels over (B, C, H, W) maps that are dense NCHW or dense channels_last (other strides are copied
-to NCHW first); the tile shape follows the layout so the unit-stride axis is read in long runs:
+Strip buffers: the two strips of a (B, C, H, W) map travel as ONE flat buffer of B * C * (H + W) values, the
+(B, C, H) row strip first, then the (B, C, W) column strip, both row-major. A kernel finds the column half at
+``B * C * H`` itself, so the host passes one pointer and makes no views.
 
-- ``_strip_reduce``: one pass over the map giving per-row sums over W (B, C, H) and per-column sums over
-  H (B, C, W) in float32. Plain, it gives the strip means; gated, it is the backward reduction of
+Map kernels, over (B, C, H, W) maps that are dense NCHW or dense channels_last (other strides are copied to
+NCHW first); the tile shape follows the layout so the unit-stride axis is read in long runs:
+
+- ``_strip_reduce``: one pass over the map giving per-row sums over W and per-column sums over H (float32,
+  into a strip buffer). Plain, it gives the strip means; gated, it is the backward reduction of
   ``out = act(x * g_h * g_w + s)``: with ``d = dout * act'`` it gives ``sum_W(d * x * g_w)`` and
   ``sum_H(d * x * g_h)`` and can store ``d`` on the way (the shortcut's gradient).
 - ``_strip_gate``: ``out = act(x * g_h[h] * g_w[w] + s_h * a_h[h] + s_w * a_w[w] + s)`` element-wise, one read
   and one write of the map. Forward: the gating with the residual add and ReLU of the host block fused in;
   backward: ``dx = d * g_h * g_w + dz_h / W + dz_w / H`` (gate gradient plus the strip means' gradient).
 
-Each program owns a tile of [BC channels, BH rows, BW columns]. The map's height and width and each map's
-layout are compile-time constants: the compiler then knows the alignment of every row and loads whole
-vectors along the unit-stride axis (a ResNet compiles one variant per stage shape; the batch size is not
-among them), and a launch passes few arguments (the host's launch path is part of the cost here).
-The reduction walks all rows of its column block, so column sums need no atomics; when W spans several
-column blocks, each block writes its own partial row sums and the host sums those few partials.
+Strip kernels, ELA's gate ``y = sigmoid(GroupNorm(conv1d(z)))`` on both strips of every sample at once (one
+grouped 1-D conv and one GroupNorm shared by both axes, as the paper's module):
+
+- ``_ela_gates_fwd``: one program per (channel block, strip); the block holds whole conv groups and whole
+  GroupNorm groups, so the conv, the group statistics and the sigmoid stay in registers.
+- ``_ela_gates_bwd``: the hand-written backward, recomputing the forward: GroupNorm and conv input gradients
+  per strip, conv weight and GroupNorm affine gradients summed over a run of strips per program (partials
+  the host adds up in one sum).
+
+The map's height and width and each map's layout are compile-time constants in the map kernels (a ResNet
+compiles one variant per stage shape; the batch size is not among them). Every launch of the fused ELA op
+goes through a per-shape plan (:class:`_ELAPlan`) that replays the compiled kernels directly
+(:mod:`attnzoo.kernels._launch`), so a block's host path is a dict lookup, a few allocations and the launches.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
+
+from . import _launch
+from ._backend import triton_interpreting
+
+# ---------------------------------------------------------------------------------------------- map kernels
 
 
 @triton.jit
@@ -37,21 +55,22 @@ def _offsets(b64, c3, h3, w3, C, H: tl.constexpr, W: tl.constexpr, CHANNELS_LAST
 
 
 @triton.jit
-def _strip_reduce(X, DOUT, OUT, GH, GW, DPRE, ROWS, COLS,
-                  C, NCB, NWB, row_scale, col_scale,
+def _strip_reduce(X, DOUT, OUT, G, DPRE, ROWS, STRIPS,
+                  NB, C, NCB, NWB, row_scale, col_scale,
                   H: tl.constexpr, W: tl.constexpr, X_CL: tl.constexpr, D_CL: tl.constexpr,
                   GATED: tl.constexpr, RELU: tl.constexpr, STORE_DPRE: tl.constexpr,
                   BC: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
     pid, wb = tl.program_id(0), tl.program_id(1)
     b, cb = pid // NCB, pid % NCB
     b64 = b.to(tl.int64)  # element offsets of large maps pass 2**31
+    w_half = (b64 * 0 + NB) * C * H  # start of the column strips in a strip buffer
     offs_c = cb * BC + tl.arange(0, BC)
     offs_w = wb * BW + tl.arange(0, BW)
     c_ok, w_ok = offs_c < C, offs_w < W
-    bc_row = b64 * C + offs_c  # row index of (b, c) in the (B*C, L) strip tensors
+    bc_row = b64 * C + offs_c  # row index of (b, c) in the (B*C, L) strips
     cw_mask = c_ok[:, None] & w_ok[None, :]
     if GATED:
-        gw = tl.load(GW + bc_row[:, None] * W + offs_w[None, :], mask=cw_mask, other=0.0).to(tl.float32)
+        gw = tl.load(G + w_half + bc_row[:, None] * W + offs_w[None, :], mask=cw_mask, other=0.0).to(tl.float32)
     # column sums accumulate per row slot and reduce over rows once at the end (no per-step cross-warp sum)
     col = tl.zeros([BC, BH, BW], dtype=tl.float32)
     for h0 in range(0, H, BH):
@@ -70,26 +89,29 @@ def _strip_reduce(X, DOUT, OUT, GH, GW, DPRE, ROWS, COLS,
                 d = tl.where(o > 0, d, 0.0)
             if STORE_DPRE:
                 tl.store(DPRE + d_offs, d.to(DPRE.dtype.element_ty), mask=mask)
-            gh = tl.load(GH + bc_row[:, None] * H + offs_h[None, :], mask=ch_mask, other=0.0).to(tl.float32)
+            gh = tl.load(G + bc_row[:, None] * H + offs_h[None, :], mask=ch_mask, other=0.0).to(tl.float32)
             dx = d * x
             rows = tl.sum(dx * gw[:, None, :], axis=2)
             col += dx * gh[:, :, None]
         else:
             rows = tl.sum(x, axis=2)
             col += x
+        # ROWS is the strip buffer itself when one column block spans W, else (B, C, H, NWB) partials
         tl.store(ROWS + (bc_row[:, None] * H + offs_h[None, :]) * NWB + wb, rows * row_scale, mask=ch_mask)
-    tl.store(COLS + bc_row[:, None] * W + offs_w[None, :], tl.sum(col, axis=1) * col_scale, mask=cw_mask)
+    tl.store(STRIPS + w_half + bc_row[:, None] * W + offs_w[None, :], tl.sum(col, axis=1) * col_scale,
+             mask=cw_mask)
 
 
 @triton.jit
-def _strip_gate(X, GH, GW, AH, AW, S, OUT,
-                C, NCB, ah_scale, aw_scale,
+def _strip_gate(X, G, A, S, OUT,
+                NB, C, NCB, ah_scale, aw_scale,
                 H: tl.constexpr, W: tl.constexpr, X_CL: tl.constexpr, S_CL: tl.constexpr,
                 HAS_ADD: tl.constexpr, HAS_SHORTCUT: tl.constexpr, RELU: tl.constexpr,
                 BC: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
     pid, wb, hb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, cb = pid // NCB, pid % NCB
     b64 = b.to(tl.int64)
+    w_half = (b64 * 0 + NB) * C * H
     offs_c = cb * BC + tl.arange(0, BC)
     offs_h = hb * BH + tl.arange(0, BH)
     offs_w = wb * BW + tl.arange(0, BW)
@@ -100,12 +122,13 @@ def _strip_gate(X, GH, GW, AH, AW, S, OUT,
     c3, h3, w3 = offs_c[:, None, None], offs_h[None, :, None], offs_w[None, None, :]
     x_offs = _offsets(b64, c3, h3, w3, C, H, W, X_CL)  # out shares x's layout
     x = tl.load(X + x_offs, mask=mask, other=0.0).to(tl.float32)
-    gh = tl.load(GH + bc_row[:, None] * H + offs_h[None, :], mask=ch_mask, other=0.0).to(tl.float32)
-    gw = tl.load(GW + bc_row[:, None] * W + offs_w[None, :], mask=cw_mask, other=0.0).to(tl.float32)
+    h_offs, w_offs = bc_row[:, None] * H + offs_h[None, :], w_half + bc_row[:, None] * W + offs_w[None, :]
+    gh = tl.load(G + h_offs, mask=ch_mask, other=0.0).to(tl.float32)
+    gw = tl.load(G + w_offs, mask=cw_mask, other=0.0).to(tl.float32)
     y = x * gh[:, :, None] * gw[:, None, :]
     if HAS_ADD:
-        ah = tl.load(AH + bc_row[:, None] * H + offs_h[None, :], mask=ch_mask, other=0.0)
-        aw = tl.load(AW + bc_row[:, None] * W + offs_w[None, :], mask=cw_mask, other=0.0)
+        ah = tl.load(A + h_offs, mask=ch_mask, other=0.0).to(tl.float32)
+        aw = tl.load(A + w_offs, mask=cw_mask, other=0.0).to(tl.float32)
         y += ah[:, :, None] * ah_scale + aw[:, None, :] * aw_scale
     if HAS_SHORTCUT:
         s_offs = _offsets(b64, c3, h3, w3, C, H, W, S_CL)
@@ -115,21 +138,163 @@ def _strip_gate(X, GH, GW, AH, AW, S, OUT,
     tl.store(OUT + x_offs, y.to(OUT.dtype.element_ty), mask=mask)
 
 
+# -------------------------------------------------------------------------------------------- strip kernels
+
+
+@triton.jit
+def _strip_tile(s, c0, NB, C, H, W, CPG, NCH: tl.constexpr, BCO: tl.constexpr, BL: tl.constexpr,
+                BG: tl.constexpr):
+    # Strip s < NB is sample s's row strip (length H), s >= NB sample s - NB's column strip (length W).
+    # Returns its length, its offset in the strip buffer, the block's channels and the channel -> group map.
+    is_row = s < NB
+    s64 = tl.cast(s, tl.int64)  # s is a plain int in the interpreter's loops
+    length = tl.where(is_row, H, W)
+    base = tl.where(is_row, s64 * C * H, s64 * 0 + NB * C * H + (s64 - NB) * C * W)
+    local = tl.arange(0, BCO)
+    offs_c = c0 + local
+    c_ok = (local < NCH) & (offs_c < C)
+    offs_l = tl.arange(0, BL)
+    mask = c_ok[:, None] & (offs_l < length)[None, :]
+    onehot = ((local // CPG)[:, None] == tl.arange(0, BG)[None, :]) & c_ok[:, None]
+    return length, base, offs_c, c_ok, offs_l, mask, onehot
+
+
+@triton.jit
+def _conv_strip(Z, CW, base, offs_c, c_ok, offs_l, length, CG: tl.constexpr, K: tl.constexpr, BCO: tl.constexpr,
+                BL: tl.constexpr):
+    # u[c, l] = sum_{i < CG, k < K} w[c, i, k] * z[first(c) + i, l + k - K // 2] with zero padding, where
+    # first(c) is the first channel of c's conv group
+    first = (offs_c // CG) * CG
+    u = tl.zeros([BCO, BL], dtype=tl.float32)
+    for i in range(CG):  # a loop, not unrolled: unrolling CG * K gathers multiplies compile time
+        for k in tl.static_range(K):
+            pos = offs_l + (k - K // 2)
+            m = c_ok[:, None] & ((pos >= 0) & (pos < length))[None, :]
+            z = tl.load(Z + base + (first + i)[:, None] * length + pos[None, :], mask=m, other=0.0)
+            w = tl.load(CW + offs_c * (CG * K) + (i * K + k), mask=c_ok, other=0.0).to(tl.float32)
+            u += w[:, None] * z
+    return u
+
+
+@triton.jit
+def _group_mean(per_channel, onehot, count):
+    # per-channel sums [BCO] -> each channel's GroupNorm group mean [BCO] (groups of any size, via the map)
+    groups = tl.sum(tl.where(onehot, per_channel[:, None], 0.0), axis=0) / count
+    return tl.sum(tl.where(onehot, groups[None, :], 0.0), axis=1)
+
+
+@triton.jit
+def _group_norm(u, mask, onehot, count, eps):
+    # (normalized u, 1 / std per channel); biased variance, as torch's GroupNorm; zero outside the mask
+    mean = _group_mean(tl.sum(tl.where(mask, u, 0.0), axis=1), onehot, count)
+    d = tl.where(mask, u - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt_rn(_group_mean(tl.sum(d * d, axis=1), onehot, count) + eps)
+    return d * rstd[:, None], rstd
+
+
+@triton.jit
+def _ela_gates_fwd(Z, CW, GAMMA, BETA, Y,
+                   NB, C, H, W, CPG, eps,
+                   NCH: tl.constexpr, CG: tl.constexpr, K: tl.constexpr, BCO: tl.constexpr, BL: tl.constexpr,
+                   BG: tl.constexpr):
+    c0, s = tl.program_id(0) * NCH, tl.program_id(1)
+    length, base, offs_c, c_ok, offs_l, mask, onehot = _strip_tile(s, c0, NB, C, H, W, CPG, NCH, BCO, BL, BG)
+    u = _conv_strip(Z, CW, base, offs_c, c_ok, offs_l, length, CG, K, BCO, BL)
+    xhat, _ = _group_norm(u, mask, onehot, (CPG * length).to(tl.float32), eps)
+    gamma = tl.load(GAMMA + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+    beta = tl.load(BETA + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+    y = tl.sigmoid(xhat * gamma[:, None] + beta[:, None])
+    tl.store(Y + base + offs_c[:, None] * length + offs_l[None, :], y, mask=mask)
+
+
+@triton.jit
+def _ela_gates_bwd(Z, CW, GAMMA, BETA, DY, DU, DZ, PART,
+                   NB, C, H, W, CPG, SPP, eps,
+                   NCH: tl.constexpr, CG: tl.constexpr, K: tl.constexpr, BCO: tl.constexpr, BL: tl.constexpr,
+                   BG: tl.constexpr, BCK: tl.constexpr, BLC: tl.constexpr):
+    pid_c, sb = tl.program_id(0), tl.program_id(1)
+    c0 = pid_c * NCH
+    local = tl.arange(0, BCO)
+    offs_c0 = c0 + local
+    c_ok0 = (local < NCH) & (offs_c0 < C)
+    gamma = tl.load(GAMMA + offs_c0, mask=c_ok0, other=0.0).to(tl.float32)
+    beta = tl.load(BETA + offs_c0, mask=c_ok0, other=0.0).to(tl.float32)
+    first = (offs_c0 // CG) * CG
+    tap = tl.arange(0, BCK)  # conv weight index i * K + k of one output channel
+    tap_ok = tap < CG * K
+    tap_i, tap_k = tap // K, tap % K
+    acc_w = tl.zeros([BCO, BCK], dtype=tl.float32)
+    acc_gamma = tl.zeros([BCO], dtype=tl.float32)
+    acc_beta = tl.zeros([BCO], dtype=tl.float32)
+    for s in range(sb * SPP, tl.minimum(sb * SPP + SPP, 2 * NB)):
+        length, base, offs_c, c_ok, offs_l, mask, onehot = _strip_tile(s, c0, NB, C, H, W, CPG, NCH, BCO, BL, BG)
+        count = (CPG * length).to(tl.float32)
+        # forward again (cheaper than storing it): conv, GroupNorm, sigmoid
+        u = _conv_strip(Z, CW, base, offs_c, c_ok, offs_l, length, CG, K, BCO, BL)
+        xhat, rstd = _group_norm(u, mask, onehot, count, eps)
+        y = tl.sigmoid(xhat * gamma[:, None] + beta[:, None])
+        strip_offs = base + offs_c[:, None] * length + offs_l[None, :]
+        dy = tl.load(DY + strip_offs, mask=mask, other=0.0)
+        da = tl.where(mask, dy * y * (1.0 - y), 0.0)  # through the sigmoid
+        acc_gamma += tl.sum(da * xhat, axis=1)
+        acc_beta += tl.sum(da, axis=1)
+        dxhat = da * gamma[:, None]
+        m1 = _group_mean(tl.sum(dxhat, axis=1), onehot, count)
+        m2 = _group_mean(tl.sum(dxhat * xhat, axis=1), onehot, count)
+        du = tl.where(mask, rstd[:, None] * (dxhat - m1[:, None] - xhat * m2[:, None]), 0.0)  # through GroupNorm
+        # the conv's gradients need du shifted along the strip and across the conv group: through memory
+        tl.store(DU + strip_offs, du, mask=mask)
+        tl.debug_barrier()
+        # weight gradient: acc_w[c, i * K + k] += sum_l du[c, l] * z[first(c) + i, l + k - K // 2]
+        for l0 in range(0, length, BLC):
+            offs_lc = l0 + tl.arange(0, BLC)
+            lc_ok = offs_lc < length
+            du_c = tl.load(DU + base + offs_c[:, None] * length + offs_lc[None, :],
+                           mask=c_ok[:, None] & lc_ok[None, :], other=0.0)
+            pos = offs_lc[None, None, :] + (tap_k - K // 2)[None, :, None]
+            zm = (c_ok[:, None, None] & tap_ok[None, :, None] & lc_ok[None, None, :] & (pos >= 0)
+                  & (pos < length))
+            z = tl.load(Z + base + (first[:, None, None] + tap_i[None, :, None]) * length + pos, mask=zm, other=0.0)
+            acc_w += tl.sum(du_c[:, None, :] * z, axis=2)
+        # means gradient: dz[c, l] = sum_{j < CG, k} w[first(c) + j, c - first(c), k] * du[first(c) + j, l - k + K//2]
+        dz = tl.zeros([BCO, BL], dtype=tl.float32)
+        for j in range(CG):
+            for k in tl.static_range(K):
+                pos = offs_l - (k - K // 2)
+                m = c_ok[:, None] & ((pos >= 0) & (pos < length))[None, :]
+                d = tl.load(DU + base + (first + j)[:, None] * length + pos[None, :], mask=m, other=0.0)
+                w = tl.load(CW + (first + j) * (CG * K) + (offs_c - first) * K + k, mask=c_ok, other=0.0)
+                dz += w.to(tl.float32)[:, None] * d
+        tl.store(DZ + strip_offs, dz, mask=mask)
+    # partial sums of this run of strips: [conv weight taps..., dgamma, dbeta] per channel
+    row = (sb * C + offs_c0) * (CG * K + 2)
+    tl.store(PART + row[:, None] + tap[None, :], acc_w, mask=c_ok0[:, None] & tap_ok[None, :])
+    tl.store(PART + row + CG * K, acc_gamma, mask=c_ok0)
+    tl.store(PART + row + CG * K + 1, acc_beta, mask=c_ok0)
+
+
+# --------------------------------------------------------------------------------------------- host side
+
+
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def _tiles(x: torch.Tensor) -> tuple[int, int, int]:
+def _tiles(x: torch.Tensor, max_bw: int = 64) -> tuple[int, int, int]:
     """(BC, BH, BW) of about 2048 elements, shaped so the unit-stride axis is read in long runs."""
     _, c, h, w = x.shape
-    bw = min(_pow2(w), 64)
-    if x.stride(1) == 1 and c > 1:  # channels_last: 32 channels (64 bytes of bf16) per position
+    bw = min(_pow2(w), max_bw)
+    if _channels_last(x) and c > 1:  # channels_last: 32 channels (64 bytes of bf16) per position
         bc = min(_pow2(c), 32)
         bh = min(_pow2(h), max(1, 2048 // (bc * bw)))
     else:  # NCHW: each channel's plane is contiguous, whole rows per tile
         bh = min(_pow2(h), max(1, 1024 // bw))
         bc = min(_pow2(c), max(1, 2048 // (bw * bh)))
     return bc, bh, bw
+
+
+# the means pass spans up to 128 columns per program (MobileNetV2's 112-wide maps in one column block)
+_REDUCE_MAX_BW = 128
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
@@ -143,75 +308,131 @@ def _channels_last(t: torch.Tensor | None) -> bool:
     return t is not None and not t.is_contiguous()
 
 
-def _strip_tensor(t: torch.Tensor) -> torch.Tensor:
-    # (B, C, L) gates/addends are read as dense row-major strips
-    return t if t.is_contiguous() else t.contiguous()
+def pack_strips(a_h: torch.Tensor, a_w: torch.Tensor) -> torch.Tensor:
+    """(B, C, H) and (B, C, W) -> one float32 strip buffer of B * C * (H + W) values (rows first)."""
+    return torch.cat([a_h.reshape(-1).float(), a_w.reshape(-1).float()])
 
 
-def strip_reduce(x: torch.Tensor, dout: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                 g_h: torch.Tensor | None = None, g_w: torch.Tensor | None = None, store_dpre: bool = False,
-                 row_scale: float = 1.0, col_scale: float = 1.0
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Row sums over W and column sums over H of ``x`` (plain) or of ``d * x`` weighted by the other axis's gate
-    (gated: ``dout`` given; ``d = dout * (out > 0)`` when ``out`` is given, else ``dout``).
+def unpack_strips(buf: torch.Tensor, shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A strip buffer of a (B, C, H, W) map -> views (B, C, H), (B, C, W)."""
+    b, c, h, w = shape
+    return buf[: b * c * h].view(b, c, h), buf[b * c * h:].view(b, c, w)
 
-    Returns (rows (B, C, H) float32 * row_scale, cols (B, C, W) float32 * col_scale, d or None), ``d``
-    stored only when ``store_dpre`` (in dout's dtype and layout).
-    """
-    x = _dense(x)  # out, when given, has x's layout (it came from strip_gate on the same x)
-    dout = None if dout is None else _dense(dout)
+
+class _Launch:
+    """One kernel launch with a fixed grid, integer arguments and constexprs; after the first call it replays
+    the compiled kernel directly (:class:`attnzoo.kernels._launch.DirectLaunch`) where it can. Callers keep
+    each tensor argument's role, dtype and layout fixed per instance (the compiled kernel depends on them)."""
+
+    __slots__ = ("kernel", "grid", "ints", "meta", "direct")
+
+    def __init__(self, kernel: Any, grid: tuple[int, ...], ints: tuple[int, ...], meta: dict[str, Any]) -> None:
+        self.kernel, self.grid, self.ints, self.meta = kernel, grid, ints, {"num_warps": 4, **meta}
+        self.direct: Any = False  # False: not captured yet; None: replay impossible, use the normal launch
+
+    def __call__(self, ptrs: Sequence[torch.Tensor], scalars: Sequence[float]) -> None:
+        direct = self.direct
+        if direct is False:
+            if _launch.SUPPORTED and not triton_interpreting():
+                self.direct = _launch.launch_and_capture(self.kernel, self.grid, ptrs, self.ints, scalars, self.meta)
+                return
+            self.direct = None
+        elif direct is not None and direct(ptrs, scalars):
+            return
+        self.kernel[self.grid](*ptrs, *self.ints, *scalars, **self.meta)
+
+
+def _reduce_launch(x: torch.Tensor, gated: bool, relu: bool, d_cl: bool, store_dpre: bool) -> tuple[_Launch, int]:
     b, c, h, w = x.shape
-    bc, bh, bw = _tiles(x)
+    bc, bh, bw = _tiles(x, _REDUCE_MAX_BW)
     ncb, nwb = triton.cdiv(c, bc), triton.cdiv(w, bw)
-    rows = torch.empty((b, c, h, nwb), device=x.device, dtype=torch.float32)
-    cols = torch.empty((b, c, w), device=x.device, dtype=torch.float32)
-    gated = dout is not None
-    dpre = torch.empty_like(dout) if store_dpre else None
-    dummy = x  # never dereferenced: the constexpr flags remove the loads that would use it
-    _strip_reduce[(b * ncb, nwb)](
-        x, dout if gated else dummy, out if out is not None else dummy,
-        _strip_tensor(g_h) if gated else dummy, _strip_tensor(g_w) if gated else dummy,
-        dpre if store_dpre else dummy, rows, cols,
-        c, ncb, nwb, float(row_scale), float(col_scale), h, w, _channels_last(x), _channels_last(dout),
-        GATED=gated, RELU=out is not None, STORE_DPRE=store_dpre, BC=bc, BH=bh, BW=bw, num_warps=4)
-    rows = rows.squeeze(-1) if nwb == 1 else rows.sum(-1)
-    return rows, cols, dpre
+    meta = dict(H=h, W=w, X_CL=_channels_last(x), D_CL=d_cl, GATED=gated, RELU=relu, STORE_DPRE=store_dpre,
+                BC=bc, BH=bh, BW=bw)
+    return _Launch(_strip_reduce, (b * ncb, nwb), (b, c, ncb, nwb), meta), nwb
 
 
-def strip_gate(x: torch.Tensor, g_h: torch.Tensor, g_w: torch.Tensor, a_h: torch.Tensor | None = None,
-               a_w: torch.Tensor | None = None, shortcut: torch.Tensor | None = None, relu: bool = False,
-               out_dtype: torch.dtype | None = None, a_scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
-    """``act(x * g_h[..., None] * g_w[..., None, :] + s_h * a_h[..., None] + s_w * a_w[..., None, :] + shortcut)``
-    in one pass (``(s_h, s_w) = a_scales``), computed in float32 and stored in ``out_dtype`` (default x's dtype)
-    with x's memory layout."""
-    x = _dense(x)
-    shortcut = None if shortcut is None else _dense(shortcut)
+def _gate_launch(x: torch.Tensor, s_cl: bool, has_add: bool, has_shortcut: bool, relu: bool) -> _Launch:
     b, c, h, w = x.shape
     bc, bh, bw = _tiles(x)
     ncb = triton.cdiv(c, bc)
-    out = torch.empty_like(x, dtype=out_dtype or x.dtype)  # x's layout
-    has_add = a_h is not None
-    _strip_gate[(b * ncb, triton.cdiv(w, bw), triton.cdiv(h, bh))](
-        x, _strip_tensor(g_h), _strip_tensor(g_w),
-        _strip_tensor(a_h.float()) if has_add else x, _strip_tensor(a_w.float()) if has_add else x,
-        shortcut if shortcut is not None else x, out,
-        c, ncb, float(a_scales[0]), float(a_scales[1]), h, w, _channels_last(x), _channels_last(shortcut),
-        HAS_ADD=has_add, HAS_SHORTCUT=shortcut is not None, RELU=relu, BC=bc, BH=bh, BW=bw, num_warps=4)
+    meta = dict(H=h, W=w, X_CL=_channels_last(x), S_CL=s_cl, HAS_ADD=has_add, HAS_SHORTCUT=has_shortcut,
+                RELU=relu, BC=bc, BH=bh, BW=bw)
+    return _Launch(_strip_gate, (b * ncb, triton.cdiv(w, bw), triton.cdiv(h, bh)), (b, c, ncb), meta)
+
+
+_MAP_PLANS: dict[tuple, Any] = {}
+
+
+def _map_plan(key: tuple, build: Callable[[], Any]) -> Any:
+    plan = _MAP_PLANS.get(key)
+    if plan is None:
+        plan = _MAP_PLANS[key] = build()
+    return plan
+
+
+def _strip_sums(x: torch.Tensor, dout: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                gates: torch.Tensor | None = None, store_dpre: bool = False, row_scale: float = 1.0,
+                col_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Strip buffer of the row sums over W (* row_scale) and column sums over H (* col_scale) of ``x`` (plain), or
+    of ``d * x`` weighted by the other axis's gate (gated: ``dout`` and the ``gates`` strip buffer given;
+    ``d = dout * (out > 0)`` when ``out`` is given, else ``dout``), plus ``d`` when ``store_dpre`` (in dout's
+    dtype and layout). ``x`` and ``out`` share a layout (out came from the gating of the same x)."""
+    b, c, h, w = x.shape
+    gated = dout is not None
+    d_cl = gated and _channels_last(dout)
+    key = ("reduce", x.shape, x.dtype, _channels_last(x), x.device.index, gated, out is not None, d_cl,
+           None if dout is None else dout.dtype, None if gates is None else gates.dtype, store_dpre)
+    launch, nwb = _map_plan(key, lambda: _reduce_launch(x, gated, out is not None, d_cl, store_dpre))
+    strips = torch.empty(b * c * (h + w), device=x.device, dtype=torch.float32)
+    rows = strips if nwb == 1 else torch.empty((b, c, h, nwb), device=x.device, dtype=torch.float32)
+    dpre = torch.empty_like(dout) if store_dpre else None
+    launch((x, dout if gated else x, out if out is not None else x, gates if gated else strips,
+            dpre if store_dpre else x, rows, strips), (row_scale, col_scale))
+    if nwb > 1:  # maps wider than one column block: add up the blocks' partial row sums
+        torch.sum(rows, dim=-1, out=strips[: b * c * h].view(b, c, h))
+    return strips, dpre
+
+
+def _apply_gates(x: torch.Tensor, gates: torch.Tensor, addends: torch.Tensor | None = None,
+                 shortcut: torch.Tensor | None = None, relu: bool = False, out_dtype: torch.dtype | None = None,
+                 a_scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+    """``act(x * g_h[..., None] * g_w[..., None, :] + s_h * a_h[..., None] + s_w * a_w[..., None, :] + shortcut)``
+    in one pass (``(s_h, s_w) = a_scales``; ``gates`` and ``addends`` strip buffers), computed in float32 and
+    stored in ``out_dtype`` (default x's dtype) with x's memory layout."""
+    out_dtype = out_dtype or x.dtype
+    s_cl = _channels_last(shortcut)
+    key = ("gate", x.shape, x.dtype, _channels_last(x), x.device.index, gates.dtype,
+           None if addends is None else addends.dtype, None if shortcut is None else shortcut.dtype, s_cl, relu,
+           out_dtype)
+    launch = _map_plan(key, lambda: _gate_launch(x, s_cl, addends is not None, shortcut is not None, relu))
+    out = torch.empty_like(x, dtype=out_dtype)  # x's layout
+    launch((x, gates, gates if addends is None else addends, x if shortcut is None else shortcut, out), a_scales)
     return out
+
+
+# ------------------------------------------------------------------------- generic strip ops (any gate_fn)
 
 
 def strip_means(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean over W (B, C, H), mean over H (B, C, W)), float32, from one read of x."""
-    rows, cols, _ = strip_reduce(x, row_scale=1.0 / x.shape[3], col_scale=1.0 / x.shape[2])
-    return rows, cols
+    x = _dense(x)
+    strips, _ = _strip_sums(x, row_scale=1.0 / x.shape[3], col_scale=1.0 / x.shape[2])
+    return unpack_strips(strips, x.shape)
 
 
-def _gate_backward(dout: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None, g_h: torch.Tensor,
-                   g_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d, dg_h, dg_w) for ``out = act(x * g_h * g_w [+ s])``: d = dout * act' (dout itself without ReLU)."""
+def strip_gate(x: torch.Tensor, g_h: torch.Tensor, g_w: torch.Tensor, shortcut: torch.Tensor | None = None,
+               relu: bool = False) -> torch.Tensor:
+    """``act(x * g_h[..., None] * g_w[..., None, :] + shortcut)`` in one pass, in x's dtype and layout."""
+    return _apply_gates(_dense(x), pack_strips(g_h, g_w), shortcut=None if shortcut is None else _dense(shortcut),
+                        relu=relu)
+
+
+def _gate_backward(dout: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None, gates: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d, gate gradients as a strip buffer) for ``out = act(x * g_h * g_w [+ s])``: d = dout * act'."""
     relu = out is not None
-    dg_h, dg_w, dpre = strip_reduce(x, dout, out, g_h, g_w, store_dpre=relu)
-    return (dpre if relu else dout), dg_h.to(g_h.dtype), dg_w.to(g_w.dtype)
+    dgates, dpre = _strip_sums(x, dout, out, gates, store_dpre=relu)
+    return (dpre if relu else dout), dgates
 
 
 class StripMeans(torch.autograd.Function):
@@ -234,19 +455,23 @@ class StripGate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, g_h, g_w, shortcut, relu):
-        out = strip_gate(x, g_h, g_w, shortcut=shortcut, relu=relu)
-        ctx.shortcut_dtype = None if shortcut is None else shortcut.dtype
-        ctx.save_for_backward(x, g_h, g_w, out if relu else None)
+        x = _dense(x)
+        gates = pack_strips(g_h, g_w)
+        out = _apply_gates(x, gates, shortcut=None if shortcut is None else _dense(shortcut), relu=relu)
+        ctx.meta = (g_h.dtype, g_w.dtype, None if shortcut is None else shortcut.dtype)
+        ctx.save_for_backward(x, gates, out if relu else None)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        x, g_h, g_w, out = ctx.saved_tensors
-        d, dg_h, dg_w = _gate_backward(dout, x, out, g_h, g_w)
-        dx = strip_gate(d, g_h, g_w, out_dtype=x.dtype) if ctx.needs_input_grad[0] else None
-        ds = None if ctx.shortcut_dtype is None else d.to(ctx.shortcut_dtype)
-        return dx, dg_h, dg_w, ds, None
+        x, gates, out = ctx.saved_tensors
+        gh_dtype, gw_dtype, s_dtype = ctx.meta
+        d, dgates = _gate_backward(_dense(dout), x, out, gates)
+        dg_h, dg_w = unpack_strips(dgates, x.shape)
+        dx = _apply_gates(d, gates, out_dtype=x.dtype) if ctx.needs_input_grad[0] else None
+        ds = None if s_dtype is None else d.to(s_dtype)
+        return dx, dg_h.to(gh_dtype), dg_w.to(gw_dtype), ds, None
 
 
 class StripAttention(torch.autograd.Function):
@@ -261,28 +486,30 @@ class StripAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, shortcut, gate_fn, relu, *params):
+        x = _dense(x)
         z_h, z_w = strip_means(x)
         with torch.enable_grad():
             z_h.requires_grad_(), z_w.requires_grad_()
             y_h, y_w = gate_fn(z_h, z_w)
-        out = strip_gate(x, y_h.detach(), y_w.detach(), shortcut=shortcut, relu=relu)
+        gates = pack_strips(y_h.detach(), y_w.detach())
+        out = _apply_gates(x, gates, shortcut=None if shortcut is None else _dense(shortcut), relu=relu)
         ctx.inner = (z_h, z_w, y_h, y_w)
         ctx.params = params
         ctx.shortcut_dtype = None if shortcut is None else shortcut.dtype
-        ctx.save_for_backward(x, out if relu else None)
+        ctx.save_for_backward(x, gates, out if relu else None)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        x, out = ctx.saved_tensors
+        x, gates, out = ctx.saved_tensors
         z_h, z_w, y_h, y_w = ctx.inner
         del ctx.inner  # the recorded gate graph is used once
-        g_h, g_w = y_h.detach(), y_w.detach()
-        d, dg_h, dg_w = _gate_backward(dout, x, out, g_h, g_w)
+        d, dgates = _gate_backward(_dense(dout), x, out, gates)
+        dg_h, dg_w = unpack_strips(dgates, x.shape)
         wanted = [i for i, need in enumerate(ctx.needs_input_grad[4:]) if need]
-        grads = torch.autograd.grad((y_h, y_w), [z_h, z_w, *(ctx.params[i] for i in wanted)], (dg_h, dg_w),
-                                    allow_unused=True)
+        grads = torch.autograd.grad((y_h, y_w), [z_h, z_w, *(ctx.params[i] for i in wanted)],
+                                    (dg_h.to(y_h.dtype), dg_w.to(y_w.dtype)), allow_unused=True)
         dz_h, dz_w = grads[0], grads[1]
         dparams: list[torch.Tensor | None] = [None] * len(ctx.params)
         for i, g in zip(wanted, grads[2:]):
@@ -290,9 +517,9 @@ class StripAttention(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             h, w = x.shape[2], x.shape[3]
-            a_h = torch.zeros_like(z_h) if dz_h is None else dz_h
-            a_w = torch.zeros_like(z_w) if dz_w is None else dz_w
-            dx = strip_gate(d, g_h, g_w, a_h=a_h, a_w=a_w, out_dtype=x.dtype, a_scales=(1.0 / w, 1.0 / h))
+            addends = pack_strips(torch.zeros_like(z_h) if dz_h is None else dz_h,
+                                  torch.zeros_like(z_w) if dz_w is None else dz_w)
+            dx = _apply_gates(d, gates, addends, out_dtype=x.dtype, a_scales=(1.0 / w, 1.0 / h))
         ds = None if ctx.shortcut_dtype is None else d.to(ctx.shortcut_dtype)
         return (dx, ds, None, None, *dparams)
 
@@ -306,3 +533,125 @@ def strip_attention(x: torch.Tensor, gate_fn: Callable[[torch.Tensor, torch.Tens
         return strip_gate(x, y_h, y_w, shortcut=shortcut, relu=relu)
     return StripAttention.apply(x, shortcut, gate_fn, relu, *params)
 
+
+# --------------------------------------------------------------------------- ELA: the whole op, three launches
+
+
+# registers per program: a strip tile of BCO x BL and a weight-gradient tile of BCO x BCK x BLC stay under this
+_MAX_TILE = 8192
+_TILE_TARGET = 1024  # strip tile size the channel block grows to (fewer, fuller programs for small maps)
+_BWD_PROGRAMS = 512  # backward programs to aim for (a few per SM); each sums the weight gradient of a strip run
+
+
+class _ELAPlan:
+    """Launches of the fused ELA op for one (shape, layout, dtype, parameter) combination, built once.
+
+    Forward: strip means (map pass), gates (strip kernel), gating (map pass). Backward: gated reduction (map
+    pass), gate backward (strip kernel), one sum of its partials, dx (map pass).
+    """
+
+    def __init__(self, x: torch.Tensor, relu: bool, conv_weight: torch.Tensor, norm_groups: int) -> None:
+        b, c, h, w = x.shape
+        _, cg, k = conv_weight.shape
+        cpg = c // norm_groups
+        # channels per program: whole conv groups and whole GroupNorm groups, several while the tile stays small
+        nch = math.lcm(cg, cpg)
+        self.bl = _pow2(max(h, w))
+        while 2 * nch <= c and _pow2(2 * nch) * self.bl <= _TILE_TARGET:
+            nch *= 2
+        self.shape, self.relu, self.taps = (b, c, h, w), relu, cg * k
+        self.n_strips = b * c * (h + w)
+        self.bco = _pow2(nch)
+        bg = max(2, _pow2(nch // cpg))
+        self.bck = _pow2(cg * k)
+        self.fits = self.bco * self.bl <= _MAX_TILE and self.bco * self.bck <= _MAX_TILE
+        warps = 4 if self.bco * self.bl <= 2048 else 8
+        ncb = triton.cdiv(c, nch)
+        self.strip_ints = (b, c, h, w, cpg)
+        strip_meta = dict(NCH=nch, CG=cg, K=k, BCO=self.bco, BL=self.bl, BG=bg, num_warps=warps)
+        self.gates = _Launch(_ela_gates_fwd, (ncb, 2 * b), self.strip_ints, strip_meta)
+        n_sb = min(2 * b, max(1, _BWD_PROGRAMS // ncb))
+        self.spp = triton.cdiv(2 * b, n_sb)
+        self.n_sb = triton.cdiv(2 * b, self.spp)
+        blc = min(self.bl, max(1, _MAX_TILE // (self.bco * self.bck)))  # powers of two: so is blc
+        self.gates_bwd = _Launch(_ela_gates_bwd, (ncb, self.n_sb), (*self.strip_ints, self.spp),
+                                 dict(strip_meta, BCK=self.bck, BLC=blc))
+
+
+_ELA_PLANS: dict[tuple, _ELAPlan] = {}
+
+
+def _ela_plan(x: torch.Tensor, relu: bool, conv_weight: torch.Tensor, norm_weight: torch.Tensor,
+              norm_groups: int) -> _ELAPlan:
+    # the strip kernels are compiled for the parameters' dtypes (the map passes key their own launches)
+    key = (x.shape, x.device.index, conv_weight.shape, conv_weight.dtype, norm_weight.dtype, norm_groups, relu)
+    plan = _ELA_PLANS.get(key)
+    if plan is None:
+        plan = _ELA_PLANS[key] = _ELAPlan(x, relu, conv_weight, norm_groups)
+    return plan
+
+
+def _ela_forward(plan: _ELAPlan, x: torch.Tensor, conv_weight: torch.Tensor, norm_weight: torch.Tensor,
+                 norm_bias: torch.Tensor, eps: float, shortcut: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _, _, h, w = plan.shape
+    means, _ = _strip_sums(x, row_scale=1.0 / w, col_scale=1.0 / h)
+    gates = torch.empty(plan.n_strips, device=x.device, dtype=torch.float32)
+    plan.gates((means, conv_weight, norm_weight, norm_bias, gates), (eps,))
+    out = _apply_gates(x, gates, shortcut=shortcut, relu=plan.relu)
+    return means, gates, out
+
+
+class ELAFunction(torch.autograd.Function):
+    """ELA with the host block's tail: ``act(x * y_h * y_w + shortcut)``, ``y = sigmoid(GN(conv1d(mean(x))))``.
+
+    Forward: three launches (strip means, both strips' gates, the gating). Backward: the gated reduction (gate
+    gradients, ReLU mask, shortcut gradient), the strips' hand-written backward (conv and GroupNorm), one sum
+    of its per-program partials, and dx; no autograd graph inside.
+    """
+
+    @staticmethod
+    def forward(ctx, x, shortcut, conv_weight, norm_weight, norm_bias, plan, eps):
+        means, gates, out = _ela_forward(plan, x, conv_weight, norm_weight, norm_bias, eps, shortcut)
+        ctx.plan, ctx.eps = plan, eps
+        ctx.shortcut_dtype = None if shortcut is None else shortcut.dtype
+        ctx.save_for_backward(x, out if plan.relu else None, means, gates, conv_weight, norm_weight, norm_bias)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        x, out, means, gates, conv_weight, norm_weight, norm_bias = ctx.saved_tensors
+        plan = ctx.plan
+        _, c, h, w = plan.shape
+        d, dgates = _gate_backward(_dense(dout), x, out, gates)
+        du = torch.empty(plan.n_strips, device=x.device, dtype=torch.float32)
+        dmeans = torch.empty_like(du)
+        part = torch.empty((plan.n_sb, c, plan.taps + 2), device=x.device, dtype=torch.float32)
+        plan.gates_bwd((means, conv_weight, norm_weight, norm_bias, dgates, du, dmeans, part), (ctx.eps,))
+        sums = part.sum(0)
+        dconv = sums[:, : plan.taps].view(conv_weight.shape).to(conv_weight.dtype)
+        dgamma = sums[:, plan.taps].to(norm_weight.dtype)
+        dbeta = sums[:, plan.taps + 1].to(norm_bias.dtype)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = _apply_gates(d, gates, dmeans, out_dtype=x.dtype, a_scales=(1.0 / w, 1.0 / h))
+        ds = None if ctx.shortcut_dtype is None else d.to(ctx.shortcut_dtype)
+        return dx, ds, dconv, dgamma, dbeta, None, None
+
+
+def ela_attention(x: torch.Tensor, conv_weight: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
+                  norm_groups: int, eps: float, shortcut: torch.Tensor | None, relu: bool) -> torch.Tensor | None:
+    """Entry for strip_gate.ela_attention on the triton backend (arguments checked there); None when the strip
+    tiles would not fit in registers (the caller then runs the PyTorch expressions)."""
+    plan = _ela_plan(x, relu, conv_weight, norm_weight, norm_groups)
+    if not plan.fits:
+        return None
+    x = _dense(x)
+    shortcut = None if shortcut is None else _dense(shortcut)
+    if not conv_weight.is_contiguous():
+        conv_weight = conv_weight.contiguous()
+    if torch.is_grad_enabled() and (x.requires_grad or conv_weight.requires_grad or norm_weight.requires_grad
+                                    or norm_bias.requires_grad or (shortcut is not None and shortcut.requires_grad)):
+        return ELAFunction.apply(x, shortcut, conv_weight, norm_weight, norm_bias, plan, eps)
+    return _ela_forward(plan, x, conv_weight, norm_weight, norm_bias, eps, shortcut)[2]

@@ -5,13 +5,18 @@ For a map ``x`` of shape (B, C, H, W) the ops here compute
 - the strip means ``z_h = mean_W(x)`` (B, C, H) and ``z_w = mean_H(x)`` (B, C, W);
 - the gating ``out = act(x * y_h[..., :, None] * y_w[..., None, :] + shortcut)`` (act: none or ReLU), with
   the residual add and activation of a host block (timm's ResNet blocks) fused in;
-- both together around a small gate function on the strips (:func:`strip_attention`), which is how
+- both together around a small gate function on the strips (:func:`strip_attention`);
+- ELA's whole op (:func:`ela_attention`): the gates are ``sigmoid(GroupNorm(conv1d(z)))`` with one grouped
+  1-D conv and one GroupNorm shared by both strips, which is how
   :class:`attnzoo.vision.ela.EfficientLocalAttention` runs.
 
 Backends (:func:`attnzoo.kernels.set_backend`, logged once per op):
 - ``"triton"`` (default on CUDA): one kernel reads x once for both means; one kernel applies both gates,
   the shortcut and the ReLU in one read and one write; the backward is one reduction pass (gate
   gradients, ReLU mask, shortcut gradient) and one element-wise pass. Accumulation in float32.
+  :func:`ela_attention` adds one kernel for both strips' conv + GroupNorm + sigmoid (and one, hand-written,
+  for their backward): three launches forward, three and a sum backward, replayed without Triton's
+  per-call launch path, and no autograd node at all when nothing needs a gradient.
 - ``"torch"`` (CPU; also used for ``"flex"`` and under ``torch.compile``): the plain PyTorch expressions.
 Both accept NCHW-contiguous and channels_last maps (any strides) and keep x's memory layout.
 """
@@ -26,7 +31,7 @@ from .._logging import get_logger, log_once
 from ._backend import get_backend_override, resolve_backend
 from ._checks import register_check
 
-__all__ = ["apply_strip_gates", "strip_attention", "strip_means"]
+__all__ = ["apply_strip_gates", "ela_attention", "strip_attention", "strip_means"]
 
 logger = get_logger("attnzoo.kernels")
 
@@ -37,6 +42,11 @@ def _use_triton(x: torch.Tensor, op: str) -> bool:
     if torch.compiler.is_compiling():  # the compiler fuses the plain expressions itself
         return False
     return resolve_backend(x.device, op) == "triton"
+
+
+def _ela_fused_pays() -> bool:
+    """Whether the automatic choice runs :func:`ela_attention` on the fused kernels (CUDA, not compiling)."""
+    return True
 
 
 def _fused_pays(x: torch.Tensor, shortcut: torch.Tensor | None, params: Sequence[torch.Tensor]) -> bool:
@@ -153,6 +163,71 @@ def strip_attention(x: torch.Tensor, gate_fn: GateFn, shortcut: torch.Tensor | N
     y_h, y_w = gate_fn(x.mean(dim=3), x.mean(dim=2))
     return _gate_torch(x, y_h, y_w, shortcut, act)
 
+
+
+def _check_ela(x: torch.Tensor, conv_weight: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
+               norm_groups: int) -> None:
+    c = x.shape[1]
+    if conv_weight.dim() != 3 or conv_weight.shape[0] != c or c % conv_weight.shape[1]:
+        raise ValueError(f"conv_weight must be (C, C / conv_groups, K) = ({c}, C / groups, K) for x with {c} channels, "
+                         f"got {tuple(conv_weight.shape)}")
+    if conv_weight.shape[2] % 2 == 0:
+        raise ValueError(f"conv kernel size must be odd ('same' padding K // 2), got {conv_weight.shape[2]}")
+    if norm_groups < 1 or c % norm_groups:
+        raise ValueError(f"{c} channels do not divide into {norm_groups} GroupNorm groups; pick a divisor of {c}")
+    if tuple(norm_weight.shape) != (c,) or tuple(norm_bias.shape) != (c,):
+        raise ValueError(f"norm_weight and norm_bias must be ({c},), got {tuple(norm_weight.shape)} and "
+                         f"{tuple(norm_bias.shape)}")
+
+
+def _ela_gates_torch(z: torch.Tensor, conv_weight: torch.Tensor, norm_weight: torch.Tensor,
+                     norm_bias: torch.Tensor, norm_groups: int, eps: float) -> torch.Tensor:
+    # (N, C, L) -> (N, C, L): the shared grouped conv1d ('same' zero padding), GroupNorm, sigmoid
+    k = conv_weight.shape[2]
+    u = torch.nn.functional.conv1d(z.to(conv_weight.dtype), conv_weight, padding=k // 2,
+                                   groups=conv_weight.shape[0] // conv_weight.shape[1])
+    return torch.sigmoid(torch.nn.functional.group_norm(u, norm_groups, norm_weight, norm_bias, eps))
+
+
+def ela_attention(x: torch.Tensor, conv_weight: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
+                  norm_groups: int, eps: float = 1e-5, shortcut: torch.Tensor | None = None,
+                  act: str | None = None) -> torch.Tensor:
+    """ELA (Xu & Wan, 2024) with an optional residual tail: ``act(x * y_h[..., None] * y_w[..., None, :] + shortcut)``
+    where ``y_h = G(mean_W(x))``, ``y_w = G(mean_H(x))`` and ``G(z) = sigmoid(GroupNorm(conv1d(z)))`` uses ONE
+    grouped 1-D conv (no bias, zero padding K // 2) and ONE GroupNorm for both strips.
+
+    Args:
+        x: (B, C, H, W), float dtype, NCHW-contiguous, channels_last or any strides.
+        conv_weight: (C, C / conv_groups, K), K odd (``nn.Conv1d(C, C, K, groups=conv_groups).weight``).
+        norm_weight, norm_bias: (C,) GroupNorm affine parameters; ``norm_groups`` divides C; ``eps`` its epsilon.
+        shortcut: optional (B, C, H, W) residual added after the gating (a ResNet block's shortcut).
+        act: None or "relu", applied last (timm's ResNet blocks: ReLU after the residual add).
+
+    Returns:
+        (B, C, H, W) in x's dtype and (dense) memory layout. Differentiable with respect to x, shortcut and the
+        three parameters. Triton: strip means and gates in float32, the map rounded once; the torch backend runs
+        the conv in the parameters' dtype (or autocast's) and multiplies in x's dtype.
+    """
+    _check_map(x, shortcut, act)
+    _check_ela(x, conv_weight, norm_weight, norm_bias, norm_groups)
+    if _use_triton(x, "ela_attention") and _ela_fused_pays():
+        from ._ela_triton import ela_attention as fused
+
+        out = fused(x, conv_weight, norm_weight, norm_bias, norm_groups, eps, shortcut, act == "relu")
+        if out is not None:
+            return out
+        log_once(logger, f"ela_attention: strip tiles of {tuple(conv_weight.shape)} at {tuple(x.shape)} exceed the "
+                         "fused kernel's registers; PyTorch expressions")
+    z_h, z_w = x.mean(dim=3), x.mean(dim=2)
+    if z_h.shape == z_w.shape:
+        # square maps: both strips through one conv + GroupNorm call (GroupNorm's statistics are per sample, so
+        # stacking along the batch changes only the number of launches)
+        y_h, y_w = _ela_gates_torch(torch.cat([z_h, z_w]), conv_weight, norm_weight, norm_bias, norm_groups,
+                                    eps).chunk(2)
+    else:
+        y_h = _ela_gates_torch(z_h, conv_weight, norm_weight, norm_bias, norm_groups, eps)
+        y_w = _ela_gates_torch(z_w, conv_weight, norm_weight, norm_bias, norm_groups, eps)
+    return _gate_torch(x, y_h, y_w, shortcut, act)
 
 
 @register_check("strip_attention")

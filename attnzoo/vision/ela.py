@@ -21,9 +21,10 @@ ELA-L   7            channels // 8           16
 
 No official code or weights were released, so the models below have no checkpoint URL.
 
-On CUDA the module runs on :func:`attnzoo.kernels.strip_attention` (Triton: one pass over the map for both
-strip means, one for both gates); the ResNet hosts use :class:`ELABasicBlock` / :class:`ELABottleneck`, timm's
-blocks with the same modules, whose tail computes ``relu(ELA(x) + shortcut)`` in that one gating pass.
+On CUDA the module runs on :func:`attnzoo.kernels.ela_attention` (Triton: one pass over the map for both
+strip means, one kernel for both strips' conv + GroupNorm + sigmoid, one pass for both gates); the ResNet hosts
+use :class:`ELABasicBlock` / :class:`ELABottleneck`, timm's blocks with the same modules, whose tail computes
+``relu(ELA(x) + shortcut)`` in that one gating pass.
 
 Hosts are timm's own classes, built through timm's own builders, with ELA passed through timm's hooks, at
 the positions Coordinate Attention takes in these networks (ELA revises CA and is evaluated in its place):
@@ -53,7 +54,7 @@ from timm.models.efficientnet import EfficientNet, _create_effnet
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet, _create_resnet
 from torch import nn
 
-from ..kernels.strip_gate import strip_attention
+from ..kernels.strip_gate import ela_attention
 from ._registry import register_model
 
 __all__ = ["ELABasicBlock", "ELABottleneck", "ELA_VERSIONS", "EfficientLocalAttention", "ela_param_count"]
@@ -112,27 +113,13 @@ class EfficientLocalAttention(nn.Module):
                               groups=channels // chs_per_group, bias=False, device=device, dtype=dtype)
         self.gn = nn.GroupNorm(norm_groups, channels, device=device, dtype=dtype)
 
-    def _gate(self, z: torch.Tensor) -> torch.Tensor:
-        # (B, C, L) -> (B, C, L); the same conv and GroupNorm serve both axes (the paper shares them).
-        # The fused path hands float32 means; the cast is a no-op on the torch path and under autocast.
-        return torch.sigmoid(self.gn(self.conv(z.to(self.conv.weight.dtype))))
-
-    def gates(self, z_h: torch.Tensor, z_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Strip means ``z_h`` (B, C, H), ``z_w`` (B, C, W) -> gates ``y_h`` (B, C, H), ``y_w`` (B, C, W)."""
-        if z_h.shape == z_w.shape:
-            # Square maps: both strips through the shared conv + GroupNorm in one batch (GroupNorm's statistics
-            # are per sample, so stacking along the batch changes nothing but the number of launches).
-            y_h, y_w = self._gate(torch.cat([z_h, z_w])).chunk(2)
-            return y_h, y_w
-        return self._gate(z_h), self._gate(z_w)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> (B, C, H, W), in x's dtype and memory layout.
 
-        On CUDA (kernel backend "triton") the strip means and the gating are fused Triton kernels
-        (:func:`attnzoo.kernels.strip_attention`); elsewhere plain PyTorch.
+        On CUDA (kernel backend "triton") the whole module is :func:`attnzoo.kernels.ela_attention`'s three fused
+        Triton kernels (strip means, both strips' conv + GroupNorm + sigmoid, gating); elsewhere plain PyTorch.
         """
-        return strip_attention(x, self.gates, params=self._params())
+        return ela_attention(x, self.conv.weight, self.gn.weight, self.gn.bias, self.gn.num_groups, self.gn.eps)
 
     def forward_residual(self, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
         """``relu(ELA(x) + shortcut)``: a ResNet block's tail, fused with ELA on the triton backend.
@@ -140,10 +127,8 @@ class EfficientLocalAttention(nn.Module):
         x, shortcut: (B, C, H, W); returns (B, C, H, W) in x's dtype. On the torch backend exactly timm's tail
         (``x = ela(x); x += shortcut; relu``).
         """
-        return strip_attention(x, self.gates, shortcut=shortcut, act="relu", params=self._params())
-
-    def _params(self) -> tuple[torch.Tensor, ...]:
-        return (self.conv.weight, self.gn.weight, self.gn.bias)
+        return ela_attention(x, self.conv.weight, self.gn.weight, self.gn.bias, self.gn.num_groups, self.gn.eps,
+                             shortcut=shortcut, act="relu")
 
 
 # ELA fused into the tail of timm's ResNet blocks. timm's blocks end with `x = se(x); x = drop_path(x);
