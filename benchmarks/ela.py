@@ -41,7 +41,8 @@ MODEL_ROWS = {
     "resnet": [("resnet50 [timm]", "resnet50", None, 224), ("resnet50_ela [fused]", "resnet50_ela", "triton", 224),
                ("resnet50_ela [torch path]", "resnet50_ela", "torch", 224)],
     "mobilenet": [("mobilenetv2_100 [timm]", "mobilenetv2_100", None, 224),
-                  ("mobilenetv2_100_ela [fused]", "mobilenetv2_100_ela", "triton", 224),
+                  # automatic backend (fused on CUDA as of 2026-11-24): no fp32 check, fewer compiles in the call
+                  ("mobilenetv2_100_ela [auto: fused]", "mobilenetv2_100_ela", None, 224),
                   ("mobilenetv2_100_ela [torch path]", "mobilenetv2_100_ela", "torch", 224)],
     "tnt": [("tnt_s_patch16_224 [timm]", "tnt_s_patch16_224", None, 224),
             ("ptnt_s_patch16_256 [sdpa]", "ptnt_s_patch16_256", None, 256)],
