@@ -326,9 +326,11 @@ class _IdlePass(AttentionPass):
 def host_costs(lvlm, batch, var_kwargs: dict, device: str, calls: int = 200, repeats: int = 5) -> dict:
     """Per-call time (us) of the "attnzoo" attention function at the decode shape (batch 1, one query, the prompt
     plus 8 keys), for each pass at a layer it edits and one it leaves alone, next to the no-pass call, a bare SDPA
-    call and a bare ``var_attention`` call. ``calls`` calls are queued, then one sync; min over ``repeats``. At this
-    shape the device needs a few us per call, so on the GPU this is the host cost of the call."""
-    from attnzoo.kernels.grouped_attention import var_attention
+    call and bare ``var_attention`` calls. ``calls`` calls are queued, then one sync; the minimum over ``repeats``
+    rounds, each round measuring every entry once (the host's speed drifts: entries measured in one stretch would
+    each see a different host). At this shape the device needs a few us per call, so on the GPU this is the host
+    cost of the call."""
+    from attnzoo.kernels.grouped_attention import var_attention, var_attention_backend
     from attnzoo.mllm.attention import attnzoo_attention
 
     n = lvlm.num_layers
@@ -340,55 +342,52 @@ def host_costs(lvlm, batch, var_kwargs: dict, device: str, calls: int = 200, rep
     k, v = (torch.randn(1, lvlm.num_kv_heads, kv_len, lvlm.head_dim, generator=gen).to(device, dtype)
             for _ in range(2))
     scale = lvlm.head_dim ** -0.5
+    best: dict[str, float] = {}
 
-    def per_call(fn) -> float:
+    def per_call(name: str, fn) -> None:
         for _ in range(10):
             fn()
-        best = float("inf")
-        for _ in range(repeats):
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            sync(device)
-            best = min(best, (time.perf_counter() - t0) / calls)
-        return 1e6 * best
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync(device)
+        best[name] = min(best.get(name, float("inf")), 1e6 * (time.perf_counter() - t0) / calls)
 
-    out: dict = {"layers": layers, "kv_length": kv_len,
-                 "sdpa (bare torch call)": per_call(lambda: torch.nn.functional.scaled_dot_product_attention(
-                     q, k, v, scale=scale, enable_gqa=lvlm.num_heads != lvlm.num_kv_heads))}
     groups = torch.zeros(1, batch.layout.prompt_length, dtype=torch.int32, device=device)
     after = torch.zeros(1, dtype=torch.int32, device=device)
     eps = torch.zeros(1, dtype=torch.float32, device=device)
-    from attnzoo.kernels.grouped_attention import var_attention_backend
-
     launch = var_attention_backend(q.device)
-    for direct in (False, True):
-        launch_path(direct)
-        label = "direct launch" if direct else "normal launch"
-        out[f"var_attention (bare call, {label})"] = per_call(
-            lambda: var_attention(q, k, v, groups, after, eps, 0.6, 0.2, 0.5, scale=scale))
-        out[f"var_attention backend function (no checks, {label})"] = per_call(
-            lambda: launch(q, k, v, groups, after, eps, 0.6, 0.2, 0.5, scale, True, None, None))
     makers = {"no pass": None, "idle pass (asked every call)": _IdlePass,
               "var": lambda: mitigation.VAR(fused=True, **var_kwargs),
               "var before": lambda: VarBefore(fused=True, **var_kwargs), "vhr": mitigation.VHR,
               "cca": mitigation.CCA}
-    for name, make in makers.items():
-        handle = lvlm.attach(make()) if make is not None else None
-        launch_path(name != "var before")
-        try:
-            with torch.no_grad(), lvlm.use_layout(batch.layout):
-                lvlm.model(**batch.inputs)  # prefill: the pass finds this batch's sinks / heads
-                for layer in layers:
-                    attn = lvlm.decoder_layers[layer].self_attn
-                    acts = make not in (None, _IdlePass) and handle.pass_obj.may_act("text", layer, False)
-                    out[f"{name}, layer {layer}{' (edited)' if acts else ''}"] = per_call(
-                        lambda attn=attn: attnzoo_attention(attn, q, k, v, None, scaling=scale))
-        finally:
-            if handle is not None:
-                handle.remove()
-    return out
+    for _ in range(repeats):
+        per_call("sdpa (bare torch call)", lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, scale=scale, enable_gqa=lvlm.num_heads != lvlm.num_kv_heads))
+        for direct in (False, True):
+            launch_path(direct)
+            label = "direct launch" if direct else "normal launch"
+            per_call(f"var_attention (bare call, {label})",
+                     lambda: var_attention(q, k, v, groups, after, eps, 0.6, 0.2, 0.5, scale=scale))
+            per_call(f"var_attention backend function (no checks, {label})",
+                     lambda: launch(q, k, v, groups, after, eps, 0.6, 0.2, 0.5, scale, True, None, None))
+        for name, make in makers.items():
+            handle = lvlm.attach(make()) if make is not None else None
+            launch_path(name != "var before")
+            try:
+                with torch.no_grad(), lvlm.use_layout(batch.layout):
+                    lvlm.model(**batch.inputs)  # prefill: the pass finds this batch's sinks / heads
+                    for layer in layers:
+                        attn = lvlm.decoder_layers[layer].self_attn
+                        acts = make not in (None, _IdlePass) and handle.pass_obj.may_act("text", layer, False)
+                        per_call(f"{name}, layer {layer}{' (edited)' if acts else ''}",
+                                 lambda attn=attn: attnzoo_attention(attn, q, k, v, None, scaling=scale))
+            finally:
+                if handle is not None:
+                    handle.remove()
+    launch_path(True)
+    return {"layers": layers, "kv_length": kv_len, **best}
 
 
 def device_ms_per_token(run_fn, name: str, short: int = 4, extra: int = 16) -> float:
