@@ -36,16 +36,21 @@ from attnzoo.kernels import ela_attention, use_backend  # noqa: E402
 from attnzoo.vision.ela import ELA_VERSIONS  # noqa: E402
 
 STAGES = [(256, 56), (512, 28), (1024, 14), (2048, 7)]  # ResNet-50 block outputs at 224x224
-# (label, model, backend: None = timm/auto, "triton" = fused ELA, "torch" = PyTorch path, image size)
+# (label, model, backend: None = timm/auto, "triton" = fused ELA, "torch" = PyTorch path, image size, kwargs)
+_NONZERO = {"zero_init_last": False}  # timm zeroes each ResNet block's last BN: ELA's input is then all zeros
 MODEL_ROWS = {
-    "resnet": [("resnet50 [timm]", "resnet50", None, 224), ("resnet50_ela [fused]", "resnet50_ela", "triton", 224),
-               ("resnet50_ela [torch path]", "resnet50_ela", "torch", 224)],
-    "mobilenet": [("mobilenetv2_100 [timm]", "mobilenetv2_100", None, 224),
+    "resnet": [("resnet50 [timm]", "resnet50", None, 224, {}),
+               ("resnet50_ela [fused]", "resnet50_ela", "triton", 224, {}),
+               ("resnet50_ela [torch path]", "resnet50_ela", "torch", 224, {})],
+    "resnet_nonzero": [("resnet50 [timm, zero_init_last=False]", "resnet50", None, 224, _NONZERO),
+                       ("resnet50_ela [fused, zero_init_last=False]", "resnet50_ela", None, 224, _NONZERO),
+                       ("resnet50_ela [torch path, zero_init_last=False]", "resnet50_ela", "torch", 224, _NONZERO)],
+    "mobilenet": [("mobilenetv2_100 [timm]", "mobilenetv2_100", None, 224, {}),
                   # automatic backend (fused on CUDA as of 2026-11-24): no fp32 check, fewer compiles in the call
-                  ("mobilenetv2_100_ela [auto: fused]", "mobilenetv2_100_ela", None, 224),
-                  ("mobilenetv2_100_ela [torch path]", "mobilenetv2_100_ela", "torch", 224)],
-    "tnt": [("tnt_s_patch16_224 [timm]", "tnt_s_patch16_224", None, 224),
-            ("ptnt_s_patch16_256 [sdpa]", "ptnt_s_patch16_256", None, 256)],
+                  ("mobilenetv2_100_ela [auto: fused]", "mobilenetv2_100_ela", None, 224, {}),
+                  ("mobilenetv2_100_ela [torch path]", "mobilenetv2_100_ela", "torch", 224, {})],
+    "tnt": [("tnt_s_patch16_224 [timm]", "tnt_s_patch16_224", None, 224, {}),
+            ("ptnt_s_patch16_256 [sdpa]", "ptnt_s_patch16_256", None, 256, {})],
 }
 
 
@@ -148,10 +153,37 @@ def time_stage(batch: int, c: int, hw: int) -> dict[str, object]:
     return row
 
 
+def time_pieces(batch: int, c: int, hw: int) -> dict[str, object]:
+    """Median ms of each launch of the fused op (bf16 map, float32 parameters) and a device copy of the map."""
+    from attnzoo.kernels import _ela_triton as E
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    conv_weight, gamma, beta = ela_params(c, "S", gen)
+    x = torch.randn(batch, c, hw, hw, device="cuda", dtype=torch.bfloat16)
+    s, dout = torch.randn_like(x), torch.randn_like(x)
+    plan = E._ela_plan(x, True, conv_weight, gamma, 16)
+    means, gates, out = E._ela_forward(plan, x, conv_weight, gamma, beta, 1e-5, s)
+    dgates, d = E._strip_sums(x, dout, out, gates, store_dpre=True)
+    work = [torch.empty(plan.n_strips, device="cuda") for _ in range(2)]
+    part = torch.empty((plan.n_sb, c, plan.taps + 2), device="cuda")
+    copy_dst = torch.empty_like(x)
+    pieces = {
+        "copy (read+write)": lambda: copy_dst.copy_(x),
+        "means": lambda: E._strip_sums(x, row_scale=1.0 / hw, col_scale=1.0 / hw),
+        "gates fwd": lambda: plan.gates((means, conv_weight, gamma, beta, gates), (1e-5,)),
+        "gating+shortcut+relu": lambda: E._apply_gates(x, gates, shortcut=s, relu=True),
+        "bwd reduce": lambda: E._strip_sums(x, dout, out, gates, store_dpre=True),
+        "gates bwd": lambda: plan.gates_bwd((means, conv_weight, gamma, beta, dgates, *work, part), (1e-5,)),
+        "partials sum": lambda: part.sum(0),
+        "dx": lambda: E._apply_gates(d, gates, work[1], out_dtype=x.dtype, a_scales=(1.0 / hw, 1.0 / hw)),
+    }
+    return {"shape": f"{batch}x{c}x{hw}x{hw}", **{f"ms {k}": bench(fn) for k, fn in pieces.items()}}
+
+
 def time_module(batch: int) -> list[dict]:
     rows: list[dict] = []
     for c, hw in STAGES:
-        rows.append(time_stage(batch, c, hw))
+        rows.append({**time_stage(batch, c, hw), **time_pieces(batch, c, hw)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -174,10 +206,11 @@ def host_probe(model: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
 def model_rows(groups: list[str], batch: int, out: Path) -> list[dict]:
     rows = []
     for group in groups:
-        for label, name, backend, size in MODEL_ROWS[group]:
+        for label, name, backend, size, kwargs in MODEL_ROWS[group]:
             t0 = time.time()
             try:
-                row = run_row(label, lambda n=name: timm.create_model(n), backend, batch, size, probe=host_probe)
+                row = run_row(label, lambda n=name, kw=kwargs: timm.create_model(n, **kw), backend, batch, size,
+                              probe=host_probe)
             except Exception as exc:  # a row that cannot run is reported, not hidden
                 row = {"label": label, "error": f"{type(exc).__name__}: {exc}"[:300]}
                 torch.cuda.empty_cache()

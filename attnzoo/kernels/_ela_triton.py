@@ -160,20 +160,30 @@ def _strip_tile(s, c0, NB, C, H, W, CPG, NCH: tl.constexpr, BCO: tl.constexpr, B
 
 
 @triton.jit
+def _grouped_taps(S, WT, w_step, offs_l, c_ok, length, CG: tl.constexpr, K: tl.constexpr, SIGN: tl.constexpr,
+                  BCO: tl.constexpr, BL: tl.constexpr):
+    # acc[c, l] = sum_{i < CG, k < K} WT[c][i * w_step + k] * S[c, l][i * length + SIGN * (k - K // 2)], zero outside
+    # the strip. S is a pointer tile at each row's conv-group start and position l, WT a pointer per row: the
+    # per-tap work is a scalar offset, one load and one FMA (the masks depend on k alone and leave the i loop).
+    acc = tl.zeros([BCO, BL], dtype=tl.float32)
+    for i in range(CG):  # a loop, not unrolled: unrolling CG * K gathers multiplies compile time
+        for k in tl.static_range(K):
+            shift = SIGN * (k - K // 2)
+            m = c_ok[:, None] & ((offs_l + shift >= 0) & (offs_l + shift < length))[None, :]
+            v = tl.load(S + (i * length + shift), mask=m, other=0.0)
+            w = tl.load(WT + (i * w_step + k), mask=c_ok, other=0.0).to(tl.float32)
+            acc += w[:, None] * v
+    return acc
+
+
+@triton.jit
 def _conv_strip(Z, CW, base, offs_c, c_ok, offs_l, length, CG: tl.constexpr, K: tl.constexpr, BCO: tl.constexpr,
                 BL: tl.constexpr):
     # u[c, l] = sum_{i < CG, k < K} w[c, i, k] * z[first(c) + i, l + k - K // 2] with zero padding, where
     # first(c) is the first channel of c's conv group
     first = (offs_c // CG) * CG
-    u = tl.zeros([BCO, BL], dtype=tl.float32)
-    for i in range(CG):  # a loop, not unrolled: unrolling CG * K gathers multiplies compile time
-        for k in tl.static_range(K):
-            pos = offs_l + (k - K // 2)
-            m = c_ok[:, None] & ((pos >= 0) & (pos < length))[None, :]
-            z = tl.load(Z + base + (first + i)[:, None] * length + pos[None, :], mask=m, other=0.0)
-            w = tl.load(CW + offs_c * (CG * K) + (i * K + k), mask=c_ok, other=0.0).to(tl.float32)
-            u += w[:, None] * z
-    return u
+    rows = Z + base + first[:, None] * length + offs_l[None, :]
+    return _grouped_taps(rows, CW + offs_c * (CG * K), K, offs_l, c_ok, length, CG, K, 1, BCO, BL)
 
 
 @triton.jit
@@ -245,26 +255,23 @@ def _ela_gates_bwd(Z, CW, GAMMA, BETA, DY, DU, DZ, PART,
         # the conv's gradients need du shifted along the strip and across the conv group: through memory
         tl.store(DU + strip_offs, du, mask=mask)
         tl.debug_barrier()
-        # weight gradient: acc_w[c, i * K + k] += sum_l du[c, l] * z[first(c) + i, l + k - K // 2]
+        # weight gradient: acc_w[c, i * K + k] += sum_l du[c, l] * z[first(c) + i, l + k - K // 2], in chunks of
+        # BLC positions (pointer tiles built once per strip, moved by l0)
+        offs_lc = tl.arange(0, BLC)
+        du_rows = DU + base + offs_c[:, None] * length + offs_lc[None, :]
+        z_taps = (Z + base + (first[:, None, None] + tap_i[None, :, None]) * length
+                  + (tap_k - K // 2)[None, :, None] + offs_lc[None, None, :])
         for l0 in range(0, length, BLC):
-            offs_lc = l0 + tl.arange(0, BLC)
-            lc_ok = offs_lc < length
-            du_c = tl.load(DU + base + offs_c[:, None] * length + offs_lc[None, :],
-                           mask=c_ok[:, None] & lc_ok[None, :], other=0.0)
-            pos = offs_lc[None, None, :] + (tap_k - K // 2)[None, :, None]
-            zm = (c_ok[:, None, None] & tap_ok[None, :, None] & lc_ok[None, None, :] & (pos >= 0)
-                  & (pos < length))
-            z = tl.load(Z + base + (first[:, None, None] + tap_i[None, :, None]) * length + pos, mask=zm, other=0.0)
+            lc_ok = l0 + offs_lc < length
+            du_c = tl.load(du_rows + l0, mask=c_ok[:, None] & lc_ok[None, :], other=0.0)
+            pos = l0 + offs_lc[None, :] + (tap_k - K // 2)[:, None]  # [BCK, BLC]
+            tap_mask = tap_ok[:, None] & lc_ok[None, :] & (pos >= 0) & (pos < length)
+            z = tl.load(z_taps + l0, mask=c_ok[:, None, None] & tap_mask[None, :, :], other=0.0)
             acc_w += tl.sum(du_c[:, None, :] * z, axis=2)
         # means gradient: dz[c, l] = sum_{j < CG, k} w[first(c) + j, c - first(c), k] * du[first(c) + j, l - k + K//2]
-        dz = tl.zeros([BCO, BL], dtype=tl.float32)
-        for j in range(CG):
-            for k in tl.static_range(K):
-                pos = offs_l - (k - K // 2)
-                m = c_ok[:, None] & ((pos >= 0) & (pos < length))[None, :]
-                d = tl.load(DU + base + (first + j)[:, None] * length + pos[None, :], mask=m, other=0.0)
-                w = tl.load(CW + (first + j) * (CG * K) + (offs_c - first) * K + k, mask=c_ok, other=0.0)
-                dz += w.to(tl.float32)[:, None] * d
+        du_groups = DU + base + first[:, None] * length + offs_l[None, :]
+        w_cols = CW + first * (CG * K) + (offs_c - first) * K
+        dz = _grouped_taps(du_groups, w_cols, CG * K, offs_l, c_ok, length, CG, K, -1, BCO, BL)
         tl.store(DZ + strip_offs, dz, mask=mask)
     # partial sums of this run of strips: [conv weight taps..., dgamma, dbeta] per channel
     row = (sb * C + offs_c0) * (CG * K + 2)
@@ -540,7 +547,7 @@ def strip_attention(x: torch.Tensor, gate_fn: Callable[[torch.Tensor, torch.Tens
 # registers per program: a strip tile of BCO x BL and a weight-gradient tile of BCO x BCK x BLC stay under this
 _MAX_TILE = 8192
 _TILE_TARGET = 1024  # strip tile size the channel block grows to (fewer, fuller programs for small maps)
-_BWD_PROGRAMS = 512  # backward programs to aim for (a few per SM); each sums the weight gradient of a strip run
+_BWD_PROGRAMS = 1024  # backward programs to aim for (several per SM); each sums the weight gradient of a strip run
 
 
 class _ELAPlan:

@@ -8,11 +8,12 @@ import pytest
 import torch
 from helpers import assert_close
 
-from attnzoo.kernels import apply_strip_gates, list_checks, set_backend, strip_attention, strip_means
+from attnzoo.kernels import apply_strip_gates, ela_attention, list_checks, set_backend, strip_attention, strip_means
 
 BACKENDS = ["triton", "torch"]
-# (B, C, H, W): odd sizes; W = 70 spans two 64-wide column tiles (partial row sums); H = 1 and W = 1 edges
-SHAPES = [(2, 5, 3, 7), (1, 3, 4, 70), (1, 37, 1, 6), (2, 4, 9, 1)]
+# (B, C, H, W): odd sizes; W = 131 spans two 128-wide column tiles of the means pass (partial row sums) and
+# three 64-wide tiles of the gating pass; H = 1 and W = 1 edges
+SHAPES = [(2, 5, 3, 7), (1, 3, 4, 131), (1, 37, 1, 6), (2, 4, 9, 1)]
 
 
 def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
@@ -217,3 +218,121 @@ def test_automatic_choice_runs_the_kernels_only_when_a_gradient_is_recorded(monk
     finally:
         set_backend(None)
     assert calls == [1, 1]
+
+
+# --- ela_attention: the whole ELA op (strip means, one kernel for both strips' conv + GroupNorm + sigmoid with a
+# hand-written backward, gating) against the same op in float64 through PyTorch's conv1d and group_norm ---
+
+
+def _ela_inputs(shape, conv_groups_size, kernel_size, rng, residual, dtype=torch.float32):
+    c = shape[1]
+    x = torch.randn(*shape, generator=rng).to(dtype)
+    conv_weight = torch.randn(c, conv_groups_size, kernel_size, generator=rng) / (conv_groups_size * kernel_size) ** 0.5
+    gamma, beta = 1 + 0.5 * torch.randn(c, generator=rng), torch.randn(c, generator=rng)
+    shortcut = torch.randn(*shape, generator=rng).to(dtype) if residual else None
+    return x, conv_weight, gamma, beta, shortcut
+
+
+def _ela_grads(x, conv_weight, gamma, beta, shortcut, norm_groups, g, backend, dtype=None):
+    """(out, grads of x, conv weight, gamma, beta[, shortcut]) on ``backend``, inputs cast to ``dtype`` first."""
+    set_backend(backend)
+    inputs = [t if dtype is None else t.to(dtype) for t in (x, conv_weight, gamma, beta, shortcut) if t is not None]
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    s = inputs[4] if shortcut is not None else None
+    out = ela_attention(inputs[0], *inputs[1:4], norm_groups, 1e-5, s, "relu" if s is not None else None)
+    return out, torch.autograd.grad(out, inputs, g.to(out.dtype) if dtype is None else g.to(dtype))
+
+
+ELA_CASES = [  # (shape, channels per conv group, kernel size, GroupNorm groups, residual, layout)
+    ((2, 32, 6, 6), 8, 5, 16, True, "nchw"),  # ELA-S, square: conv groups of 8 span 4 GroupNorm groups of 2
+    ((2, 48, 5, 7), 8, 5, 16, False, "channels_last"),  # GroupNorm groups of 3: 24-channel blocks, 32-wide tiles
+    ((1, 16, 3, 9), 1, 7, 16, True, "nchw"),  # ELA-B (depthwise), one channel per GroupNorm group
+    ((2, 144, 4, 4), 8, 5, 16, True, "channels_last"),  # MobileNetV2's 144 channels: groups of 9 and 8, 72 per block
+    ((1, 32, 2, 131), 8, 5, 16, True, "nchw"),  # means over two column tiles; 256-long strip tile, 2-long rows
+    ((2, 64, 3, 5), 1, 5, 32, False, "nchw"),  # ELA-T
+]
+
+
+@pytest.mark.parametrize("shape,cg,k,groups,residual,layout", ELA_CASES)
+def test_ela_attention_triton_vs_float64(rng, shape, cg, k, groups, residual, layout):
+    x, conv_weight, gamma, beta, shortcut = _ela_inputs(shape, cg, k, rng, residual)
+    x = _layout(x, layout)
+    g = torch.randn(shape, generator=rng)
+    out, grads = _ela_grads(x, conv_weight, gamma, beta, shortcut, groups, g, "triton")
+    ref, ref_grads = _ela_grads(x, conv_weight, gamma, beta, shortcut, groups, g, "torch", torch.float64)
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last) == (layout != "nchw")
+    assert_close(out, ref)
+    names = ["dx", "dconv", "dgamma", "dbeta", "dshortcut"]
+    for i, (name, a, e) in enumerate(zip(names, grads, ref_grads)):
+        # parameter gradients sum B * C * (H + W) float32 products (partials per program, then one sum)
+        assert_close(a, e, scale=1.0 if i in (0, 4) else 5.0, msg=name)
+
+
+def test_ela_attention_bf16_map_float32_params(rng):
+    # autocast's situation: a bf16 map, float32 parameters; means, gates and the gating in float32, out in bf16
+    x, conv_weight, gamma, beta, shortcut = _ela_inputs((2, 32, 5, 6), 8, 5, rng, True, torch.bfloat16)
+    g = torch.randn(x.shape, generator=rng).bfloat16()
+    out, grads = _ela_grads(x, conv_weight, gamma, beta, shortcut, 16, g, "triton")
+    assert out.dtype == grads[0].dtype == grads[4].dtype == torch.bfloat16 and grads[1].dtype == torch.float32
+    # reference from the same bf16 values in float64: the kernels round only the stored map and map gradients
+    ref, ref_grads = _ela_grads(x, conv_weight, gamma, beta, shortcut, 16, g, "torch", torch.float64)
+    assert_close(out, ref)
+    for name, a, e in zip(["dx", "dconv", "dgamma", "dbeta", "dshortcut"], grads, ref_grads):
+        assert_close(a, e, dtype=torch.bfloat16, msg=name)
+
+
+def test_ela_attention_backward_sums_runs_of_strips(rng, monkeypatch):
+    # few backward programs: each sums the parameter gradients of several strips (rows and columns of different
+    # samples), the last run shorter
+    from attnzoo.kernels import _ela_triton
+
+    monkeypatch.setattr(_ela_triton, "_ELA_PLANS", {})
+    monkeypatch.setattr(_ela_triton, "_BWD_PROGRAMS", 4)  # 6 strips -> 3 programs of 2
+    x, conv_weight, gamma, beta, shortcut = _ela_inputs((3, 16, 4, 5), 8, 5, rng, True)
+    g = torch.randn(x.shape, generator=rng)
+    out, grads = _ela_grads(x, conv_weight, gamma, beta, shortcut, 16, g, "triton")
+    plan = next(iter(_ela_triton._ELA_PLANS.values()))
+    assert (plan.n_sb, plan.spp) == (3, 2)
+    ref, ref_grads = _ela_grads(x, conv_weight, gamma, beta, shortcut, 16, g, "torch", torch.float64)
+    assert_close(out, ref)
+    for i, (a, e) in enumerate(zip(grads, ref_grads)):
+        assert_close(a, e, scale=1.0 if i in (0, 4) else 5.0, msg=f"grad {i}")
+
+
+def test_ela_attention_inference_builds_no_graph(rng):
+    x, conv_weight, gamma, beta, shortcut = _ela_inputs((2, 32, 4, 4), 8, 5, rng, True)
+    params = [t.requires_grad_() for t in (conv_weight, gamma, beta)]
+    set_backend("triton")
+    with torch.no_grad():
+        out = ela_attention(x, *params, 16, 1e-5, shortcut, "relu")
+    assert out.grad_fn is None
+    set_backend("torch")
+    with torch.no_grad():
+        ref = ela_attention(x.double(), *(p.double() for p in params), 16, 1e-5, shortcut.double(), "relu")
+    assert_close(out, ref)
+
+
+def test_ela_attention_large_strip_tiles_fall_back(rng):
+    # one GroupNorm group of 64 channels over 300-long strips does not fit the kernel's registers: PyTorch runs
+    from attnzoo.kernels import _ela_triton
+
+    x, conv_weight, gamma, beta, _ = _ela_inputs((1, 64, 2, 300), 1, 3, rng, False)
+    set_backend("triton")
+    out = ela_attention(x, conv_weight, gamma, beta, 1)
+    assert not _ela_triton._ela_plan(x, False, conv_weight, gamma, 1).fits
+    set_backend("torch")
+    ref = ela_attention(x.double(), conv_weight.double(), gamma.double(), beta.double(), 1)
+    assert_close(out, ref)
+
+
+def test_ela_attention_errors():
+    x = torch.randn(1, 16, 3, 4)
+    w, gamma, beta = torch.randn(16, 8, 5), torch.randn(16), torch.randn(16)
+    with pytest.raises(ValueError, match=r"conv_weight must be \(C, C / conv_groups, K\)"):
+        ela_attention(x, torch.randn(16, 3, 5), gamma, beta, 16)
+    with pytest.raises(ValueError, match="kernel size must be odd"):
+        ela_attention(x, torch.randn(16, 8, 4), gamma, beta, 16)
+    with pytest.raises(ValueError, match="do not divide into 5 GroupNorm groups"):
+        ela_attention(x, w, gamma, beta, 5)
+    with pytest.raises(ValueError, match=r"norm_weight and norm_bias must be \(16,\)"):
+        ela_attention(x, w, gamma[:8], beta, 16)
