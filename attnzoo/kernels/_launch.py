@@ -46,9 +46,10 @@ def _hooks_installed() -> bool:
     return _hook_set(runtime.launch_enter_hook) or _hook_set(runtime.launch_exit_hook)
 
 
-def current_stream() -> int:
-    """The raw handle of the current CUDA stream on the current device (what triton launches on)."""
-    return torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
+def current_stream(device: int | None = None) -> int:
+    """The raw handle of the current CUDA stream of ``device`` (default: the current device), which is what
+    triton launches on."""
+    return torch._C._cuda_getCurrentRawStream(torch.cuda.current_device() if device is None else device)
 
 
 class DirectLaunch:
@@ -56,6 +57,9 @@ class DirectLaunch:
 
     Built by :func:`launch_and_capture` from the launch that compiled (or found) the kernel; ``int_args`` and
     the constexprs are the ones that launch used and must not change (the caller's plan fixes them).
+    Pointers reach the launcher as integers: given a tensor, triton's launcher calls its ``data_ptr`` and asks
+    the CUDA driver whether the address is device memory (``cuPointerGetAttribute``), per pointer and per
+    launch; the tensors here are CUDA tensors that the first launch already accepted.
     """
 
     __slots__ = ("_run", "_function", "_packed", "_grid", "_int_args", "_tail")
@@ -68,17 +72,18 @@ class DirectLaunch:
         self._int_args = int_args
         self._tail = tail
 
-    def __call__(self, ptrs: Sequence[torch.Tensor], scalars: Sequence[float]) -> bool:
-        """Launch on the current CUDA stream; False (nothing launched) when the fast path does not apply."""
-        for t in ptrs:
-            if t.data_ptr() & 15:  # compiled for 16-byte aligned pointers only
-                return False
-        if _hooks_installed():
+    def __call__(self, ptrs: Sequence[torch.Tensor], scalars: Sequence[float], device: int | None = None) -> bool:
+        """Launch on the current CUDA stream of ``device`` (default: the current device); False (nothing
+        launched) when the fast path does not apply."""
+        addrs = [t.data_ptr() for t in ptrs]
+        bits = 0
+        for a in addrs:
+            bits |= a
+        if bits & 15 or _hooks_installed():  # compiled for 16-byte aligned pointers only; a profiler's hook
             return False
         g0, g1, g2 = self._grid
-        stream = current_stream()
-        self._run(g0, g1, g2, stream, self._function, self._packed, None, None, None, *ptrs, *self._int_args,
-                  *scalars, *self._tail)
+        self._run(g0, g1, g2, current_stream(device), self._function, self._packed, None, None, None, *addrs,
+                  *self._int_args, *scalars, *self._tail)
         return True
 
 

@@ -203,30 +203,38 @@ def _na_fwd_kernel(
 
 
 # --- backward -----------------------------------------------------------------------------------------------
+# One launch computes every gradient: the first programs of each (batch, kv head) row own key tiles (dk, dv),
+# the rest own query tiles (dq, drpb), so the two halves run side by side instead of one after the other, and
+# the eager host path launches one kernel. Both halves recompute P from the logsumexp and need
+# delta = rowsum(dO * O) (minus the logsumexp's own gradient); each computes it where it needs it, from O and
+# dO, so no half waits for the other.
+
 
 @triton.jit
-def _na_bwd_dq_kernel(
-    Q, K, V, RPB, O, DO, LSE, GLSE, DELTA, DQ, DRPB,
+def _bwd_delta(DO, O, GLSE, o_off, l_off, row_mask, q_ok, HAS_GLSE: tl.constexpr):
+    """(dO tile, delta) for a tile of queries: delta = rowsum(dO * O) - dlse, in float32."""
+    do = tl.load(DO + o_off, mask=row_mask, other=0.0)
+    o = tl.load(O + o_off, mask=row_mask, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    if HAS_GLSE:
+        delta -= tl.load(GLSE + l_off, mask=q_ok, other=0.0)
+    return do, delta
+
+
+@triton.jit
+def _bwd_dq_tile(
+    tile, b, h, kvh, Q, K, V, RPB, O, DO, LSE, GLSE, DQ, DRPB,
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_ob, stride_on, stride_oh, stride_lb, stride_ln,
-    H, GROUP, L0, L1, L2, KS0, KS1, KS2, ST0, ST1, ST2, DL0, DL1, DL2, NT0, NT1, NT2, qk_scale, scale,
+    L0, L1, L2, KS0, KS1, KS2, ST0, ST1, ST2, DL0, DL1, DL2, NT0, NT1, NT2, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NDIM: tl.constexpr,
     CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, HAS_RPB: tl.constexpr,
-    DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
-    RPB_GRAD: tl.constexpr, HAS_GLSE: tl.constexpr,
+    DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr, RPB_GRAD: tl.constexpr, HAS_GLSE: tl.constexpr,
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, U0: tl.constexpr, U1: tl.constexpr, U2: tl.constexpr,
 ):
-    """dq (and drpb by atomics) for one query tile: recompute P from the logsumexp, dS = P * (dP - delta).
-
-    Also computes delta = rowsum(dO * O) (minus the logsumexp's own gradient) for its queries and stores it
-    for the dk/dv kernel, which runs next: no separate pass over O and dO. O, dO and dQ share one layout.
-    """
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)  # 64-bit batch offsets: batch * tokens * heads * dim may exceed 2**31
-    h = bh % H
-    kvh = h // GROUP
-    g0, g1, g2, Lg0, Lg1, Lg2, t0, t1, t2 = _decode_tile(pid, L0, L1, L2, DL0, DL1, DL2, NT0, NT1, NT2)
+    """dq (and drpb by atomics) for one query tile of head ``h``: recompute P from the logsumexp,
+    dS = P * (dP - delta). O, dO and dQ share one layout."""
+    g0, g1, g2, Lg0, Lg1, Lg2, t0, t1, t2 = _decode_tile(tile, L0, L1, L2, DL0, DL1, DL2, NT0, NT1, NT2)
     i0, i1, i2 = _tile_coords(T0, T1, T2)
     p0 = t0 * T0 + i0
     p1 = t1 * T1 + i1
@@ -251,13 +259,8 @@ def _na_bwd_dq_kernel(
     row_mask = q_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + b * stride_qb + h * stride_qh + qn[:, None] * stride_qn + d[None, :], mask=row_mask, other=0.0)
     o_off = b * stride_ob + h * stride_oh + qn[:, None] * stride_on + d[None, :]
-    do = tl.load(DO + o_off, mask=row_mask, other=0.0)
-    o = tl.load(O + o_off, mask=row_mask, other=0.0)
     l_off = b * stride_lb + h + qn * stride_ln
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-    if HAS_GLSE:
-        delta -= tl.load(GLSE + l_off, mask=q_ok, other=0.0)
-    tl.store(DELTA + l_off, delta, mask=q_ok)
+    do, delta = _bwd_delta(DO, O, GLSE, o_off, l_off, row_mask, q_ok, HAS_GLSE)
     if DOT_F32:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
@@ -303,23 +306,19 @@ def _na_bwd_dq_kernel(
 
 
 @triton.jit
-def _na_bwd_dkdv_kernel(
-    Q, K, V, RPB, DO, LSE, DELTA, DK, DV,
+def _bwd_dkdv_tile(
+    tile, b, kvh, Q, K, V, RPB, O, DO, LSE, GLSE, DK, DV,
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_ob, stride_on, stride_oh, stride_lb, stride_ln, stride_gb, stride_gn, stride_gh,
-    HKV, GROUP, L0, L1, L2, KS0, KS1, KS2, ST0, ST1, ST2, DL0, DL1, DL2, NT0, NT1, NT2, qk_scale, scale,
+    GROUP, L0, L1, L2, KS0, KS1, KS2, ST0, ST1, ST2, DL0, DL1, DL2, NT0, NT1, NT2, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NDIM: tl.constexpr,
     CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, HAS_RPB: tl.constexpr,
-    DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
+    DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr, HAS_GLSE: tl.constexpr,
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, U0: tl.constexpr, U1: tl.constexpr, U2: tl.constexpr,
 ):
-    """dk, dv for one key tile (shape U) of one kv head: sweep the query tiles (shape T) that can see it,
+    """dk, dv for one key tile (shape U) of kv head ``kvh``: sweep the query tiles (shape T) that can see it,
     for every query head of the GQA group (no atomics). dK and dV share one dense layout (stride_g*)."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // HKV).to(tl.int64)
-    kvh = bh % HKV
-    g0, g1, g2, Lg0, Lg1, Lg2, t0, t1, t2 = _decode_tile(pid, L0, L1, L2, DL0, DL1, DL2, NT0, NT1, NT2)
+    g0, g1, g2, Lg0, Lg1, Lg2, t0, t1, t2 = _decode_tile(tile, L0, L1, L2, DL0, DL1, DL2, NT0, NT1, NT2)
     j0, j1, j2 = _tile_coords(U0, U1, U2)
     k0 = t0 * U0 + j0
     k1 = t1 * U1 + j1
@@ -367,13 +366,13 @@ def _na_bwd_dkdv_kernel(
             row_mask = q_ok[:, None] & d_ok[None, :]
             q = tl.load(Q + b * stride_qb + h * stride_qh + qn[:, None] * stride_qn + d[None, :], mask=row_mask,
                         other=0.0)
-            do = tl.load(DO + b * stride_ob + h * stride_oh + qn[:, None] * stride_on + d[None, :], mask=row_mask,
-                         other=0.0)
+            l_off = b * stride_lb + h + qn * stride_ln
+            do, delta = _bwd_delta(DO, O, GLSE, b * stride_ob + h * stride_oh + qn[:, None] * stride_on + d[None, :],
+                                   l_off, row_mask, q_ok, HAS_GLSE)
             if DOT_F32:
                 q = q.to(tl.float32)
                 do = do.to(tl.float32)
-            lse2 = tl.load(LSE + b * stride_lb + h + qn * stride_ln, mask=q_ok, other=0.0) * 1.4426950408889634
-            delta = tl.load(DELTA + b * stride_lb + h + qn * stride_ln, mask=q_ok, other=0.0)
+            lse2 = tl.load(LSE + l_off, mask=q_ok, other=0.0) * 1.4426950408889634
             s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * qk_scale
             pair = _pair_mask(k0, k1, k2, f0, l0, f1, l1, f2, l2, NDIM) & q_ok[:, None] & kv_ok[None, :]
             if HAS_RPB:
@@ -388,6 +387,90 @@ def _na_bwd_dkdv_kernel(
     g_off = b * stride_gb + kvh * stride_gh + kn[:, None] * stride_gn + d[None, :]
     tl.store(DK + g_off, dk.to(DK.dtype.element_ty), mask=col_mask)
     tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=col_mask)
+
+
+@triton.jit
+def _na_bwd_kernel(
+    Q, K, V, RPB, O, DO, LSE, GLSE, DQ, DK, DV, DRPB,
+    stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_on, stride_oh, stride_lb, stride_ln, stride_gb, stride_gn, stride_gh,
+    HKV, GROUP, L0, L1, L2, KS0, KS1, KS2, ST0, ST1, ST2, DL0, DL1, DL2, NQ0, NQ1, NQ2, NK0, NK1, NK2,
+    qk_scale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NDIM: tl.constexpr,
+    CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, HAS_RPB: tl.constexpr,
+    DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr, RPB_GRAD: tl.constexpr, HAS_GLSE: tl.constexpr,
+    T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, U0: tl.constexpr, U1: tl.constexpr, U2: tl.constexpr,
+):
+    """The whole backward of one (batch, kv head) row per grid row: programs [0, key tiles) compute dk/dv of
+    one key tile each, the next GROUP * query tiles compute dq (and drpb) of one query tile of one head."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // HKV).to(tl.int64)  # 64-bit batch offsets: batch * tokens * heads * dim may exceed 2**31
+    kvh = bh % HKV
+    n_kv_tiles = DL0 * DL1 * DL2 * NK0 * NK1 * NK2
+    if pid < n_kv_tiles:
+        _bwd_dkdv_tile(
+            pid, b, kvh, Q, K, V, RPB, O, DO, LSE, GLSE, DK, DV,
+            stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+            stride_ob, stride_on, stride_oh, stride_lb, stride_ln, stride_gb, stride_gn, stride_gh,
+            GROUP, L0, L1, L2, KS0, KS1, KS2, ST0, ST1, ST2, DL0, DL1, DL2, NK0, NK1, NK2, qk_scale, scale,
+            HEAD_DIM, BLOCK_D, NDIM, CAUSAL0, CAUSAL1, CAUSAL2, HAS_RPB, DOT_F32, DOT_PREC, HAS_GLSE,
+            T0, T1, T2, U0, U1, U2)
+    else:
+        r = pid - n_kv_tiles
+        n_q_tiles = DL0 * DL1 * DL2 * NQ0 * NQ1 * NQ2
+        _bwd_dq_tile(
+            r % n_q_tiles, b, kvh * GROUP + r // n_q_tiles, kvh, Q, K, V, RPB, O, DO, LSE, GLSE, DQ, DRPB,
+            stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+            stride_ob, stride_on, stride_oh, stride_lb, stride_ln,
+            L0, L1, L2, KS0, KS1, KS2, ST0, ST1, ST2, DL0, DL1, DL2, NQ0, NQ1, NQ2, qk_scale, scale,
+            HEAD_DIM, BLOCK_D, NDIM, CAUSAL0, CAUSAL1, CAUSAL2, HAS_RPB, DOT_F32, DOT_PREC, RPB_GRAD, HAS_GLSE,
+            T0, T1, T2, U0, U1, U2)
+
+
+@triton.jit
+def _na_bwd_dq_kernel(
+    Q, K, V, RPB, O, DO, LSE, GLSE, DQ, DRPB,
+    stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_on, stride_oh, stride_lb, stride_ln,
+    H, GROUP, L0, L1, L2, KS0, KS1, KS2, ST0, ST1, ST2, DL0, DL1, DL2, NT0, NT1, NT2, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NDIM: tl.constexpr,
+    CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, HAS_RPB: tl.constexpr,
+    DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr, RPB_GRAD: tl.constexpr, HAS_GLSE: tl.constexpr,
+    T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, U0: tl.constexpr, U1: tl.constexpr, U2: tl.constexpr,
+):
+    """Split backward, first launch: dq (and drpb) of one query tile per program."""
+    bh = tl.program_id(1)
+    h = bh % H
+    _bwd_dq_tile(
+        tl.program_id(0), (bh // H).to(tl.int64), h, h // GROUP, Q, K, V, RPB, O, DO, LSE, GLSE, DQ, DRPB,
+        stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+        stride_ob, stride_on, stride_oh, stride_lb, stride_ln,
+        L0, L1, L2, KS0, KS1, KS2, ST0, ST1, ST2, DL0, DL1, DL2, NT0, NT1, NT2, qk_scale, scale,
+        HEAD_DIM, BLOCK_D, NDIM, CAUSAL0, CAUSAL1, CAUSAL2, HAS_RPB, DOT_F32, DOT_PREC, RPB_GRAD, HAS_GLSE,
+        T0, T1, T2, U0, U1, U2)
+
+
+@triton.jit
+def _na_bwd_dkdv_kernel(
+    Q, K, V, RPB, O, DO, LSE, GLSE, DK, DV,
+    stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_on, stride_oh, stride_lb, stride_ln, stride_gb, stride_gn, stride_gh,
+    HKV, GROUP, L0, L1, L2, KS0, KS1, KS2, ST0, ST1, ST2, DL0, DL1, DL2, NT0, NT1, NT2, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NDIM: tl.constexpr,
+    CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, HAS_RPB: tl.constexpr,
+    DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr, HAS_GLSE: tl.constexpr,
+    T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, U0: tl.constexpr, U1: tl.constexpr, U2: tl.constexpr,
+):
+    """Split backward, second launch: dk, dv of one key tile per program."""
+    bh = tl.program_id(1)
+    _bwd_dkdv_tile(
+        tl.program_id(0), (bh // HKV).to(tl.int64), bh % HKV, Q, K, V, RPB, O, DO, LSE, GLSE, DK, DV,
+        stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+        stride_ob, stride_on, stride_oh, stride_lb, stride_ln, stride_gb, stride_gn, stride_gh,
+        GROUP, L0, L1, L2, KS0, KS1, KS2, ST0, ST1, ST2, DL0, DL1, DL2, NT0, NT1, NT2, qk_scale, scale,
+        HEAD_DIM, BLOCK_D, NDIM, CAUSAL0, CAUSAL1, CAUSAL2, HAS_RPB, DOT_F32, DOT_PREC, HAS_GLSE,
+        T0, T1, T2, U0, U1, U2)
 
 
 # --- launch -------------------------------------------------------------------------------------------------
@@ -453,18 +536,35 @@ def _check_supported(q: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"the triton NA backend supports head_dim 8..256, got {q.shape[-1]}")
 
 
-def _token_view(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """(tensor, (batch, token, head) strides) with unit-stride channels and tokens at one stride across the
-    spatial axes; copies to contiguous only when ``t`` is not laid out that way."""
-    stride = t.stride()  # this runs on every launch: the common dense case costs one C++ flag check
+def _token_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """(batch, token, head) strides of ``t`` when its channels have unit stride and its tokens one stride across
+    the spatial axes (dense tensors, and views such as ``qkv.unbind(...)``); None when it needs a dense copy."""
+    stride, shape = t.stride(), t.shape
     na_dim = len(stride) - 3
-    if not t.is_contiguous():
-        shape = t.shape
-        even = stride[-1] == 1 and all(stride[a] == stride[a + 1] * shape[a + 1] for a in range(1, na_dim))
-        if not even:
-            t = t.contiguous()
-            stride = t.stride()
-    return t, (stride[0], stride[na_dim], stride[-2])
+    if stride[-1] != 1 or any(stride[a] != stride[a + 1] * shape[a + 1] for a in range(1, na_dim)):
+        return None
+    return stride[0], stride[na_dim], stride[-2]
+
+
+def _dense_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, token, head) strides of a dense (batch, *spatial, heads, dim) tensor."""
+    return t.stride(0), t.stride(-3), t.stride(-2)
+
+
+class _Layout:
+    """How the kernels read q, k, v of one (shape, stride) signature: in place where their tokens are evenly
+    strided, else from dense copies (``copies``: one flag per tensor, or None when all are read in place), with
+    the (batch, token, head) strides of what they read. Decided once per signature (host time)."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        found = [_token_strides(t) for t in (q, k, v)]
+        self.copies = None if all(found) else tuple(s is None for s in found)
+        self.strides = tuple(x for t, s in zip((q, k, v), found) for x in (s or _dense_strides(t.contiguous())))
+        self.lse_shape = tuple(q.shape[:-1])
+
+    def read(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k, v as the kernels read them (dense copies only where ``copies`` says)."""
+        return tuple(t.contiguous() if c else t for t, c in zip((q, k, v), self.copies))
 
 
 def _extra_scores(q, additional_keys, scale):
@@ -477,29 +577,34 @@ def _extra_scores(q, additional_keys, scale):
 
 def na_forward(q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb, additional_keys, additional_values):
     """Fused forward. Returns (out like q, lse float32 (batch, *spatial, heads))."""
-    _check_supported(q, v)
-    # Views such as q, k, v = qkv.unbind(...) are read in place when their tokens are evenly strided.
-    (q, q_strides), (k, k_strides), (v, v_strides) = (_token_view(t) for t in (q, k, v))
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)  # (empty_like: less host time)
-    lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
     has_rpb = rpb is not None
-    key = ("fwd", q.shape, k.shape[-2], q_strides, k_strides, v_strides, q.dtype, kernel_size, stride, dilation,
-           is_causal, has_rpb)
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = _PLANS[key] = _Plan(_na_fwd_kernel, q, k, kernel_size, stride, dilation, is_causal, has_rpb,
-                                   (*q_strides, *k_strides, *v_strides, *_dense_strides(out), lse.stride(0),
-                                    lse.stride(-2)), "query")
-    rpb_f = rpb.detach().float().contiguous() if has_rpb else lse  # placeholder pointer when absent
-    plan.launch((q, k, v, rpb_f, out, lse), (scale * LOG2E,), {})
+    # One dict lookup per call finds everything that depends on shapes, strides and arguments.
+    key = ("fwd", q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, kernel_size, stride,
+           dilation, is_causal, has_rpb)
+    hit = _PLANS.get(key)
+    if hit is None:
+        _check_supported(q, v)
+        layout = _Layout(q, k, v)
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        hit = _PLANS[key] = (layout, _Plan(_na_fwd_kernel, q, k, kernel_size, stride, dilation, is_causal, has_rpb,
+                                           (*layout.strides, *_dense_strides(out), *_lse_strides(layout)), "query"))
+    layout, plan = hit
+    # Views such as q, k, v = qkv.unbind(...) are read in place when their tokens are evenly strided.
+    if layout.copies is not None:
+        q, k, v = layout.read(q, k, v)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)  # (empty_like: less host time)
+    lse = q.new_empty(layout.lse_shape, dtype=torch.float32)
+    rpb_f = rpb.float().contiguous() if has_rpb else lse  # placeholder pointer when absent
+    plan.launch((q, k, v, rpb_f, out, lse), (scale * LOG2E,))
     if additional_keys is not None:
         out, lse = _merge_extra(q, out, lse, additional_keys, additional_values, scale)
     return out, lse
 
 
-def _dense_strides(t: torch.Tensor) -> tuple[int, int, int]:
-    """(batch, token, head) strides of a dense (batch, *spatial, heads, dim) tensor."""
-    return t.stride(0), t.stride(-3), t.stride(-2)
+def _lse_strides(layout: _Layout) -> tuple[int, int]:
+    """(batch, token) strides of a dense (batch, *spatial, heads) logsumexp; its head stride is 1."""
+    shape = layout.lse_shape
+    return math.prod(shape[1:]), shape[-1]
 
 
 class _Plan:
@@ -507,6 +612,8 @@ class _Plan:
 
     Per call only the tensor pointers (and run-time scalars) change, so the host path is a dict lookup and
     the launch itself. The tile config is tuned on first use (see ``_choose_config``) and then frozen here.
+    ``grid_by``: "query" (a program per query tile and head), "key" (per key tile and kv head) or "both" (the
+    fused backward: per kv head, its key tiles, then the query tiles of its GQA group).
     """
 
     def __init__(self, kernel, q, k, kernel_size, stride, dilation, is_causal, has_rpb, strides, grid_by):
@@ -514,52 +621,59 @@ class _Plan:
         batch, heads, kv_heads, head_dim = q.shape[0], q.shape[-2], k.shape[-2], q.shape[-1]
         self.kernel = kernel
         self.spatial, self.dl = spatial, dl
-        rows = batch * (heads if grid_by == "query" else kv_heads)
-        self.grid_by, self.rows = grid_by, rows
-        self.int_args = (*strides, heads if grid_by == "query" else kv_heads, heads // kv_heads, *spatial, *ks,
-                         *st, *dl)
+        self.grid_by, self.group = grid_by, heads // kv_heads
+        self.rows = batch * (heads if grid_by == "query" else kv_heads)
+        self.int_args = (*strides, heads if grid_by == "query" else kv_heads, self.group, *spatial, *ks, *st, *dl)
         self.consts = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), NDIM=na_dim,
                            CAUSAL0=causal[0], CAUSAL1=causal[1], CAUSAL2=causal[2], HAS_RPB=has_rpb,
                            DOT_F32=_dot_in_f32(q), DOT_PREC=_dot_precision(q))
         self.configs = _configs(na_dim)
         self.work = batch * heads * math.prod(spatial)
-        self.ready: dict[tuple, tuple] = {}  # extra consts -> (grid, int args, meta)
-        self.direct: dict[tuple, object] = {}  # (extra consts, device index) -> DirectLaunch (or None: not replayable)
+        self.replay = _launch.SUPPORTED and not triton_interpreting()  # direct replay of the compiled kernel
+        self.ready: dict[tuple, tuple] = {}  # variant -> (grid, int args, meta)
+        self.direct: dict[tuple, object] = {}  # (variant, device index) -> DirectLaunch (or None: not replayable)
 
-    def _prepared(self, cfg, extra_consts):
+    def _prepared(self, cfg, variant):
         tile, kv_tile, warps, stages = cfg
-        own = tile if self.grid_by == "query" else kv_tile  # the dk/dv kernel's program tile is the key tile
-        nt = _grid_tiles(self.spatial, self.dl, own)
-        grid = (math.prod(self.dl) * math.prod(nt), self.rows)
-        meta = dict(self.consts, **extra_consts, T0=tile[0], T1=tile[1], T2=tile[2], U0=kv_tile[0],
+        nq, nk = _grid_tiles(self.spatial, self.dl, tile), _grid_tiles(self.spatial, self.dl, kv_tile)
+        sub_grids = math.prod(self.dl)
+        if self.grid_by == "both":
+            grid = (sub_grids * (math.prod(nk) + self.group * math.prod(nq)), self.rows)
+            counts = (*nq, *nk)
+        else:
+            own = nq if self.grid_by == "query" else nk  # the dk/dv kernel's program tile is the key tile
+            grid, counts = (sub_grids * math.prod(own), self.rows), tuple(own)
+        meta = dict(self.consts, **dict(variant), T0=tile[0], T1=tile[1], T2=tile[2], U0=kv_tile[0],
                     U1=kv_tile[1], U2=kv_tile[2])
         if not triton_interpreting():
             meta.update(num_warps=warps, num_stages=stages)
-        return grid, (*self.int_args, *nt), meta
+        return grid, (*self.int_args, *counts), meta
 
-    def launch(self, ptrs, scalars, extra_consts, time_fn=None):
-        """Launch on ``ptrs`` (tensors) with run-time ``scalars``; tunes the tile config on first use."""
-        ekey = tuple(extra_consts.items())
-        hit = self.ready.get(ekey)
+    def launch(self, ptrs, scalars, variant=(), time_fn=None):
+        """Launch on ``ptrs`` (tensors) with run-time ``scalars``; ``variant``: extra constexprs as (name, value)
+        pairs (a constant tuple per call site). Tunes the tile config on first use; ``time_fn`` runs right before
+        every launch (e.g. zeroing an atomically accumulated output)."""
+        hit = self.ready.get(variant)
         if hit is None:  # the chosen config has run on these inputs while it was chosen
-            self.ready[ekey] = self._prepared(_choose_config(self, ptrs, scalars, extra_consts, time_fn), extra_consts)
+            self.ready[variant] = self._prepared(_choose_config(self, ptrs, scalars, variant, time_fn), variant)
             return
         if time_fn is not None:
             time_fn()
-        if _launch.SUPPORTED and not triton_interpreting():
-            dkey = (ekey, torch.cuda.current_device())
+        if self.replay:
+            device = torch._C._cuda_getDevice()
+            dkey = (variant, device)
             direct = self.direct.get(dkey, False)
             if direct is False:  # first launch of this config on this device: capture it for direct replay
                 grid, int_args, meta = hit
                 self.direct[dkey] = _launch.launch_and_capture(self.kernel, grid, ptrs, int_args, scalars, meta)
                 return
-            if direct is not None and direct(ptrs, scalars):
+            if direct is not None and direct(ptrs, scalars, device):
                 return
         grid, int_args, meta = hit
         self.kernel[grid](*ptrs, *int_args, *scalars, **meta)
 
 
-def _choose_config(plan: _Plan, ptrs, scalars, extra_consts, time_fn):
+def _choose_config(plan: _Plan, ptrs, scalars, variant, time_fn):
     """The (query tile, key tile, warps, stages) for ``plan``: the single interpreter config, the first config that
     fits for small problems, else the fastest candidate by ``do_bench`` (each candidate launched for real,
     so the call that tunes also computes the result)."""
@@ -568,7 +682,7 @@ def _choose_config(plan: _Plan, ptrs, scalars, extra_consts, time_fn):
     def run(cfg):
         if time_fn is not None:
             time_fn()
-        grid, int_args, meta = plan._prepared(cfg, extra_consts)
+        grid, int_args, meta = plan._prepared(cfg, variant)
         plan.kernel[grid](*ptrs, *int_args, *scalars, **meta)
 
     tile, kv_tile, warps, _ = configs[0]
@@ -609,38 +723,57 @@ def _merge_extra(q, out, lse, additional_keys, additional_values, scale):
     return merged.to(q.dtype), lse_all
 
 
+# The backward's constexpr variants per (rpb gradient, logsumexp gradient), as constant keys (host time).
+_BWD_VARIANTS = {(rg, hg): (("RPB_GRAD", rg), ("HAS_GLSE", hg)) for rg in (False, True) for hg in (False, True)}
+_DKDV_VARIANTS = {hg: (("HAS_GLSE", hg),) for hg in (False, True)}
+# One launch for dq and dk/dv (``_na_bwd_kernel``); False: the two kernels one after the other.
+FUSED_BACKWARD = True
+
+
 def na_backward(grad_out, q, k, v, out, lse, kernel_size, stride, dilation, is_causal, scale, rpb,
                 additional_keys, additional_values, need_rpb_grad=True, grad_lse=None):
     """Fused backward from the saved output and logsumexp: (dq, dk, dv, drpb, d_extra_keys, d_extra_values).
 
     ``grad_lse`` (gradient of the returned logsumexp, or None) folds into delta: d lse / d score = P, so
-    dS = P * (dP - (rowsum(dO * O) - grad_lse)). delta is computed inside the dq kernel. q, k, v are read in
-    place when evenly strided (as in the forward); out, dO, dq share out's dense layout, dk and dv a dense one.
+    dS = P * (dP - (rowsum(dO * O) - grad_lse)). q, k, v are read in place when evenly strided (as in the
+    forward); out, dO, dq share out's dense layout, dk and dv a dense one.
     """
-    (q, q_strides), (k, k_strides), (v, v_strides) = (_token_view(t) for t in (q, k, v))
+    has_rpb = rpb is not None
+    key = ("bwd", q.shape, k.shape, q.stride(), k.stride(), v.stride(), q.dtype, kernel_size, stride, dilation,
+           is_causal, has_rpb, FUSED_BACKWARD)
+    hit = _PLANS.get(key)
+    if hit is None:
+        layout = _Layout(q, k, v)
+        dense_q, dense_k = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k))
+        strides = (*layout.strides, *_dense_strides(dense_q), *_lse_strides(layout), *_dense_strides(dense_k))
+        geo = (q, k, kernel_size, stride, dilation, is_causal, has_rpb)
+        if FUSED_BACKWARD:
+            plans = (_Plan(_na_bwd_kernel, *geo, strides, "both"),)
+        else:  # the dq kernel takes no dk/dv strides
+            plans = (_Plan(_na_bwd_dq_kernel, *geo, strides[:-3], "query"),
+                     _Plan(_na_bwd_dkdv_kernel, *geo, strides, "key"))
+        hit = _PLANS[key] = (layout, plans)
+    layout, plans = hit
+    if layout.copies is not None:
+        q, k, v = layout.read(q, k, v)
     out = out.contiguous()
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
     lse = lse.contiguous()
-    delta = torch.empty_like(lse)
     dense = torch.contiguous_format
     dq, dk, dv = (torch.empty_like(t, memory_format=dense) for t in (q, k, v))
-    has_rpb = rpb is not None
     rpb_grad = has_rpb and need_rpb_grad
-    rpb_f = rpb.detach().float().contiguous() if has_rpb else lse
-    drpb = torch.empty_like(rpb_f) if rpb_grad else lse  # zeroed right before each dq launch (time_fn)
+    rpb_f = rpb.float().contiguous() if has_rpb else lse
+    drpb = torch.empty_like(rpb_f) if rpb_grad else lse  # zeroed right before each launch (time_fn)
     glse = grad_lse.float().contiguous() if grad_lse is not None else lse
-    strides = (*q_strides, *k_strides, *v_strides, *_dense_strides(out), lse.stride(0), lse.stride(-2))
-    key = ("bwd", q.shape, k.shape[-2], q_strides, k_strides, v_strides, q.dtype, kernel_size, stride, dilation,
-           is_causal, has_rpb)
-    plans = _PLANS.get(key)
-    if plans is None:
-        geo = (q, k, kernel_size, stride, dilation, is_causal, has_rpb)
-        plans = _PLANS[key] = (_Plan(_na_bwd_dq_kernel, *geo, strides, "query"),
-                               _Plan(_na_bwd_dkdv_kernel, *geo, (*strides, *_dense_strides(dk)), "key"))
-    dq_plan, dkdv_plan = plans
-    dq_plan.launch((q, k, v, rpb_f, out, grad_out, lse, glse, delta, dq, drpb), (scale * LOG2E, scale),
-                   dict(RPB_GRAD=rpb_grad, HAS_GLSE=grad_lse is not None), time_fn=(drpb.zero_ if rpb_grad else None))
-    dkdv_plan.launch((q, k, v, rpb_f, grad_out, lse, delta, dk, dv), (scale * LOG2E, scale), {})
+    scalars = (scale * LOG2E, scale)
+    variant = _BWD_VARIANTS[rpb_grad, grad_lse is not None]
+    zero_drpb = drpb.zero_ if rpb_grad else None
+    if len(plans) == 1:
+        plans[0].launch((q, k, v, rpb_f, out, grad_out, lse, glse, dq, dk, dv, drpb), scalars, variant, zero_drpb)
+    else:
+        plans[0].launch((q, k, v, rpb_f, out, grad_out, lse, glse, dq, drpb), scalars, variant, zero_drpb)
+        plans[1].launch((q, k, v, rpb_f, out, grad_out, lse, glse, dk, dv), scalars,
+                        _DKDV_VARIANTS[grad_lse is not None])
 
     d_extra_k = d_extra_v = None
     if additional_keys is not None:
@@ -653,12 +786,14 @@ def na_backward(grad_out, q, k, v, out, lse, kernel_size, stride, dilation, is_c
         pg = p.reshape(batch, n, kv_heads, group, -1)
         dog = grad_out.float().reshape(batch, n, kv_heads, group, head_dim)
         qg = q.float().reshape(batch, n, kv_heads, group, head_dim)
+        delta = (dog * out.float().reshape(dog.shape)).sum(-1, keepdim=True)
+        if grad_lse is not None:
+            delta = delta - glse.reshape(batch, n, kv_heads, group, 1)
         dp = torch.einsum("bnhgd,bmhd->bnhgm", dog, additional_values.float())
-        ds = pg * (dp - delta.reshape(batch, n, kv_heads, group, 1))
+        ds = pg * (dp - delta)
         d_extra_v = torch.einsum("bnhgm,bnhgd->bmhd", pg, dog).to(additional_values.dtype)
         d_extra_k = (torch.einsum("bnhgm,bnhgd->bmhd", ds, qg) * scale).to(additional_keys.dtype)
         dq_extra = torch.einsum("bnhgm,bmhd->bnhgd", ds, additional_keys.float()) * scale
         dq = (dq.float() + dq_extra.reshape(q.shape)).to(q.dtype)
     drpb_out = drpb.to(rpb.dtype) if rpb_grad else None
     return dq, dk, dv, drpb_out, d_extra_k, d_extra_v
-

@@ -149,6 +149,36 @@ def _validate(na_dim: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     return kernel_size, stride, dilation, is_causal, float(scale)
 
 
+# Whole calls are remembered too, per signature: shapes, dtypes and devices of plain tensors, the arguments and
+# their types (host time: one lookup instead of ~60 checks). Extra tokens take the full check every time.
+_VALID_CALLS: dict[tuple, tuple] = {}
+_MAX_VALID_CALLS = 4096  # (a bound: a float scale of nan never finds its own entry)
+
+
+def _validated(na_dim: int, q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb, additional_keys,
+               additional_values):
+    """:func:`_validate`, remembered per call signature where the signature is hashable."""
+    plain = torch.Tensor
+    if (q.__class__ is not plain or k.__class__ is not plain or v.__class__ is not plain
+            or additional_keys is not None or (rpb is not None and rpb.__class__ is not plain)
+            or torch.compiler.is_compiling()):
+        return _validate(na_dim, q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb, additional_keys,
+                         additional_values)
+    args = (kernel_size, stride, dilation, is_causal, scale)
+    key = (na_dim, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, *args,
+           *map(_types, args), None if rpb is None else (rpb.shape, rpb.dtype, rpb.device))
+    try:
+        hit = _VALID_CALLS.get(key)
+    except TypeError:  # a list argument: not hashable
+        return _validate(na_dim, q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb, None, None)
+    if hit is None:
+        hit = _validate(na_dim, q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb, None, None)
+        if len(_VALID_CALLS) >= _MAX_VALID_CALLS:
+            _VALID_CALLS.clear()
+        _VALID_CALLS[key] = hit
+    return hit
+
+
 # The fused Triton path. Under torch.compile it is two torch.library custom ops: the compiler keeps them in
 # its graph as opaque calls (no graph break; the kernels inside still tune their tiles per shape on first
 # use), their fake implementations give the output shapes, and the autograd formula calls the fused
@@ -163,15 +193,25 @@ _NA_FORWARD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor? rpb, Tensor? addit
                       "float scale) -> (Tensor, Tensor)")
 
 
+_TRITON_MODULE = []  # the lazily imported _na_triton module, once loaded
+
+
+def _triton_ops():
+    """attnzoo.kernels._na_triton, imported on first use (it imports triton)."""
+    if not _TRITON_MODULE:
+        from . import _na_triton
+
+        _TRITON_MODULE.append(_na_triton)
+    return _TRITON_MODULE[0]
+
+
 def _na_forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor | None,
                    additional_keys: torch.Tensor | None, additional_values: torch.Tensor | None,
                    kernel_size: list[int], stride: list[int], dilation: list[int], is_causal: list[bool],
                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused forward: (out (batch, *spatial, heads, head_dim) in q's dtype, lse (batch, *spatial, heads) fp32)."""
-    from . import _na_triton
-
-    out, lse = _na_triton.na_forward(q, k, v, tuple(kernel_size), tuple(stride), tuple(dilation),
-                                     tuple(is_causal), scale, rpb, additional_keys, additional_values)
+    out, lse = _triton_ops().na_forward(q, k, v, tuple(kernel_size), tuple(stride), tuple(dilation),
+                                        tuple(is_causal), scale, rpb, additional_keys, additional_values)
     return out.contiguous(), lse.contiguous()  # dense, as the fake implementation promises
 
 
@@ -197,9 +237,7 @@ def _na_backward_impl(grad_out: torch.Tensor | None, grad_lse: torch.Tensor | No
                     scale: float, need_rpb_grad: bool) -> list[torch.Tensor]:
     """Fused backward: [dq, dk, dv] + [drpb] when ``need_rpb_grad`` + [d_additional_keys, d_additional_values]
     when extra tokens were given; every gradient dense, shaped and typed like its input."""
-    from . import _na_triton
-
-    dq, dk, dv, drpb, dak, dav = _na_triton.na_backward(
+    dq, dk, dv, drpb, dak, dav = _triton_ops().na_backward(
         grad_out, q, k, v, out, lse, tuple(kernel_size), tuple(stride), tuple(dilation), tuple(is_causal), scale,
         rpb, additional_keys, additional_values, need_rpb_grad=need_rpb_grad, grad_lse=grad_lse)
     grads = [dq, dk, dv] + ([drpb] if need_rpb_grad else []) + ([dak, dav] if additional_keys is not None else [])
@@ -227,79 +265,87 @@ def _na_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # an unused lse (or output) arrives as None: no zero tensors
 
 
-def _na_grads(ctx, grad_out, grad_lse, backward):
-    """The 11 input gradients from ``backward`` (the backward op, or its implementation in eager mode)."""
+def _na_autograd_backward(ctx, grad_out, grad_lse):
+    """The custom op's 11 input gradients, from the backward op."""
     q, k, v, rpb, additional_keys, additional_values, out, lse = ctx.saved_tensors
     no_grads = (None,) * 11
     if grad_out is None and grad_lse is None:
         return no_grads
     need_rpb_grad = rpb is not None and ctx.needs_input_grad[3]
-    grads = iter(backward(grad_out, grad_lse, q, k, v, out, lse, rpb, additional_keys, additional_values,
-                          *ctx.geometry, need_rpb_grad))
+    grads = iter(torch.ops.attnzoo.na_backward(grad_out, grad_lse, q, k, v, out, lse, rpb, additional_keys,
+                                               additional_values, *ctx.geometry, need_rpb_grad))
     dq, dk, dv = next(grads), next(grads), next(grads)
     drpb = next(grads) if need_rpb_grad else None
     dak, dav = (next(grads), next(grads)) if additional_keys is not None else (None, None)
     return (dq, dk, dv, drpb, dak, dav, *no_grads[6:])
 
 
-def _na_autograd_backward(ctx, grad_out, grad_lse):
-    return _na_grads(ctx, grad_out, grad_lse, torch.ops.attnzoo.na_backward)
-
-
 _na_forward_op.register_autograd(_na_autograd_backward, setup_context=_na_setup_context)
 
 
 class _NAFusedEager(torch.autograd.Function):
-    """Eager twin of ``attnzoo::na_forward``: the same implementation, context and gradients, called directly."""
+    """Eager twin of ``attnzoo::na_forward``: the same kernels and gradients, called directly, with a lean host
+    path: the per-axis arguments travel as one tuple, and without ``return_lse`` the node has one output and
+    keeps the logsumexp to itself."""
 
     # forward(ctx, ...) rather than a separate setup_context: with setup_context, Function.apply binds the
     # arguments through inspect.signature on every call (90 us per call under cProfile on the H100 host).
     @staticmethod
-    def forward(ctx, *inputs):
-        output = _na_forward_impl(*inputs)
-        _na_setup_context(ctx, inputs, output)
-        return output
+    def forward(ctx, q, k, v, rpb, additional_keys, additional_values, geometry):
+        kernel_size, stride, dilation, is_causal, scale, return_lse = geometry
+        out, lse = _triton_ops().na_forward(q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb,
+                                            additional_keys, additional_values)
+        ctx.geometry = geometry
+        if return_lse:
+            ctx.save_for_backward(q, k, v, rpb, additional_keys, additional_values, out, lse)
+            ctx.set_materialize_grads(False)  # an unused lse (or output) arrives as None: no zero tensors
+            return out, lse
+        ctx.save_for_backward(q, k, v, rpb, additional_keys, additional_values, out)
+        ctx.lse = lse  # not an output: no other reference to it exists
+        return out
 
     @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        return _na_grads(ctx, grad_out, grad_lse, _na_backward_eager)
+    def backward(ctx, grad_out, grad_lse=None):
+        saved = ctx.saved_tensors
+        q, k, v, rpb, additional_keys, additional_values, out = saved[:7]
+        lse = saved[7] if len(saved) > 7 else ctx.lse
+        kernel_size, stride, dilation, is_causal, scale, _ = ctx.geometry
+        if grad_out is None and grad_lse is None:
+            return (None,) * 7
+        dq, dk, dv, drpb, dak, dav = _triton_ops().na_backward(
+            grad_out, q, k, v, out, lse, kernel_size, stride, dilation, is_causal, scale, rpb, additional_keys,
+            additional_values, need_rpb_grad=rpb is not None and ctx.needs_input_grad[3], grad_lse=grad_lse)
+        return dq, dk, dv, drpb, dak, dav, None
 
 
-def _na_backward_eager(grad_out, grad_lse, q, k, v, out, lse, rpb, additional_keys, additional_values, kernel_size,
-                       stride, dilation, is_causal, scale, need_rpb_grad):
-    """``_na_backward_impl`` without the custom op's list and layout contract (eager autograd takes any strides)."""
-    from . import _na_triton
-
-    dq, dk, dv, drpb, dak, dav = _na_triton.na_backward(
-        grad_out, q, k, v, out, lse, kernel_size, stride, dilation, is_causal, scale, rpb, additional_keys,
-        additional_values, need_rpb_grad=need_rpb_grad, grad_lse=grad_lse)
-    return (dq, dk, dv) + ((drpb,) if need_rpb_grad else ()) + ((dak, dav) if additional_keys is not None else ())
-
-
-def _na_fused(q, k, v, rpb, additional_keys, additional_values, kernel_size, stride, dilation, is_causal, scale):
-    """(out, lse) from the fused kernels: the custom op when torch.compile traces (per-axis arguments as
-    lists, as its schema says), else the eager twin (tuples, which the launch plans use as cache keys)."""
+def _na_fused(q, k, v, rpb, additional_keys, additional_values, kernel_size, stride, dilation, is_causal, scale,
+              return_lse):
+    """out, or (out, lse) with ``return_lse``, from the fused kernels: the custom op when torch.compile traces
+    (per-axis arguments as lists, as its schema says), else the eager twin (tuples, which the launch plans use
+    as cache keys), or, with nothing to differentiate, the kernels without an autograd node."""
     if torch.compiler.is_compiling():
-        return torch.ops.attnzoo.na_forward(q, k, v, rpb, additional_keys, additional_values, list(kernel_size),
-                                            list(stride), list(dilation), list(is_causal), scale)
-    if not torch.is_grad_enabled() or not any(
-            t is not None and t.requires_grad for t in (q, k, v, rpb, additional_keys, additional_values)):
-        # nothing to differentiate (inference): the kernels without an autograd node (host time)
-        return _na_forward_impl(q, k, v, rpb, additional_keys, additional_values, kernel_size, stride, dilation,
-                                is_causal, scale)
-    return _NAFusedEager.apply(q, k, v, rpb, additional_keys, additional_values, kernel_size, stride, dilation,
-                               is_causal, scale)
+        out, lse = torch.ops.attnzoo.na_forward(q, k, v, rpb, additional_keys, additional_values, list(kernel_size),
+                                                list(stride), list(dilation), list(is_causal), scale)
+        return (out, lse) if return_lse else out
+    if torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or v.requires_grad or (rpb is not None and rpb.requires_grad)
+            or (additional_keys is not None and (additional_keys.requires_grad or additional_values.requires_grad))):
+        return _NAFusedEager.apply(q, k, v, rpb, additional_keys, additional_values,
+                                   (kernel_size, stride, dilation, is_causal, scale, return_lse))
+    out, lse = _triton_ops().na_forward(q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb,
+                                        additional_keys, additional_values)
+    return (out, lse) if return_lse else out
 
 
 def _na(na_dim: int, q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb, additional_keys,
         additional_values, return_lse):
-    kernel_size, stride, dilation, is_causal, scale = _validate(
+    kernel_size, stride, dilation, is_causal, scale = _validated(
         na_dim, q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb, additional_keys, additional_values)
     backend = resolve_backend(q.device, f"na{na_dim}d")
     if backend == "triton":
-        out, lse = _na_fused(q, k, v, rpb, additional_keys, additional_values, kernel_size, stride, dilation,
-                             is_causal, scale)
-    elif backend == "flex":
+        return _na_fused(q, k, v, rpb, additional_keys, additional_values, kernel_size, stride, dilation, is_causal,
+                         scale, return_lse)
+    if backend == "flex":
         from ._na_flex import na_flex
 
         out, lse = na_flex(q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb, additional_keys,

@@ -222,6 +222,27 @@ def test_tensor_errors():
         na2d(q.numpy(), k, v, 3)
 
 
+def test_remembered_valid_calls_still_reject_invalid_ones():
+    """Valid call signatures are remembered (host time); a call differing only in a type, a device/dtype or a
+    combination of arguments is still checked in full."""
+    q, k, v = _qkv()
+    rpb = torch.zeros(2, 5, 5)
+    na2d(q, k, v, 3)
+    na2d(q, k, v, 3, rpb=rpb)
+    na2d(q, k, v, [3, 3])  # a list (unhashable signature): checked every time
+    for kwargs, match in [(dict(kernel_size=3.0), r"kernel_size must be an int"),
+                          (dict(kernel_size=(3, True)), r"kernel_size must be an int"),
+                          (dict(kernel_size=3, scale="x"), r"scale must be a float"),
+                          (dict(kernel_size=3, rpb=rpb, is_causal=(False, True)), r"rpb cannot be combined"),
+                          (dict(kernel_size=3, rpb=rpb[:1]), r"rpb must have shape"),
+                          (dict(kernel_size=[3, 9]), r"kernel_size 9 \* dilation 1 = 9 > feature map size 7")]:
+        for _ in range(2):
+            with pytest.raises(ValueError, match=match):
+                na2d(q, k, v, **kwargs)
+    with pytest.raises(ValueError, match=r"one dtype"):
+        na2d(q, k.double(), v, 3)
+
+
 def test_torch_compile_traces_na(rng):
     # Dynamo traces the torch backend; the triton path is a compiler-disabled region (graph break).
     q, k, v = (torch.randn(1, 6, 7, 2, 8, generator=rng) for _ in range(3))
