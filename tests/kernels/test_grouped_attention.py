@@ -288,6 +288,7 @@ def test_direct_launch_reuse(monkeypatch):
     misaligned = (torch.zeros(9)[1:], torch.zeros(8))
     launch((610 * 128, 1), p=misaligned)  # the cached launcher declines: normal path
     assert len(kernel.normal) == 4 and len(_FakeDirect.calls) == 2
-    launches.enabled = False
+    launches.enabled = False  # neither new nor cached launchers
     launch((612 * 128, 1))
-    assert len(kernel.normal) == 5
+    launch((611 * 128, 1))
+    assert len(kernel.normal) == 6 and len(_FakeDirect.calls) == 2
