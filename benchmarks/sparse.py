@@ -317,20 +317,19 @@ def ours_alternatives(q, k, v, n_win, topk, scale) -> dict:
     two, sparse or dense region-masked attention kernels, and the dense kernels' tiles and warps."""
     from attnzoo.kernels import _routed_triton as rt
 
-    b, m = q.shape[:2]
+    m = q.shape[1]
     c = q.shape[3] * q.shape[4]
     r, t = n_win * n_win, (m // n_win) ** 2
     out = {}
-    one_kernel = m * m * c <= rt.FUSED_ROUTING_MAX_ELEMENTS and max(16, rt._pow2(r)) <= 256
-    if one_kernel:
+    if rt.fused_routing(m * m * c, r, t):
         out["ours, routing in two kernels"] = ours_patched(q, k, v, n_win, topk, scale, FUSED_ROUTING_MAX_ELEMENTS=0)
-    elif r <= 256 and m * m * c <= 1 << 19:
-        out["ours, routing in one kernel"] = ours_patched(q, k, v, n_win, topk, scale,
-                                                          FUSED_ROUTING_MAX_ELEMENTS=1 << 30)
+        for slice_, warps in ((8192, 4), (16384, 8)):
+            if (slice_, warps) != (rt.FUSED_ROUTING_SLICE, rt.FUSED_ROUTING_WARPS):
+                out[f"ours, routing slices of {slice_}, {warps} warps"] = ours_patched(
+                    q, k, v, n_win, topk, scale, FUSED_ROUTING_SLICE=slice_, FUSED_ROUTING_WARPS=warps)
     if rt._dense_tiles(r, t, topk) is not None:
         out["ours, sparse kernels"] = ours_patched(q, k, v, n_win, topk, scale, DENSE_MIN_ROUTED_FRACTION=2.0)
-        for bm, bn, warps in ((64, 64, 4), (64, 32, 4), (64, 16, 4), (64, 32, 2), (32, 32, 2), (32, 32, 4),
-                              (128, 32, 8)):
+        for bm, bn, warps in ((64, 64, 4), (64, 32, 4), (64, 16, 4), (128, 32, 8)):
             if (bm, bn, warps) != (rt.DENSE_BLOCK_M, rt.DENSE_BLOCK_N, rt.DENSE_WARPS):
                 out[f"ours, dense {bm}x{bn} {warps} warps"] = ours_patched(
                     q, k, v, n_win, topk, scale, DENSE_BLOCK_M=bm, DENSE_BLOCK_N=bn, DENSE_WARPS=warps)

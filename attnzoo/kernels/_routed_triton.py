@@ -11,9 +11,14 @@ every key region, the query regions that chose it, repeats included) built by on
 program own one key chunk and accumulate over its queries, so nothing is written twice and no atomics are
 needed.
 
-Routing (``region_routing`` on this backend): one kernel takes the region means of q and k (fp32), a second
-the region affinity (fp32 accumulation) and its top-k by repeated row maxima, writing the index (int64) and
-the softmax of the kept logits: two launches where the torch formulation takes about eight.
+Small maps of tiny regions (BiFormer stage 3 at 224) run dense region-masked kernels instead (see the
+section below): the routing becomes a bit mask per query region, keys are read once per query tile.
+
+Routing (``region_routing`` on this backend): for small maps one kernel does it all (region sums as dots of a
+0/1 token-to-region matrix with map tiles, affinity, top-k); otherwise one kernel takes the region means of
+q and k (fp32), a second the region affinity (fp32 accumulation) and its top-k by repeated row maxima. Both
+write the index (int64) and the softmax of the kept logits: one or two launches where the torch formulation
+takes about eight.
 """
 
 from __future__ import annotations
@@ -33,15 +38,6 @@ def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b, input_precision=PREC)
-
-
-@triton.jit
-def _as_operand(mask, like, UPCAST: tl.constexpr):
-    """A 0/1 mask as a dot operand of like's dtype (fp32 under UPCAST: the CPU interpreter turns bool into
-    garbage bf16)."""
-    if UPCAST:
-        return mask.to(tl.float32)
-    return mask.to(like.dtype)
 
 
 @triton.jit
@@ -100,43 +96,38 @@ def _region_topk(MEANS, IDX, WEIGHT, B, R, C, scale,
 
 
 @triton.jit
-def _region_routing_fused(Q, K, IDX, WEIGHT, sqb, sqy, sqx, skb, sky, skx, R, C, W, NTOK, inv_t, scale,
-                          RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, TOPK: tl.constexpr,
-                          KP: tl.constexpr, RB: tl.constexpr, RP: tl.constexpr, TK: tl.constexpr, CB: tl.constexpr,
-                          PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """The whole routing of RB query regions in one program: region sums of q and of every k region as dots
-    of a 0/1 token-to-region matrix with (TK tokens, CB channels) tiles in map order (exact fp32 sums; the
-    tiles stream through the dot pipeline), then means, affinity, top-k, softmax. Every program of a batch
-    element recomputes the key-region sums: for small maps re-reading k from L2 beats a second launch."""
+def _region_routing_fused(Q, K, IDX, WEIGHT, sqb, sqy, sqx, skb, sky, skx, R, C, inv_t, scale,
+                          RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, TP: tl.constexpr,
+                          TOPK: tl.constexpr, KP: tl.constexpr, RB: tl.constexpr, RP: tl.constexpr,
+                          CB: tl.constexpr, PREC: tl.constexpr):
+    """The whole routing of RB query regions in one program: means of their q regions and of every k region
+    over (regions, all T tokens, CB channels) slices (fp32 sums), affinity, top-k, softmax. Every program of a
+    batch element recomputes the key-region means: for small maps re-reading k from L2 beats a second launch.
+    The next channel slice is loaded before the current one is reduced, so two are in flight."""
     pid, b = tl.program_id(0), tl.program_id(1)
     rows = pid * RB + tl.arange(0, RB)
     cols = tl.arange(0, RP)
     r_ok, s_ok = rows < R, cols < R
-    offs_k = tl.arange(0, TK)
-    # map rows holding this program's query regions: tokens [q_lo, q_hi) in map order
-    q_lo = ((pid * RB) // NW) * RH * W
-    q_hi = tl.minimum(((tl.minimum(pid * RB + RB, R) - 1) // NW + 1) * RH * W, NTOK)
+    tok = tl.arange(0, TP)
+    t_ok = tok < T
+    qy, qx = _tile_coords(rows[:, None], tok[None, :], RH, RW, NW)
+    ky, kx = _tile_coords(cols[:, None], tok[None, :], RH, RW, NW)
+    q_ptr = Q + b * sqb + (qy * sqy + qx * sqx)[:, :, None]
+    k_ptr = K + b * skb + (ky * sky + kx * skx)[:, :, None]
+    q_ok = (r_ok[:, None] & t_ok[None, :])[:, :, None]
+    k_ok = (s_ok[:, None] & t_ok[None, :])[:, :, None]
+    offs_c = tl.arange(0, CB)[None, None, :]
+    q_next = tl.load(q_ptr + offs_c, mask=q_ok & (offs_c < C), other=0.0)
+    k_next = tl.load(k_ptr + offs_c, mask=k_ok & (offs_c < C), other=0.0)
     logits = tl.zeros([RB, RP], tl.float32)
     for c0 in range(0, C, CB):
-        offs_c = c0 + tl.arange(0, CB)
-        c_ok = offs_c < C
-        q_sum = tl.zeros([RB, CB], tl.float32)
-        k_sum = tl.zeros([RP, CB], tl.float32)
-        for n0 in range(0, NTOK, TK):
-            tok = n0 + offs_k
-            y, x = tok // W, tok % W
-            k = tl.load(K + b * skb + y[:, None] * sky + x[:, None] * skx + offs_c[None, :],
-                        mask=(tok < NTOK)[:, None] & c_ok[None, :], other=0.0)
-            member = ((y // RH) * NW + x // RW)[None, :] == cols[:, None]  # (RP, TK): token in region
-            k_sum = k_sum + _dot(_as_operand(member, k, UPCAST), k, PREC, UPCAST)
-        for n0 in range(q_lo, q_hi, TK):
-            tok = n0 + offs_k
-            y, x = tok // W, tok % W
-            q = tl.load(Q + b * sqb + y[:, None] * sqy + x[:, None] * sqx + offs_c[None, :],
-                        mask=(tok < q_hi)[:, None] & c_ok[None, :], other=0.0)
-            member = ((y // RH) * NW + x // RW)[None, :] == rows[:, None]
-            q_sum = q_sum + _dot(_as_operand(member, q, UPCAST), q, PREC, UPCAST)
-        logits += tl.dot(q_sum * inv_t, tl.trans(k_sum * inv_t), input_precision=PREC)
+        q_cur, k_cur = q_next, k_next
+        c_next = c0 + CB + offs_c  # past C on the last slice: masked, nothing read
+        q_next = tl.load(q_ptr + c_next, mask=q_ok & (c_next < C), other=0.0)
+        k_next = tl.load(k_ptr + c_next, mask=k_ok & (c_next < C), other=0.0)
+        q_mean = tl.sum(q_cur.to(tl.float32), 1) * inv_t
+        k_mean = tl.sum(k_cur.to(tl.float32), 1) * inv_t
+        logits += tl.dot(q_mean, tl.trans(k_mean), input_precision=PREC)
     _topk_softmax_store(logits * scale, rows, cols, r_ok, s_ok, IDX, WEIGHT, b, R, TOPK, KP, RB, RP)
 
 
@@ -185,12 +176,13 @@ def region_routing_triton(q: torch.Tensor, k: torch.Tensor, nh: int, nw: int, to
     rp = max(16, _pow2(r))
     # fp32 inputs: exact fp32 logits; half inputs: tf32 dots, still finer than the torch ops' half rounding.
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    if h * w * c <= FUSED_ROUTING_MAX_ELEMENTS and rp <= 256:
+    if fused_routing(h * w * c, r, t):
+        tp = _pow2(t)
+        cb = max(16, min(_pow2(c), FUSED_ROUTING_SLICE // (tp * rp)))
         _region_routing_fused[(triton.cdiv(r, 16), b)](
             q, k, index, weight, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            r, c, w, h * w, 1.0 / t, scale, RH=rh, RW=rw, NW=nw, TOPK=topk, KP=_pow2(topk), RB=16, RP=rp, TK=64,
-            CB=min(max(16, _pow2(c)), 64), PREC=prec, UPCAST=q.dtype == torch.bfloat16 and triton_interpreting(),
-            num_warps=4)
+            r, c, 1.0 / t, scale, RH=rh, RW=rw, NW=nw, T=t, TP=tp, TOPK=topk, KP=_pow2(topk), RB=16, RP=rp, CB=cb,
+            PREC=prec, num_warps=FUSED_ROUTING_WARPS)
         return weight, index
     means = torch.empty(2, b, r, c, device=q.device, dtype=torch.float32)
     _region_means[(r, b)](q, k, means, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -409,16 +401,23 @@ def _routed_bwd_dkdv(Q, K, V, DO, LSE, DELTA, STARTS, COUNTS, QLIST, DK, DV_OUT,
 
 
 @triton.jit
-def _route_words(IDX, b, qr, ok, sib, sir, sis, TOPK: tl.constexpr, BLOCK: tl.constexpr):
-    """Routing words of BLOCK query rows (regions qr): (bit r set = region r routed; 1 = region named twice)."""
-    word = tl.zeros([BLOCK], tl.int64)
-    rep = tl.zeros([BLOCK], tl.int32)
-    for j in tl.static_range(TOPK):  # unrolled: independent loads in flight together
-        reg = tl.load(IDX + b * sib + qr * sir + j * sis, mask=ok, other=0).to(tl.int64)
-        bit = tl.where(ok, tl.full([BLOCK], 1, tl.int64) << reg, 0)
-        rep = tl.where((word & bit) != 0, 1, rep)
-        word = word | bit
-    return word, rep
+def _bit_or(a, b):
+    return a | b
+
+
+@triton.jit
+def _route_words(IDX, b, qr, ok, sib, sir, sis, TOPK: tl.constexpr, KP: tl.constexpr):
+    """Routing words of the query rows of regions qr (one load of their routing rows): (bit r set = region r
+    routed, int64; 1 where the row names a region twice, int32). A row names a region twice exactly when
+    the sum of its bits differs from their OR; sums kept per 32-region half so that they cannot overflow."""
+    slots = tl.arange(0, KP)
+    reg = tl.load(IDX + b * sib + qr[:, None] * sir + slots[None, :] * sis,
+                  mask=ok[:, None] & (slots < TOPK)[None, :], other=-1).to(tl.int64)
+    low = tl.where((reg >= 0) & (reg < 32), tl.full(reg.shape, 1, tl.int64) << (reg & 31), 0)
+    high = tl.where(reg >= 32, tl.full(reg.shape, 1, tl.int64) << (reg & 31), 0)
+    low_or, high_or = tl.reduce(low, 1, _bit_or), tl.reduce(high, 1, _bit_or)
+    rep = (tl.sum(low, 1) != low_or) | (tl.sum(high, 1) != high_or)
+    return low_or | (high_or << 32), rep.to(tl.int32)
 
 
 @triton.jit
@@ -428,7 +427,7 @@ def _mask_routes(s, field, shift, any_rep, idx_ptrs, idx_ok, kr, sis, TOPK: tl.c
     along the query axis. Pairs outside the routing get -inf; with repeats, log2(multiplicity) is added."""
     if any_rep != 0:
         count = tl.zeros(s.shape, tl.int32)
-        for j in tl.static_range(TOPK):
+        for j in range(TOPK):
             reg = tl.load(idx_ptrs + j * sis, mask=idx_ok, other=-1)
             count += (reg == kr).to(tl.int32)
         s = tl.where(count > 0, s + tl.log2(tl.maximum(count, 1).to(tl.float32)), float("-inf"))
@@ -443,7 +442,7 @@ def _routed_dense_fwd(Q, K, V, IDX, O, LSE,
                       sib, sir, sis, sob, soy, sox, soh,
                       W, NTOK, HEADS, scale_log2, D_REAL, DV_REAL,
                       RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
-                      TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      TOPK: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // HEADS, bh % HEADS
@@ -454,7 +453,7 @@ def _routed_dense_fwd(Q, K, V, IDX, O, LSE,
     offs_d, offs_dv = tl.arange(0, D), tl.arange(0, DV)
     q = tl.load(Q + b * sqb + qy[:, None] * sqy + qx[:, None] * sqx + h * sqh + offs_d[None, :],
                 mask=m_ok[:, None] & (offs_d[None, :] < D_REAL), other=0.0)
-    word, rep = _route_words(IDX, b, qr, m_ok, sib, sir, sis, TOPK, BLOCK_M)
+    word, rep = _route_words(IDX, b, qr, m_ok, sib, sir, sis, TOPK, KP)
     any_rep = tl.max(rep, 0)
     idx_ptrs = IDX + b * sib + qr[:, None] * sir
     # finite start: a row with no routed key in a tile keeps p = 0 instead of exp2(-inf - -inf)
@@ -495,7 +494,7 @@ def _routed_dense_bwd_dq(Q, K, V, IDX, DO, O, LSE, DELTA, WORDS, DQ,
                          sib, sir, sis, sdob, sdoy, sdox, sdoh, sob, soy, sox, soh,
                          W, NTOK, HEADS, scale_log2, scale, D_REAL, DV_REAL,
                          RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
-                         TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         TOPK: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // HEADS, bh % HEADS
@@ -513,7 +512,7 @@ def _routed_dense_bwd_dq(Q, K, V, IDX, DO, O, LSE, DELTA, WORDS, DQ,
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO * O), reused by the dk/dv pass
     tl.store(DELTA + bh * NTOK + qy * W + qx, delta, mask=m_ok)
     lse = tl.load(LSE + bh * NTOK + qy * W + qx, mask=m_ok, other=0.0)
-    word, rep = _route_words(IDX, b, qr, m_ok, sib, sir, sis, TOPK, BLOCK_M)
+    word, rep = _route_words(IDX, b, qr, m_ok, sib, sir, sis, TOPK, KP)
     # the routing words and repeat flags of every query region, for the dk/dv pass (written by head 0)
     tl.store(WORDS + (b * R + qr) * 2, word, mask=m_ok & (h == 0))
     tl.store(WORDS + (b * R + qr) * 2 + 1, rep.to(tl.int64), mask=m_ok & (h == 0))
@@ -548,7 +547,7 @@ def _routed_dense_bwd_dkdv(Q, K, V, IDX, DO, LSE, DELTA, WORDS, DK, DV_OUT,
                            sib, sir, sis, sdob, sdoy, sdox, sdoh,
                            W, NTOK, HEADS, scale_log2, scale, D_REAL, DV_REAL,
                            RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
-                           TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           TOPK: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // HEADS, bh % HEADS
@@ -613,8 +612,17 @@ def _tiles(t: int, topk: int) -> dict:
 
 
 # One routing kernel (every program recomputes its batch element's key-region means) where the map holds at
-# most this many values (H * W * C) and there are at most 256 regions; else region means, then affinity + top-k.
+# most this many values (H * W * C) and regions x tokens per region (both to powers of 2) are at most 512;
+# else region means, then affinity + top-k. Values per (regions, tokens, channels) slice, warps per program.
 FUSED_ROUTING_MAX_ELEMENTS = 1 << 17
+FUSED_ROUTING_SLICE = 8192
+FUSED_ROUTING_WARPS = 8
+
+
+def fused_routing(elements: int, r: int, t: int) -> bool:
+    """Whether ``region_routing_triton`` runs as one kernel for a map of ``elements`` values (H * W * C) in
+    ``r`` regions of ``t`` tokens."""
+    return elements <= FUSED_ROUTING_MAX_ELEMENTS and _pow2(t) * max(16, _pow2(r)) <= 512
 
 
 # Warps per program of the attention kernels for regions under 16 tokens, whose tiles are 16 rows (mostly
@@ -632,7 +640,7 @@ INVERSE_KEYS_PER_PROGRAM = 8
 # and warps per program of those kernels (benchmarks/sparse.py times the alternatives).
 DENSE_MIN_ROUTED_FRACTION = 0.25
 DENSE_BLOCK_M = 64
-DENSE_BLOCK_N = 64
+DENSE_BLOCK_N = 32
 DENSE_WARPS = 4
 
 
@@ -679,8 +687,8 @@ class _RoutedAttention(torch.autograd.Function):
             _routed_dense_fwd[(triton.cdiv(nh * nw * t, dense["BLOCK_M"]), b * heads)](
                 q, k, v, idx, out, lse, *_strides(q), *_strides(k), *_strides(v), *_index_strides(idx),
                 *_strides(out), w, h * w, heads, scale * _LOG2E, dqk, dv,
-                RH=rh, RW=rw, NW=nw, T=t, R=nh * nw, TOPK=topk, D=max(16, _pow2(dqk)), DV=max(16, _pow2(dv)),
-                **_prec(q.dtype), num_warps=DENSE_WARPS, **dense)
+                RH=rh, RW=rw, NW=nw, T=t, R=nh * nw, TOPK=topk, KP=_pow2(topk), D=max(16, _pow2(dqk)),
+                DV=max(16, _pow2(dv)), **_prec(q.dtype), num_warps=DENSE_WARPS, **dense)
             ctx.save_for_backward(q, k, v, idx, out, lse)
             ctx.geometry = (nh, nw, scale)
             return out
@@ -717,7 +725,7 @@ class _RoutedAttention(torch.autograd.Function):
             dk = torch.empty(b, h, w, heads, dqk, device=q.device, dtype=q.dtype)
             dv = torch.empty(b, h, w, heads, dv_dim, device=q.device, dtype=v.dtype)
             words = torch.empty(b, r, 2, device=q.device, dtype=torch.int64)  # written by the dq pass
-            common.update(R=r, TOPK=topk, num_warps=DENSE_WARPS, **dense)
+            common.update(R=r, TOPK=topk, KP=_pow2(topk), num_warps=DENSE_WARPS, **dense)
             _routed_dense_bwd_dq[(triton.cdiv(r * t, dense["BLOCK_M"]), b * heads)](
                 q, k, v, idx, dout, out, lse, delta, words, dq, *_strides(q), *_strides(k), *_strides(v),
                 *_index_strides(idx), *_strides(dout), *_strides(out), w, h * w, heads, scale * _LOG2E, scale,

@@ -6,7 +6,9 @@ sharing one routing (Zhu et al., "BiFormer", CVPR 2023; official ``ops/bra_legac
 
 Backends (:func:`attnzoo.kernels.set_backend`):
 - ``"triton"``: fused forward and backward that read the selected regions of k and v in place
-  (online softmax, no gathered copy; dk/dv through an inverse routing table, no atomics).
+  (online softmax, no gathered copy; dk/dv through an inverse routing table, no atomics). For small maps
+  of tiny regions (at most 64 regions of under 16 tokens, at least 1/4 of them routed: BiFormer stage 3
+  at 224) the kernels instead run dense tiles over the whole map with the routing as a per-pair mask.
 - ``"torch"``: the official formulation: gather the selected regions, then attention per query region
   (``scaled_dot_product_attention``).
 - ``"flex"``: FlexAttention over the whole map with a block mask built from the routing.
@@ -61,10 +63,10 @@ def region_routing(q: torch.Tensor, k: torch.Tensor, num_regions: int | tuple[in
 
     Backends: plain torch ops (means, matmul, ``torch.topk``, softmax; differentiable in ``weight``) on the
     torch and flex backends and wherever q or k needs a gradient. On the triton backend, when no gradient is
-    needed (BiFormer's detached routing), two fused kernels compute the same quantities with fp32 region
-    means and fp32-accumulated logits (fp32 dots for fp32 inputs, tf32 for half inputs; the torch ops
-    round means and logits to q's dtype, so in bf16 the two may order or pick differently among regions
-    whose logits nearly tie); ties go to the lower region id.
+    needed (BiFormer's detached routing), fused kernels (one for small maps, else two) compute the same
+    quantities with fp32 region means and fp32-accumulated logits (fp32 dots for fp32 inputs, tf32 for half
+    inputs; the torch ops round means and logits to q's dtype, so in bf16 the two may order or pick
+    differently among regions whose logits nearly tie); ties go to the lower region id.
     """
     if q.dim() != 4 or k.dim() != 4 or q.shape != k.shape:
         raise ValueError(f"q and k must both be (batch, H, W, C) of one shape, got {tuple(q.shape)} and "

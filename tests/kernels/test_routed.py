@@ -179,8 +179,8 @@ def test_routed_triton_repeats_small_regions(rng, small_region_path):
 
 def test_routed_triton_dense_masks_64_regions(rng, monkeypatch):
     """The dense region-masked kernels at their limit of 64 regions (the routing word's top bit in use), with
-    their default tiles, 2x2-token regions and topk 16 as at BiFormer stage 3; each query tile has repeat-free
-    rows (the bit masks) except one row naming a region twice (counted weights for that tile only)."""
+    their default tiles, 2x2-token regions and topk 16 as at BiFormer stage 3; repeat-free rows (the bit masks)
+    and, in two query tiles, one row naming a region several times (counted weights for those tiles)."""
     from attnzoo.kernels import _routed_triton
 
     assert _routed_triton._dense_tiles(64, 4, 16) is not None
@@ -188,7 +188,8 @@ def test_routed_triton_dense_masks_64_regions(rng, monkeypatch):
     index = _random_index(rng, 1, 64, 16)
     if 63 not in index[0, 63]:
         index[0, 63, 0] = 63  # still distinct
-    index[0, 5, 1:3] = index[0, 5, 0]  # query region 5 names one region three times
+    index[0, 5, :3] = 63  # region 63 three times: 3 * 2**63 wraps to 2**63, a bare 64-bit sum would miss it
+    index[0, 40, :2] = 7  # a region of the low half twice
     _check_against_reference(q, k, v, index, 8, "triton", scale=0.3)
 
 
@@ -200,7 +201,7 @@ def test_routed_triton_path_choice():
     assert _dense_tiles(49, 16, 4) is None          # stage 2: 16-token regions, sparse
     assert _dense_tiles(256, 4, 16) is None         # stage 3 at 512: 256 regions
     assert _dense_tiles(49, 4, 1) is None           # topk 1 of 49: sparse
-    assert _dense_tiles(49, 2, 16) is None          # 2-token regions: a key tile spans too many regions
+    assert _dense_tiles(49, 1, 16) is None          # 1-token regions: a key tile spans too many regions
 
 
 def test_routed_inverse_table(rng):
@@ -228,10 +229,11 @@ def test_routed_inverse_table(rng):
     (2, 12, 12, 80, (6, 6), 5),   # 36 regions (several row blocks), channels over one chunk
     (1, 18, 18, 24, (1, 2), 2),   # 162-token regions (several token chunks), topk = all
     (2, 6, 8, 16, (3, 4), 1),     # 2x2-token regions, topk = 1
+    (2, 8, 16, 80, (4, 4), 3),    # 2x4-token regions, channels in a full and a partial slice
 ])
 def test_region_routing_triton_matches_torch(rng, monkeypatch, one_kernel, b, h, w, c, nreg, topk):
-    """The fused routing (triton backend, no gradient; one kernel, or region means then top-k) picks the torch
-    ops' regions in the same order."""
+    """The fused routing (triton backend, no gradient; one kernel where the shape allows it, or region means
+    then top-k) picks the torch ops' regions in the same order."""
     from attnzoo.kernels import _routed_triton
 
     monkeypatch.setattr(_routed_triton, "FUSED_ROUTING_MAX_ELEMENTS", 1 << 30 if one_kernel else 0)
