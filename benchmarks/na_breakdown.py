@@ -1,13 +1,12 @@
-"""Where the fused NA time goes: per-kernel GPU time of the forward and of the backward, per tile config.
+"""Where the fused NA time goes: per-kernel GPU time of the forward and of both backward kernels, per tile config.
 
 Run on a CUDA machine: ``python benchmarks/na_breakdown.py [--shapes NAME,...] [--out DIR]``.
 
 For every shape of ``benchmarks/na.py`` and every candidate (query tile, key tile, warps, stages) config, the
-Triton kernels (the forward; the one-launch backward, or dq and dk/dv with ``_na_triton.FUSED_BACKWARD = False``)
-are forced to that config and profiled with ``torch.profiler`` (device time of each kernel, averaged over
-``--iters`` calls, so host launch overhead does not count). Then the autotuned op is timed end to end with
-``do_bench`` (forward, forward+backward through autograd) next to the host time per call, which shows whether a
-shape is bound by the GPU or by the Python launch path. Results: ``OUT/na_breakdown.json``.
+three Triton kernels are forced to that config and profiled with ``torch.profiler`` (device time of each kernel,
+averaged over ``--iters`` calls, so host launch overhead does not count). Then the autotuned op is timed end to
+end with ``do_bench`` (forward, forward+backward through autograd) next to the host time per call, which shows
+whether a shape is bound by the GPU or by the Python launch path. Results: ``OUT/na_breakdown.json``.
 """
 
 from __future__ import annotations
@@ -57,7 +56,7 @@ def kernel_times(fn, iters: int) -> dict[str, float]:
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             name = ev.name
             short = ("fwd" if "_na_fwd" in name else "dq" if "_na_bwd_dq" in name else
-                     "dkdv" if "_na_bwd_dkdv" in name else "bwd" if "_na_bwd_kernel" in name else "other")
+                     "dkdv" if "_na_bwd_dkdv" in name else "other")
             acc[short] += ev.device_time / iters
     return dict(acc)
 
@@ -89,7 +88,7 @@ def profile_configs(name, cfg, device, iters) -> list[dict]:
                 T.na_backward(g, q, k, v, out, lse, *args)
             t = kernel_times(step, iters)
             row = dict(shape=name, config=str(c), **{x: round(t.get(x, 0.0), 1) for x in ("fwd", "dq", "dkdv",
-                                                                                          "bwd", "other")})
+                                                                                          "other")})
         except Exception as e:  # a config this GPU cannot run
             row = dict(shape=name, config=str(c), error=f"{type(e).__name__}: {str(e)[:200]}")
         print(row, flush=True)
@@ -152,11 +151,10 @@ def main(argv=None) -> int:
         with open(path, "w") as fh:
             json.dump(result, fh, indent=1)
         print(f"{name}: {time.time() - t0:.0f} s", flush=True)
-    print("| shape | config | fwd us | dq us | dkdv us | bwd (one launch) us | other us |")
+    print("| shape | config | fwd us | dq us | dkdv us | other us |")
     for r in result["configs"]:
         if "error" not in r:
-            print(f"| {r['shape']} | {r['config']} | {r['fwd']} | {r['dq']} | {r['dkdv']} | {r['bwd']} | "
-                  f"{r['other']} |")
+            print(f"| {r['shape']} | {r['config']} | {r['fwd']} | {r['dq']} | {r['dkdv']} | {r['other']} |")
     return 0
 
 

@@ -203,38 +203,30 @@ def _na_fwd_kernel(
 
 
 # --- backward -----------------------------------------------------------------------------------------------
-# One launch computes every gradient: the first programs of each (batch, kv head) row own key tiles (dk, dv),
-# the rest own query tiles (dq, drpb), so the two halves run side by side instead of one after the other, and
-# the eager host path launches one kernel. Both halves recompute P from the logsumexp and need
-# delta = rowsum(dO * O) (minus the logsumexp's own gradient); each computes it where it needs it, from O and
-# dO, so no half waits for the other.
-
 
 @triton.jit
-def _bwd_delta(DO, O, GLSE, o_off, l_off, row_mask, q_ok, HAS_GLSE: tl.constexpr):
-    """(dO tile, delta) for a tile of queries: delta = rowsum(dO * O) - dlse, in float32."""
-    do = tl.load(DO + o_off, mask=row_mask, other=0.0)
-    o = tl.load(O + o_off, mask=row_mask, other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-    if HAS_GLSE:
-        delta -= tl.load(GLSE + l_off, mask=q_ok, other=0.0)
-    return do, delta
-
-
-@triton.jit
-def _bwd_dq_tile(
-    tile, b, h, kvh, Q, K, V, RPB, O, DO, LSE, GLSE, DQ, DRPB,
+def _na_bwd_dq_kernel(
+    Q, K, V, RPB, O, DO, LSE, GLSE, DELTA, DQ, DRPB,
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_ob, stride_on, stride_oh, stride_lb, stride_ln,
-    L0, L1, L2, KS0, KS1, KS2, ST0, ST1, ST2, DL0, DL1, DL2, NT0, NT1, NT2, qk_scale, scale,
+    H, GROUP, L0, L1, L2, KS0, KS1, KS2, ST0, ST1, ST2, DL0, DL1, DL2, NT0, NT1, NT2, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NDIM: tl.constexpr,
     CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, HAS_RPB: tl.constexpr,
-    DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr, RPB_GRAD: tl.constexpr, HAS_GLSE: tl.constexpr,
+    DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
+    RPB_GRAD: tl.constexpr, HAS_GLSE: tl.constexpr,
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, U0: tl.constexpr, U1: tl.constexpr, U2: tl.constexpr,
 ):
-    """dq (and drpb by atomics) for one query tile of head ``h``: recompute P from the logsumexp,
-    dS = P * (dP - delta). O, dO and dQ share one layout."""
-    g0, g1, g2, Lg0, Lg1, Lg2, t0, t1, t2 = _decode_tile(tile, L0, L1, L2, DL0, DL1, DL2, NT0, NT1, NT2)
+    """dq (and drpb by atomics) for one query tile: recompute P from the logsumexp, dS = P * (dP - delta).
+
+    Also computes delta = rowsum(dO * O) (minus the logsumexp's own gradient) for its queries and stores it
+    for the dk/dv kernel, which runs next: no separate pass over O and dO. O, dO and dQ share one layout.
+    """
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)  # 64-bit batch offsets: batch * tokens * heads * dim may exceed 2**31
+    h = bh % H
+    kvh = h // GROUP
+    g0, g1, g2, Lg0, Lg1, Lg2, t0, t1, t2 = _decode_tile(pid, L0, L1, L2, DL0, DL1, DL2, NT0, NT1, NT2)
     i0, i1, i2 = _tile_coords(T0, T1, T2)
     p0 = t0 * T0 + i0
     p1 = t1 * T1 + i1
@@ -259,8 +251,13 @@ def _bwd_dq_tile(
     row_mask = q_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + b * stride_qb + h * stride_qh + qn[:, None] * stride_qn + d[None, :], mask=row_mask, other=0.0)
     o_off = b * stride_ob + h * stride_oh + qn[:, None] * stride_on + d[None, :]
+    do = tl.load(DO + o_off, mask=row_mask, other=0.0)
+    o = tl.load(O + o_off, mask=row_mask, other=0.0)
     l_off = b * stride_lb + h + qn * stride_ln
-    do, delta = _bwd_delta(DO, O, GLSE, o_off, l_off, row_mask, q_ok, HAS_GLSE)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    if HAS_GLSE:
+        delta -= tl.load(GLSE + l_off, mask=q_ok, other=0.0)
+    tl.store(DELTA + l_off, delta, mask=q_ok)
     if DOT_F32:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
@@ -306,19 +303,23 @@ def _bwd_dq_tile(
 
 
 @triton.jit
-def _bwd_dkdv_tile(
-    tile, b, kvh, Q, K, V, RPB, O, DO, LSE, GLSE, DK, DV,
+def _na_bwd_dkdv_kernel(
+    Q, K, V, RPB, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_ob, stride_on, stride_oh, stride_lb, stride_ln, stride_gb, stride_gn, stride_gh,
-    GROUP, L0, L1, L2, KS0, KS1, KS2, ST0, ST1, ST2, DL0, DL1, DL2, NT0, NT1, NT2, qk_scale, scale,
+    HKV, GROUP, L0, L1, L2, KS0, KS1, KS2, ST0, ST1, ST2, DL0, DL1, DL2, NT0, NT1, NT2, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NDIM: tl.constexpr,
     CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, HAS_RPB: tl.constexpr,
-    DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr, HAS_GLSE: tl.constexpr,
+    DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, U0: tl.constexpr, U1: tl.constexpr, U2: tl.constexpr,
 ):
-    """dk, dv for one key tile (shape U) of kv head ``kvh``: sweep the query tiles (shape T) that can see it,
+    """dk, dv for one key tile (shape U) of one kv head: sweep the query tiles (shape T) that can see it,
     for every query head of the GQA group (no atomics). dK and dV share one dense layout (stride_g*)."""
-    g0, g1, g2, Lg0, Lg1, Lg2, t0, t1, t2 = _decode_tile(tile, L0, L1, L2, DL0, DL1, DL2, NT0, NT1, NT2)
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // HKV).to(tl.int64)
+    kvh = bh % HKV
+    g0, g1, g2, Lg0, Lg1, Lg2, t0, t1, t2 = _decode_tile(pid, L0, L1, L2, DL0, DL1, DL2, NT0, NT1, NT2)
     j0, j1, j2 = _tile_coords(U0, U1, U2)
     k0 = t0 * U0 + j0
     k1 = t1 * U1 + j1
@@ -366,13 +367,13 @@ def _bwd_dkdv_tile(
             row_mask = q_ok[:, None] & d_ok[None, :]
             q = tl.load(Q + b * stride_qb + h * stride_qh + qn[:, None] * stride_qn + d[None, :], mask=row_mask,
                         other=0.0)
-            l_off = b * stride_lb + h + qn * stride_ln
-            do, delta = _bwd_delta(DO, O, GLSE, b * stride_ob + h * stride_oh + qn[:, None] * stride_on + d[None, :],
-                                   l_off, row_mask, q_ok, HAS_GLSE)
+            do = tl.load(DO + b * stride_ob + h * stride_oh + qn[:, None] * stride_on + d[None, :], mask=row_mask,
+                         other=0.0)
             if DOT_F32:
                 q = q.to(tl.float32)
                 do = do.to(tl.float32)
-            lse2 = tl.load(LSE + l_off, mask=q_ok, other=0.0) * 1.4426950408889634
+            lse2 = tl.load(LSE + b * stride_lb + h + qn * stride_ln, mask=q_ok, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA + b * stride_lb + h + qn * stride_ln, mask=q_ok, other=0.0)
             s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * qk_scale
             pair = _pair_mask(k0, k1, k2, f0, l0, f1, l1, f2, l2, NDIM) & q_ok[:, None] & kv_ok[None, :]
             if HAS_RPB:
@@ -387,90 +388,6 @@ def _bwd_dkdv_tile(
     g_off = b * stride_gb + kvh * stride_gh + kn[:, None] * stride_gn + d[None, :]
     tl.store(DK + g_off, dk.to(DK.dtype.element_ty), mask=col_mask)
     tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=col_mask)
-
-
-@triton.jit
-def _na_bwd_kernel(
-    Q, K, V, RPB, O, DO, LSE, GLSE, DQ, DK, DV, DRPB,
-    stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-    stride_ob, stride_on, stride_oh, stride_lb, stride_ln, stride_gb, stride_gn, stride_gh,
-    HKV, GROUP, L0, L1, L2, KS0, KS1, KS2, ST0, ST1, ST2, DL0, DL1, DL2, NQ0, NQ1, NQ2, NK0, NK1, NK2,
-    qk_scale, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NDIM: tl.constexpr,
-    CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, HAS_RPB: tl.constexpr,
-    DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr, RPB_GRAD: tl.constexpr, HAS_GLSE: tl.constexpr,
-    T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, U0: tl.constexpr, U1: tl.constexpr, U2: tl.constexpr,
-):
-    """The whole backward of one (batch, kv head) row per grid row: programs [0, key tiles) compute dk/dv of
-    one key tile each, the next GROUP * query tiles compute dq (and drpb) of one query tile of one head."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // HKV).to(tl.int64)  # 64-bit batch offsets: batch * tokens * heads * dim may exceed 2**31
-    kvh = bh % HKV
-    n_kv_tiles = DL0 * DL1 * DL2 * NK0 * NK1 * NK2
-    if pid < n_kv_tiles:
-        _bwd_dkdv_tile(
-            pid, b, kvh, Q, K, V, RPB, O, DO, LSE, GLSE, DK, DV,
-            stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-            stride_ob, stride_on, stride_oh, stride_lb, stride_ln, stride_gb, stride_gn, stride_gh,
-            GROUP, L0, L1, L2, KS0, KS1, KS2, ST0, ST1, ST2, DL0, DL1, DL2, NK0, NK1, NK2, qk_scale, scale,
-            HEAD_DIM, BLOCK_D, NDIM, CAUSAL0, CAUSAL1, CAUSAL2, HAS_RPB, DOT_F32, DOT_PREC, HAS_GLSE,
-            T0, T1, T2, U0, U1, U2)
-    else:
-        r = pid - n_kv_tiles
-        n_q_tiles = DL0 * DL1 * DL2 * NQ0 * NQ1 * NQ2
-        _bwd_dq_tile(
-            r % n_q_tiles, b, kvh * GROUP + r // n_q_tiles, kvh, Q, K, V, RPB, O, DO, LSE, GLSE, DQ, DRPB,
-            stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-            stride_ob, stride_on, stride_oh, stride_lb, stride_ln,
-            L0, L1, L2, KS0, KS1, KS2, ST0, ST1, ST2, DL0, DL1, DL2, NQ0, NQ1, NQ2, qk_scale, scale,
-            HEAD_DIM, BLOCK_D, NDIM, CAUSAL0, CAUSAL1, CAUSAL2, HAS_RPB, DOT_F32, DOT_PREC, RPB_GRAD, HAS_GLSE,
-            T0, T1, T2, U0, U1, U2)
-
-
-@triton.jit
-def _na_bwd_dq_kernel(
-    Q, K, V, RPB, O, DO, LSE, GLSE, DQ, DRPB,
-    stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-    stride_ob, stride_on, stride_oh, stride_lb, stride_ln,
-    H, GROUP, L0, L1, L2, KS0, KS1, KS2, ST0, ST1, ST2, DL0, DL1, DL2, NT0, NT1, NT2, qk_scale, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NDIM: tl.constexpr,
-    CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, HAS_RPB: tl.constexpr,
-    DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr, RPB_GRAD: tl.constexpr, HAS_GLSE: tl.constexpr,
-    T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, U0: tl.constexpr, U1: tl.constexpr, U2: tl.constexpr,
-):
-    """Split backward, first launch: dq (and drpb) of one query tile per program."""
-    bh = tl.program_id(1)
-    h = bh % H
-    _bwd_dq_tile(
-        tl.program_id(0), (bh // H).to(tl.int64), h, h // GROUP, Q, K, V, RPB, O, DO, LSE, GLSE, DQ, DRPB,
-        stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-        stride_ob, stride_on, stride_oh, stride_lb, stride_ln,
-        L0, L1, L2, KS0, KS1, KS2, ST0, ST1, ST2, DL0, DL1, DL2, NT0, NT1, NT2, qk_scale, scale,
-        HEAD_DIM, BLOCK_D, NDIM, CAUSAL0, CAUSAL1, CAUSAL2, HAS_RPB, DOT_F32, DOT_PREC, RPB_GRAD, HAS_GLSE,
-        T0, T1, T2, U0, U1, U2)
-
-
-@triton.jit
-def _na_bwd_dkdv_kernel(
-    Q, K, V, RPB, O, DO, LSE, GLSE, DK, DV,
-    stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-    stride_ob, stride_on, stride_oh, stride_lb, stride_ln, stride_gb, stride_gn, stride_gh,
-    HKV, GROUP, L0, L1, L2, KS0, KS1, KS2, ST0, ST1, ST2, DL0, DL1, DL2, NT0, NT1, NT2, qk_scale, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NDIM: tl.constexpr,
-    CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, HAS_RPB: tl.constexpr,
-    DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr, HAS_GLSE: tl.constexpr,
-    T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, U0: tl.constexpr, U1: tl.constexpr, U2: tl.constexpr,
-):
-    """Split backward, second launch: dk, dv of one key tile per program."""
-    bh = tl.program_id(1)
-    _bwd_dkdv_tile(
-        tl.program_id(0), (bh // HKV).to(tl.int64), bh % HKV, Q, K, V, RPB, O, DO, LSE, GLSE, DK, DV,
-        stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-        stride_ob, stride_on, stride_oh, stride_lb, stride_ln, stride_gb, stride_gn, stride_gh,
-        GROUP, L0, L1, L2, KS0, KS1, KS2, ST0, ST1, ST2, DL0, DL1, DL2, NT0, NT1, NT2, qk_scale, scale,
-        HEAD_DIM, BLOCK_D, NDIM, CAUSAL0, CAUSAL1, CAUSAL2, HAS_RPB, DOT_F32, DOT_PREC, HAS_GLSE,
-        T0, T1, T2, U0, U1, U2)
 
 
 # --- launch -------------------------------------------------------------------------------------------------
@@ -612,8 +529,7 @@ class _Plan:
 
     Per call only the tensor pointers (and run-time scalars) change, so the host path is a dict lookup and
     the launch itself. The tile config is tuned on first use (see ``_choose_config``) and then frozen here.
-    ``grid_by``: "query" (a program per query tile and head), "key" (per key tile and kv head) or "both" (the
-    fused backward: per kv head, its key tiles, then the query tiles of its GQA group).
+    ``grid_by``: "query" (a program per query tile and head) or "key" (per key tile and kv head).
     """
 
     def __init__(self, kernel, q, k, kernel_size, stride, dilation, is_causal, has_rpb, strides, grid_by):
@@ -621,9 +537,10 @@ class _Plan:
         batch, heads, kv_heads, head_dim = q.shape[0], q.shape[-2], k.shape[-2], q.shape[-1]
         self.kernel = kernel
         self.spatial, self.dl = spatial, dl
-        self.grid_by, self.group = grid_by, heads // kv_heads
+        self.grid_by = grid_by
         self.rows = batch * (heads if grid_by == "query" else kv_heads)
-        self.int_args = (*strides, heads if grid_by == "query" else kv_heads, self.group, *spatial, *ks, *st, *dl)
+        self.int_args = (*strides, heads if grid_by == "query" else kv_heads, heads // kv_heads, *spatial, *ks, *st,
+                         *dl)
         self.consts = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), NDIM=na_dim,
                            CAUSAL0=causal[0], CAUSAL1=causal[1], CAUSAL2=causal[2], HAS_RPB=has_rpb,
                            DOT_F32=_dot_in_f32(q), DOT_PREC=_dot_precision(q))
@@ -635,19 +552,14 @@ class _Plan:
 
     def _prepared(self, cfg, variant):
         tile, kv_tile, warps, stages = cfg
-        nq, nk = _grid_tiles(self.spatial, self.dl, tile), _grid_tiles(self.spatial, self.dl, kv_tile)
-        sub_grids = math.prod(self.dl)
-        if self.grid_by == "both":
-            grid = (sub_grids * (math.prod(nk) + self.group * math.prod(nq)), self.rows)
-            counts = (*nq, *nk)
-        else:
-            own = nq if self.grid_by == "query" else nk  # the dk/dv kernel's program tile is the key tile
-            grid, counts = (sub_grids * math.prod(own), self.rows), tuple(own)
+        own = tile if self.grid_by == "query" else kv_tile  # the dk/dv kernel's program tile is the key tile
+        nt = _grid_tiles(self.spatial, self.dl, own)
+        grid = (math.prod(self.dl) * math.prod(nt), self.rows)
         meta = dict(self.consts, **dict(variant), T0=tile[0], T1=tile[1], T2=tile[2], U0=kv_tile[0],
                     U1=kv_tile[1], U2=kv_tile[2])
         if not triton_interpreting():
             meta.update(num_warps=warps, num_stages=stages)
-        return grid, (*self.int_args, *counts), meta
+        return grid, (*self.int_args, *nt), meta
 
     def launch(self, ptrs, scalars, variant=(), time_fn=None):
         """Launch on ``ptrs`` (tensors) with run-time ``scalars``; ``variant``: extra constexprs as (name, value)
@@ -723,11 +635,8 @@ def _merge_extra(q, out, lse, additional_keys, additional_values, scale):
     return merged.to(q.dtype), lse_all
 
 
-# The backward's constexpr variants per (rpb gradient, logsumexp gradient), as constant keys (host time).
-_BWD_VARIANTS = {(rg, hg): (("RPB_GRAD", rg), ("HAS_GLSE", hg)) for rg in (False, True) for hg in (False, True)}
-_DKDV_VARIANTS = {hg: (("HAS_GLSE", hg),) for hg in (False, True)}
-# One launch for dq and dk/dv (``_na_bwd_kernel``); False: the two kernels one after the other.
-FUSED_BACKWARD = True
+# The dq kernel's constexpr variants per (rpb gradient, logsumexp gradient), as constant keys (host time).
+_DQ_VARIANTS = {(rg, hg): (("RPB_GRAD", rg), ("HAS_GLSE", hg)) for rg in (False, True) for hg in (False, True)}
 
 
 def na_backward(grad_out, q, k, v, out, lse, kernel_size, stride, dilation, is_causal, scale, rpb,
@@ -735,45 +644,37 @@ def na_backward(grad_out, q, k, v, out, lse, kernel_size, stride, dilation, is_c
     """Fused backward from the saved output and logsumexp: (dq, dk, dv, drpb, d_extra_keys, d_extra_values).
 
     ``grad_lse`` (gradient of the returned logsumexp, or None) folds into delta: d lse / d score = P, so
-    dS = P * (dP - (rowsum(dO * O) - grad_lse)). q, k, v are read in place when evenly strided (as in the
-    forward); out, dO, dq share out's dense layout, dk and dv a dense one.
+    dS = P * (dP - (rowsum(dO * O) - grad_lse)). delta is computed inside the dq kernel. q, k, v are read in
+    place when evenly strided (as in the forward); out, dO, dq share out's dense layout, dk and dv a dense one.
     """
     has_rpb = rpb is not None
     key = ("bwd", q.shape, k.shape, q.stride(), k.stride(), v.stride(), q.dtype, kernel_size, stride, dilation,
-           is_causal, has_rpb, FUSED_BACKWARD)
+           is_causal, has_rpb)
     hit = _PLANS.get(key)
     if hit is None:
         layout = _Layout(q, k, v)
         dense_q, dense_k = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k))
-        strides = (*layout.strides, *_dense_strides(dense_q), *_lse_strides(layout), *_dense_strides(dense_k))
+        strides = (*layout.strides, *_dense_strides(dense_q), *_lse_strides(layout))
         geo = (q, k, kernel_size, stride, dilation, is_causal, has_rpb)
-        if FUSED_BACKWARD:
-            plans = (_Plan(_na_bwd_kernel, *geo, strides, "both"),)
-        else:  # the dq kernel takes no dk/dv strides
-            plans = (_Plan(_na_bwd_dq_kernel, *geo, strides[:-3], "query"),
-                     _Plan(_na_bwd_dkdv_kernel, *geo, strides, "key"))
-        hit = _PLANS[key] = (layout, plans)
-    layout, plans = hit
+        hit = _PLANS[key] = (layout, _Plan(_na_bwd_dq_kernel, *geo, strides, "query"),
+                             _Plan(_na_bwd_dkdv_kernel, *geo, (*strides, *_dense_strides(dense_k)), "key"))
+    layout, dq_plan, dkdv_plan = hit
     if layout.copies is not None:
         q, k, v = layout.read(q, k, v)
     out = out.contiguous()
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
     lse = lse.contiguous()
+    delta = torch.empty_like(lse)
     dense = torch.contiguous_format
     dq, dk, dv = (torch.empty_like(t, memory_format=dense) for t in (q, k, v))
     rpb_grad = has_rpb and need_rpb_grad
     rpb_f = rpb.float().contiguous() if has_rpb else lse
-    drpb = torch.empty_like(rpb_f) if rpb_grad else lse  # zeroed right before each launch (time_fn)
+    drpb = torch.empty_like(rpb_f) if rpb_grad else lse  # zeroed right before each dq launch (time_fn)
     glse = grad_lse.float().contiguous() if grad_lse is not None else lse
     scalars = (scale * LOG2E, scale)
-    variant = _BWD_VARIANTS[rpb_grad, grad_lse is not None]
-    zero_drpb = drpb.zero_ if rpb_grad else None
-    if len(plans) == 1:
-        plans[0].launch((q, k, v, rpb_f, out, grad_out, lse, glse, dq, dk, dv, drpb), scalars, variant, zero_drpb)
-    else:
-        plans[0].launch((q, k, v, rpb_f, out, grad_out, lse, glse, dq, drpb), scalars, variant, zero_drpb)
-        plans[1].launch((q, k, v, rpb_f, out, grad_out, lse, glse, dk, dv), scalars,
-                        _DKDV_VARIANTS[grad_lse is not None])
+    dq_plan.launch((q, k, v, rpb_f, out, grad_out, lse, glse, delta, dq, drpb), scalars,
+                   _DQ_VARIANTS[rpb_grad, grad_lse is not None], drpb.zero_ if rpb_grad else None)
+    dkdv_plan.launch((q, k, v, rpb_f, grad_out, lse, delta, dk, dv), scalars)
 
     d_extra_k = d_extra_v = None
     if additional_keys is not None:
@@ -786,11 +687,8 @@ def na_backward(grad_out, q, k, v, out, lse, kernel_size, stride, dilation, is_c
         pg = p.reshape(batch, n, kv_heads, group, -1)
         dog = grad_out.float().reshape(batch, n, kv_heads, group, head_dim)
         qg = q.float().reshape(batch, n, kv_heads, group, head_dim)
-        delta = (dog * out.float().reshape(dog.shape)).sum(-1, keepdim=True)
-        if grad_lse is not None:
-            delta = delta - glse.reshape(batch, n, kv_heads, group, 1)
         dp = torch.einsum("bnhgd,bmhd->bnhgm", dog, additional_values.float())
-        ds = pg * (dp - delta)
+        ds = pg * (dp - delta.reshape(batch, n, kv_heads, group, 1))
         d_extra_v = torch.einsum("bnhgm,bnhgd->bmhd", pg, dog).to(additional_values.dtype)
         d_extra_k = (torch.einsum("bnhgm,bnhgd->bmhd", ds, qg) * scale).to(additional_keys.dtype)
         dq_extra = torch.einsum("bnhgm,bmhd->bnhgd", ds, additional_keys.float()) * scale

@@ -61,14 +61,9 @@ def test_triton_output_only_backward(rng):
         assert_close(t.grad, r.grad, torch.float32, scale=4.0)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["one-launch", "two-launches"])
-def test_triton_backward_launch_forms_agree(fused, rng, monkeypatch):
-    """The backward in one launch (dk/dv and dq programs side by side) and in two launches both give the
-    reference's gradients (a loss on the output and the logsumexp): GQA with dilation and rpb in 2-D; MQA with
-    dilation and extra tokens in 1-D (whose delta is computed outside the kernel)."""
-    from attnzoo.kernels import _na_triton
-
-    monkeypatch.setattr(_na_triton, "FUSED_BACKWARD", fused)
+def test_triton_backward_gqa_extra_tokens(rng):
+    """Gradients with a loss on the output and the logsumexp: GQA with dilation and rpb in 2-D (batch 2); MQA with
+    dilation and extra tokens in 1-D (their delta comes from the dq kernel)."""
     _check_backend("triton", (2, (6, 7), (3, 5), 1, (2, 1), False, 4, 2, 16, True, 0), torch.float32, rng, batch=2)
     _check_backend("triton", (1, (17,), 5, 1, 3, False, 4, 1, 16, False, 2), torch.float32, rng, batch=2)
 
