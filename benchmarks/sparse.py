@@ -323,7 +323,7 @@ def ours_alternatives(q, k, v, n_win, topk, scale) -> dict:
     out = {}
     if rt.fused_routing(m * m * c, r, t):
         out["ours, routing in two kernels"] = ours_patched(q, k, v, n_win, topk, scale, FUSED_ROUTING_MAX_ELEMENTS=0)
-        for slice_, warps in ((8192, 4), (16384, 8)):
+        for slice_, warps in ((8192, 4), (8192, 8)):
             if (slice_, warps) != (rt.FUSED_ROUTING_SLICE, rt.FUSED_ROUTING_WARPS):
                 out[f"ours, routing slices of {slice_}, {warps} warps"] = ours_patched(
                     q, k, v, n_win, topk, scale, FUSED_ROUTING_SLICE=slice_, FUSED_ROUTING_WARPS=warps)

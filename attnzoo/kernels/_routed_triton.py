@@ -401,23 +401,17 @@ def _routed_bwd_dkdv(Q, K, V, DO, LSE, DELTA, STARTS, COUNTS, QLIST, DK, DV_OUT,
 
 
 @triton.jit
-def _bit_or(a, b):
-    return a | b
-
-
-@triton.jit
-def _route_words(IDX, b, qr, ok, sib, sir, sis, TOPK: tl.constexpr, KP: tl.constexpr):
-    """Routing words of the query rows of regions qr (one load of their routing rows): (bit r set = region r
-    routed, int64; 1 where the row names a region twice, int32). A row names a region twice exactly when
-    the sum of its bits differs from their OR; sums kept per 32-region half so that they cannot overflow."""
-    slots = tl.arange(0, KP)
-    reg = tl.load(IDX + b * sib + qr[:, None] * sir + slots[None, :] * sis,
-                  mask=ok[:, None] & (slots < TOPK)[None, :], other=-1).to(tl.int64)
-    low = tl.where((reg >= 0) & (reg < 32), tl.full(reg.shape, 1, tl.int64) << (reg & 31), 0)
-    high = tl.where(reg >= 32, tl.full(reg.shape, 1, tl.int64) << (reg & 31), 0)
-    low_or, high_or = tl.reduce(low, 1, _bit_or), tl.reduce(high, 1, _bit_or)
-    rep = (tl.sum(low, 1) != low_or) | (tl.sum(high, 1) != high_or)
-    return low_or | (high_or << 32), rep.to(tl.int32)
+def _route_words(IDX, b, qr, ok, sib, sir, sis, TOPK: tl.constexpr, BLOCK: tl.constexpr):
+    """Routing words of BLOCK query rows (regions qr): (bit r set = region r routed, int64; 1 where the row
+    names a region twice, int32)."""
+    word = tl.zeros([BLOCK], tl.int64)
+    rep = tl.zeros([BLOCK], tl.int32)
+    for j in range(TOPK):
+        reg = tl.load(IDX + b * sib + qr * sir + j * sis, mask=ok, other=0).to(tl.int64)
+        bit = tl.where(ok, tl.full([BLOCK], 1, tl.int64) << reg, 0)
+        rep = tl.where((word & bit) != 0, 1, rep)
+        word = word | bit
+    return word, rep
 
 
 @triton.jit
@@ -442,7 +436,7 @@ def _routed_dense_fwd(Q, K, V, IDX, O, LSE,
                       sib, sir, sis, sob, soy, sox, soh,
                       W, NTOK, HEADS, scale_log2, D_REAL, DV_REAL,
                       RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
-                      TOPK: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // HEADS, bh % HEADS
@@ -453,7 +447,7 @@ def _routed_dense_fwd(Q, K, V, IDX, O, LSE,
     offs_d, offs_dv = tl.arange(0, D), tl.arange(0, DV)
     q = tl.load(Q + b * sqb + qy[:, None] * sqy + qx[:, None] * sqx + h * sqh + offs_d[None, :],
                 mask=m_ok[:, None] & (offs_d[None, :] < D_REAL), other=0.0)
-    word, rep = _route_words(IDX, b, qr, m_ok, sib, sir, sis, TOPK, KP)
+    word, rep = _route_words(IDX, b, qr, m_ok, sib, sir, sis, TOPK, BLOCK_M)
     any_rep = tl.max(rep, 0)
     idx_ptrs = IDX + b * sib + qr[:, None] * sir
     # finite start: a row with no routed key in a tile keeps p = 0 instead of exp2(-inf - -inf)
@@ -494,7 +488,7 @@ def _routed_dense_bwd_dq(Q, K, V, IDX, DO, O, LSE, DELTA, WORDS, DQ,
                          sib, sir, sis, sdob, sdoy, sdox, sdoh, sob, soy, sox, soh,
                          W, NTOK, HEADS, scale_log2, scale, D_REAL, DV_REAL,
                          RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
-                         TOPK: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // HEADS, bh % HEADS
@@ -512,7 +506,7 @@ def _routed_dense_bwd_dq(Q, K, V, IDX, DO, O, LSE, DELTA, WORDS, DQ,
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO * O), reused by the dk/dv pass
     tl.store(DELTA + bh * NTOK + qy * W + qx, delta, mask=m_ok)
     lse = tl.load(LSE + bh * NTOK + qy * W + qx, mask=m_ok, other=0.0)
-    word, rep = _route_words(IDX, b, qr, m_ok, sib, sir, sis, TOPK, KP)
+    word, rep = _route_words(IDX, b, qr, m_ok, sib, sir, sis, TOPK, BLOCK_M)
     # the routing words and repeat flags of every query region, for the dk/dv pass (written by head 0)
     tl.store(WORDS + (b * R + qr) * 2, word, mask=m_ok & (h == 0))
     tl.store(WORDS + (b * R + qr) * 2 + 1, rep.to(tl.int64), mask=m_ok & (h == 0))
@@ -547,7 +541,7 @@ def _routed_dense_bwd_dkdv(Q, K, V, IDX, DO, LSE, DELTA, WORDS, DK, DV_OUT,
                            sib, sir, sis, sdob, sdoy, sdox, sdoh,
                            W, NTOK, HEADS, scale_log2, scale, D_REAL, DV_REAL,
                            RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
-                           TOPK: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // HEADS, bh % HEADS
@@ -616,7 +610,7 @@ def _tiles(t: int, topk: int) -> dict:
 # else region means, then affinity + top-k. Values per (regions, tokens, channels) slice, warps per program.
 FUSED_ROUTING_MAX_ELEMENTS = 1 << 17
 FUSED_ROUTING_SLICE = 8192
-FUSED_ROUTING_WARPS = 8
+FUSED_ROUTING_WARPS = 4
 
 
 def fused_routing(elements: int, r: int, t: int) -> bool:
@@ -687,7 +681,7 @@ class _RoutedAttention(torch.autograd.Function):
             _routed_dense_fwd[(triton.cdiv(nh * nw * t, dense["BLOCK_M"]), b * heads)](
                 q, k, v, idx, out, lse, *_strides(q), *_strides(k), *_strides(v), *_index_strides(idx),
                 *_strides(out), w, h * w, heads, scale * _LOG2E, dqk, dv,
-                RH=rh, RW=rw, NW=nw, T=t, R=nh * nw, TOPK=topk, KP=_pow2(topk), D=max(16, _pow2(dqk)),
+                RH=rh, RW=rw, NW=nw, T=t, R=nh * nw, TOPK=topk, D=max(16, _pow2(dqk)),
                 DV=max(16, _pow2(dv)), **_prec(q.dtype), num_warps=DENSE_WARPS, **dense)
             ctx.save_for_backward(q, k, v, idx, out, lse)
             ctx.geometry = (nh, nw, scale)
@@ -725,7 +719,7 @@ class _RoutedAttention(torch.autograd.Function):
             dk = torch.empty(b, h, w, heads, dqk, device=q.device, dtype=q.dtype)
             dv = torch.empty(b, h, w, heads, dv_dim, device=q.device, dtype=v.dtype)
             words = torch.empty(b, r, 2, device=q.device, dtype=torch.int64)  # written by the dq pass
-            common.update(R=r, TOPK=topk, KP=_pow2(topk), num_warps=DENSE_WARPS, **dense)
+            common.update(R=r, TOPK=topk, num_warps=DENSE_WARPS, **dense)
             _routed_dense_bwd_dq[(triton.cdiv(r * t, dense["BLOCK_M"]), b * heads)](
                 q, k, v, idx, dout, out, lse, delta, words, dq, *_strides(q), *_strides(k), *_strides(v),
                 *_index_strides(idx), *_strides(dout), *_strides(out), w, h * w, heads, scale * _LOG2E, scale,

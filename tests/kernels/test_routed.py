@@ -188,7 +188,7 @@ def test_routed_triton_dense_masks_64_regions(rng, monkeypatch):
     index = _random_index(rng, 1, 64, 16)
     if 63 not in index[0, 63]:
         index[0, 63, 0] = 63  # still distinct
-    index[0, 5, :3] = 63  # region 63 three times: 3 * 2**63 wraps to 2**63, a bare 64-bit sum would miss it
+    index[0, 5, :3] = 63  # the word's top bit, named three times
     index[0, 40, :2] = 7  # a region of the low half twice
     _check_against_reference(q, k, v, index, 8, "triton", scale=0.3)
 
