@@ -287,8 +287,9 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def _tiles(x: torch.Tensor, max_bw: int = 64) -> tuple[int, int, int]:
-    """(BC, BH, BW) of about 2048 elements, shaped so the unit-stride axis is read in long runs."""
+def _tiles(x: torch.Tensor, max_bw: int = 64, nchw_elements: int = 2048) -> tuple[int, int, int]:
+    """(BC, BH, BW), shaped so the unit-stride axis is read in long runs: about 2048 elements for channels_last,
+    ``nchw_elements`` (more channels per program) for NCHW."""
     _, c, h, w = x.shape
     bw = min(_pow2(w), max_bw)
     if _channels_last(x) and c > 1:  # channels_last: 32 channels (64 bytes of bf16) per position
@@ -296,12 +297,16 @@ def _tiles(x: torch.Tensor, max_bw: int = 64) -> tuple[int, int, int]:
         bh = min(_pow2(h), max(1, 2048 // (bc * bw)))
     else:  # NCHW: each channel's plane is contiguous, whole rows per tile
         bh = min(_pow2(h), max(1, 1024 // bw))
-        bc = min(_pow2(c), max(1, 2048 // (bw * bh)))
+        bc = min(_pow2(c), max(1, nchw_elements // (bw * bh)))
     return bc, bh, bw
 
 
-# the means pass spans up to 128 columns per program (MobileNetV2's 112-wide maps in one column block)
+# The means pass spans up to 128 columns per program (MobileNetV2's 112-wide maps in one column block) and, on
+# NCHW maps, 4x the channels of the other passes: measured on an H100 at ResNet-50's stage shapes (batch 128,
+# bf16), 0.127 / 0.053 / 0.035 ms at 56 / 28 / 14 px against 0.134 / 0.071 / 0.036 with 2048-element tiles
+# (0.028 vs 0.026 at 7 px).
 _REDUCE_MAX_BW = 128
+_MEANS_NCHW_ELEMENTS = 8192
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
@@ -351,7 +356,7 @@ class _Launch:
 
 def _reduce_launch(x: torch.Tensor, gated: bool, relu: bool, d_cl: bool, store_dpre: bool) -> tuple[_Launch, int]:
     b, c, h, w = x.shape
-    bc, bh, bw = _tiles(x, _REDUCE_MAX_BW)
+    bc, bh, bw = _tiles(x, _REDUCE_MAX_BW, 2048 if gated else _MEANS_NCHW_ELEMENTS)
     ncb, nwb = triton.cdiv(c, bc), triton.cdiv(w, bw)
     meta = dict(H=h, W=w, X_CL=_channels_last(x), D_CL=d_cl, GATED=gated, RELU=relu, STORE_DPRE=store_dpre,
                 BC=bc, BH=bh, BW=bw)
