@@ -25,6 +25,7 @@ at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -296,43 +297,40 @@ def ours_routed(backend):
     return fn
 
 
-def ours_patched(q, k, v, n_win, topk, scale, **constants):
-    """Ours with module constants of the kernels set for the call (CUDA graphs capture the launches so set)."""
+@contextlib.contextmanager
+def kernel_constants(**constants):
+    """Module constants of the routed kernels set for a whole measurement (forward and backward launches,
+    CUDA-graph captures included), restored afterwards."""
     from attnzoo.kernels import _routed_triton
 
-    def fn():
-        saved = {name: getattr(_routed_triton, name) for name in constants}
-        for name, value in constants.items():
+    saved = {name: getattr(_routed_triton, name) for name in constants}
+    for name, value in constants.items():
+        setattr(_routed_triton, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
             setattr(_routed_triton, name, value)
-        try:
-            return ours_routed("triton")(q, k, v, n_win, topk, scale)
-        finally:
-            for name, value in saved.items():
-                setattr(_routed_triton, name, value)
-    return fn
 
 
-def ours_alternatives(q, k, v, n_win, topk, scale) -> dict:
-    """The tuning alternatives of ours that differ from the defaults at this shape: routing in one kernel or
-    two, sparse or dense region-masked attention kernels, and the dense kernels' tiles and warps."""
+def ours_alternatives(m: int, c: int, n_win: int, topk: int) -> dict[str, dict]:
+    """The tuning alternatives of ours that differ from the defaults at this shape (name: module constants of
+    the kernels to set while it is measured): routing in one kernel or two, sparse or dense region-masked
+    attention kernels, and the dense kernels' tiles and warps."""
     from attnzoo.kernels import _routed_triton as rt
 
-    m = q.shape[1]
-    c = q.shape[3] * q.shape[4]
     r, t = n_win * n_win, (m // n_win) ** 2
     out = {}
     if rt.fused_routing(m * m * c, r, t):
-        out["ours, routing in two kernels"] = ours_patched(q, k, v, n_win, topk, scale, FUSED_ROUTING_MAX_ELEMENTS=0)
-        for slice_, warps in ((8192, 4), (8192, 8)):
-            if (slice_, warps) != (rt.FUSED_ROUTING_SLICE, rt.FUSED_ROUTING_WARPS):
-                out[f"ours, routing slices of {slice_}, {warps} warps"] = ours_patched(
-                    q, k, v, n_win, topk, scale, FUSED_ROUTING_SLICE=slice_, FUSED_ROUTING_WARPS=warps)
+        out["ours, routing in two kernels"] = dict(FUSED_ROUTING_MAX_ELEMENTS=0)
+        if rt.FUSED_ROUTING_WARPS != 8:
+            out["ours, routing kernel with 8 warps"] = dict(FUSED_ROUTING_WARPS=8)
     if rt._dense_tiles(r, t, topk) is not None:
-        out["ours, sparse kernels"] = ours_patched(q, k, v, n_win, topk, scale, DENSE_MIN_ROUTED_FRACTION=2.0)
-        for bm, bn, warps in ((64, 64, 4), (64, 32, 4), (64, 16, 4), (128, 32, 8)):
-            if (bm, bn, warps) != (rt.DENSE_BLOCK_M, rt.DENSE_BLOCK_N, rt.DENSE_WARPS):
-                out[f"ours, dense {bm}x{bn} {warps} warps"] = ours_patched(
-                    q, k, v, n_win, topk, scale, DENSE_BLOCK_M=bm, DENSE_BLOCK_N=bn, DENSE_WARPS=warps)
+        out["ours, sparse kernels"] = dict(DENSE_MIN_ROUTED_FRACTION=2.0)
+        for bn, bwd_bn in ((64, 64), (32, 32)):
+            if (bn, bwd_bn) != (rt.DENSE_BLOCK_N, rt.DENSE_BWD_BLOCK_N):
+                out[f"ours, dense key tiles {bn} (fwd) / {bwd_bn} (bwd)"] = dict(DENSE_BLOCK_N=bn,
+                                                                                 DENSE_BWD_BLOCK_N=bwd_bn)
     return out
 
 
@@ -370,14 +368,17 @@ def bench_routed(name, cfg, dev, flex: bool, only_flex: bool = False, keep: set[
         variants = {"flex": variants["flex"]} if flex else {}
     if keep is not None:
         variants = {key: fn for key, fn in variants.items() if key in keep}
+    constants = {}
     if "ours" in variants:
-        variants.update(ours_alternatives(q, k, v, n_win, topk, scale))
+        constants = ours_alternatives(m, dim, n_win, topk)
+        variants.update({name: variants["ours"] for name in constants})
     rows = []
     for var, fn in variants.items():
         row = dict(op="routed", shape=name, variant=var, batch=b, map=m, heads=heads, head_dim=d, n_win=n_win,
                    topk=topk)
         try:
-            row.update(measure(fn, [q, k, v], use_graphs=var != "flex"))
+            with kernel_constants(**constants.get(var, {})):
+                row.update(measure(fn, [q, k, v], use_graphs=var != "flex"))
             p = b * heads * (m * m) ** 2 if var == "dense sdpa" else pairs
             row["fwd_tflops"] = 4 * p * d / row["fwd_ms"] / 1e9
             row["fwd_bwd_tflops"] = 3.5 * 4 * p * d / row["fwd_bwd_ms"] / 1e9

@@ -145,7 +145,7 @@ def test_strided_views_of_a_fused_qkv(rng, backend):
 @pytest.fixture(params=["sparse", "dense"])
 def small_region_path(request, monkeypatch):
     """Runs a test with the sparse kernels or the dense region-masked ones wherever the shape allows them
-    (tiles of 16 x 32 tokens, so that maps span several query and key tiles)."""
+    (16-query tiles, key tiles of 32 forward and 16 backward, so that maps span several of each)."""
     from attnzoo.kernels import _routed_triton
 
     if request.param == "sparse":
@@ -154,6 +154,7 @@ def small_region_path(request, monkeypatch):
         monkeypatch.setattr(_routed_triton, "DENSE_MIN_ROUTED_FRACTION", 0.0)
         monkeypatch.setattr(_routed_triton, "DENSE_BLOCK_M", 16)
         monkeypatch.setattr(_routed_triton, "DENSE_BLOCK_N", 32)
+        monkeypatch.setattr(_routed_triton, "DENSE_BWD_BLOCK_N", 16)
     return request.param
 
 
