@@ -218,10 +218,12 @@ def _ela_gates_fwd(Z, CW, GAMMA, BETA, Y,
 
 
 @triton.jit
-def _ela_gates_bwd(Z, CW, GAMMA, BETA, DY, DU, DZ, PART,
+def _ela_gates_bwd(Z, CW, GAMMA, BETA, DY, DU, PART,
                    NB, C, H, W, CPG, SPP, eps,
                    NCH: tl.constexpr, CG: tl.constexpr, K: tl.constexpr, BCO: tl.constexpr, BL: tl.constexpr,
-                   BG: tl.constexpr, BCK: tl.constexpr, BLC: tl.constexpr):
+                   BG: tl.constexpr):
+    # through the sigmoid and GroupNorm: du (the conv output's gradient, into DU) per strip, and the GroupNorm
+    # affine gradients summed over a run of SPP strips
     pid_c, sb = tl.program_id(0), tl.program_id(1)
     c0 = pid_c * NCH
     local = tl.arange(0, BCO)
@@ -229,11 +231,6 @@ def _ela_gates_bwd(Z, CW, GAMMA, BETA, DY, DU, DZ, PART,
     c_ok0 = (local < NCH) & (offs_c0 < C)
     gamma = tl.load(GAMMA + offs_c0, mask=c_ok0, other=0.0).to(tl.float32)
     beta = tl.load(BETA + offs_c0, mask=c_ok0, other=0.0).to(tl.float32)
-    first = (offs_c0 // CG) * CG
-    tap = tl.arange(0, BCK)  # conv weight index i * K + k of one output channel
-    tap_ok = tap < CG * K
-    tap_i, tap_k = tap // K, tap % K
-    acc_w = tl.zeros([BCO, BCK], dtype=tl.float32)
     acc_gamma = tl.zeros([BCO], dtype=tl.float32)
     acc_beta = tl.zeros([BCO], dtype=tl.float32)
     for s in range(sb * SPP, tl.minimum(sb * SPP + SPP, 2 * NB)):
@@ -251,33 +248,50 @@ def _ela_gates_bwd(Z, CW, GAMMA, BETA, DY, DU, DZ, PART,
         dxhat = da * gamma[:, None]
         m1 = _group_mean(tl.sum(dxhat, axis=1), onehot, count)
         m2 = _group_mean(tl.sum(dxhat * xhat, axis=1), onehot, count)
-        du = tl.where(mask, rstd[:, None] * (dxhat - m1[:, None] - xhat * m2[:, None]), 0.0)  # through GroupNorm
-        # the conv's gradients need du shifted along the strip and across the conv group: through memory
+        du = rstd[:, None] * (dxhat - m1[:, None] - xhat * m2[:, None])  # through GroupNorm
         tl.store(DU + strip_offs, du, mask=mask)
-        tl.debug_barrier()
-        # weight gradient: acc_w[c, i * K + k] += sum_l du[c, l] * z[first(c) + i, l + k - K // 2], in chunks of
-        # BLC positions (pointer tiles built once per strip, moved by l0)
-        offs_lc = tl.arange(0, BLC)
-        du_rows = DU + base + offs_c[:, None] * length + offs_lc[None, :]
-        z_taps = (Z + base + (first[:, None, None] + tap_i[None, :, None]) * length
-                  + (tap_k - K // 2)[None, :, None] + offs_lc[None, None, :])
-        for l0 in range(0, length, BLC):
-            lc_ok = l0 + offs_lc < length
-            du_c = tl.load(du_rows + l0, mask=c_ok[:, None] & lc_ok[None, :], other=0.0)
-            pos = l0 + offs_lc[None, :] + (tap_k - K // 2)[:, None]  # [BCK, BLC]
-            tap_mask = tap_ok[:, None] & lc_ok[None, :] & (pos >= 0) & (pos < length)
-            z = tl.load(z_taps + l0, mask=c_ok[:, None, None] & tap_mask[None, :, :], other=0.0)
-            acc_w += tl.sum(du_c[:, None, :] * z, axis=2)
-        # means gradient: dz[c, l] = sum_{j < CG, k} w[first(c) + j, c - first(c), k] * du[first(c) + j, l - k + K//2]
-        du_groups = DU + base + first[:, None] * length + offs_l[None, :]
-        w_cols = CW + first * (CG * K) + (offs_c - first) * K
-        dz = _grouped_taps(du_groups, w_cols, CG * K, offs_l, c_ok, length, CG, K, -1, BCO, BL)
-        tl.store(DZ + strip_offs, dz, mask=mask)
-    # partial sums of this run of strips: [conv weight taps..., dgamma, dbeta] per channel
-    row = (sb * C + offs_c0) * (CG * K + 2)
-    tl.store(PART + row[:, None] + tap[None, :], acc_w, mask=c_ok0[:, None] & tap_ok[None, :])
+    row = (sb * C + offs_c0) * (CG * K + 2)  # partials: [conv weight taps (_ela_conv_bwd)..., dgamma, dbeta]
     tl.store(PART + row + CG * K, acc_gamma, mask=c_ok0)
     tl.store(PART + row + CG * K + 1, acc_beta, mask=c_ok0)
+
+
+@triton.jit
+def _ela_conv_bwd(Z, DU, CW, DZ, PART,
+                  NB, C, H, W, SPP,
+                  CG: tl.constexpr, K: tl.constexpr, BO: tl.constexpr, BT: tl.constexpr, BL: tl.constexpr):
+    # the conv's gradients for one conv group g over a run of SPP strips, both as dots over im2col tiles (so each
+    # strip value is loaded once per tap rather than once per output channel):
+    #   weight: dW_g[o, i*K + k] += sum_l du[g*CG + o, l] * z[g*CG + i, l + k - K//2]    (du_g @ zcol^T)
+    #   means:  dz[g*CG + i, l] = sum_{j, k} w[g*CG + j, i, k] * du[g*CG + j, l - k + K//2]  (w_g^T @ ducol)
+    g, sb = tl.program_id(0), tl.program_id(1)
+    c0 = g * CG
+    rows = tl.arange(0, BO)
+    taps = tl.arange(0, BT)
+    offs_l = tl.arange(0, BL)
+    r_ok, t_ok = rows < CG, taps < CG * K
+    t_c, t_k = taps // K, taps % K - K // 2  # tap -> (channel in the group, shift)
+    # wt[i, j*K + k] = w[c0 + j, i, k]
+    wt = tl.load(CW + (c0 + t_c)[None, :] * (CG * K) + rows[:, None] * K + (t_k + K // 2)[None, :],
+                 mask=r_ok[:, None] & t_ok[None, :], other=0.0).to(tl.float32)
+    acc = tl.zeros([BO, BT], dtype=tl.float32)
+    for s in range(sb * SPP, tl.minimum(sb * SPP + SPP, 2 * NB)):
+        is_row = s < NB
+        s64 = tl.cast(s, tl.int64)
+        length = tl.where(is_row, H, W)
+        base = tl.where(is_row, s64 * C * H, s64 * 0 + NB * C * H + (s64 - NB) * C * W)
+        l_ok = offs_l < length
+        own = base + (c0 + rows)[:, None] * length + offs_l[None, :]
+        own_mask = r_ok[:, None] & l_ok[None, :]
+        du = tl.load(DU + own, mask=own_mask, other=0.0)
+        tap_rows = base + (c0 + t_c)[:, None] * length + offs_l[None, :]
+        fwd = offs_l[None, :] + t_k[:, None]
+        zcol = tl.load(Z + tap_rows + t_k[:, None], mask=t_ok[:, None] & (fwd >= 0) & (fwd < length), other=0.0)
+        acc += tl.dot(du, tl.trans(zcol), input_precision="ieee")
+        back = offs_l[None, :] - t_k[:, None]
+        ducol = tl.load(DU + tap_rows - t_k[:, None], mask=t_ok[:, None] & (back >= 0) & (back < length), other=0.0)
+        tl.store(DZ + own, tl.dot(wt, ducol, input_precision="ieee"), mask=own_mask)
+    tl.store(PART + ((sb * C + c0 + rows) * (CG * K + 2))[:, None] + taps[None, :], acc,
+             mask=r_ok[:, None] & t_ok[None, :])
 
 
 # --------------------------------------------------------------------------------------------- host side
@@ -549,7 +563,7 @@ def strip_attention(x: torch.Tensor, gate_fn: Callable[[torch.Tensor, torch.Tens
 # --------------------------------------------------------------------------- ELA: the whole op, three launches
 
 
-# registers per program: a strip tile of BCO x BL and a weight-gradient tile of BCO x BCK x BLC stay under this
+# registers per program: a strip tile (BCO x BL) and the conv backward's im2col tiles stay under this
 _MAX_TILE = 8192
 _TILE_TARGET = 1024  # strip tile size the channel block grows to (fewer, fuller programs for small maps)
 _BWD_PROGRAMS = 1024  # backward programs to aim for (several per SM); each sums the weight gradient of a strip run
@@ -559,7 +573,8 @@ class _ELAPlan:
     """Launches of the fused ELA op for one (shape, layout, dtype, parameter) combination, built once.
 
     Forward: strip means (map pass), gates (strip kernel), gating (map pass). Backward: gated reduction (map
-    pass), gate backward (strip kernel), one sum of its partials, dx (map pass).
+    pass), sigmoid + GroupNorm backward (strip kernel), conv backward (strip kernel, dots), one sum of the
+    parameter-gradient partials, dx (map pass).
     """
 
     def __init__(self, x: torch.Tensor, relu: bool, conv_weight: torch.Tensor, norm_groups: int) -> None:
@@ -575,8 +590,9 @@ class _ELAPlan:
         self.n_strips = b * c * (h + w)
         self.bco = _pow2(nch)
         bg = max(2, _pow2(nch // cpg))
-        self.bck = _pow2(cg * k)
-        self.fits = self.bco * self.bl <= _MAX_TILE and self.bco * self.bck <= _MAX_TILE
+        # the conv backward's dots need every dimension >= 16
+        bt, bl16 = max(16, _pow2(cg * k)), max(16, self.bl)
+        self.fits = self.bco * self.bl <= _MAX_TILE and bt * bl16 <= _MAX_TILE
         warps = 4 if self.bco * self.bl <= 2048 else 8
         ncb = triton.cdiv(c, nch)
         self.strip_ints = (b, c, h, w, cpg)
@@ -585,9 +601,11 @@ class _ELAPlan:
         n_sb = min(2 * b, max(1, _BWD_PROGRAMS // ncb))
         self.spp = triton.cdiv(2 * b, n_sb)
         self.n_sb = triton.cdiv(2 * b, self.spp)
-        blc = min(self.bl, max(1, _MAX_TILE // (self.bco * self.bck)))  # powers of two: so is blc
-        self.gates_bwd = _Launch(_ela_gates_bwd, (ncb, self.n_sb), (*self.strip_ints, self.spp),
-                                 dict(strip_meta, BCK=self.bck, BLC=blc))
+        self.gates_bwd = _Launch(_ela_gates_bwd, (ncb, self.n_sb), (*self.strip_ints, self.spp), strip_meta)
+        self.conv_bwd = _Launch(_ela_conv_bwd, (c // cg, self.n_sb), (b, c, h, w, self.spp),
+                                # one stage: the dots' operands then take 1/3 of the shared memory (occupancy)
+                                dict(CG=cg, K=k, BO=16, BT=bt, BL=bl16, num_warps=4 if bt * bl16 <= 4096 else 8,
+                                     num_stages=1))
 
 
 _ELA_PLANS: dict[tuple, _ELAPlan] = {}
@@ -640,7 +658,8 @@ class ELAFunction(torch.autograd.Function):
         du = torch.empty(plan.n_strips, device=x.device, dtype=torch.float32)
         dmeans = torch.empty_like(du)
         part = torch.empty((plan.n_sb, c, plan.taps + 2), device=x.device, dtype=torch.float32)
-        plan.gates_bwd((means, conv_weight, norm_weight, norm_bias, dgates, du, dmeans, part), (ctx.eps,))
+        plan.gates_bwd((means, conv_weight, norm_weight, norm_bias, dgates, du, part), (ctx.eps,))
+        plan.conv_bwd((means, du, conv_weight, dmeans, part), ())
         sums = part.sum(0)
         dconv = sums[:, : plan.taps].view(conv_weight.shape).to(conv_weight.dtype)
         dgamma = sums[:, plan.taps].to(norm_weight.dtype)
