@@ -78,10 +78,14 @@ def test_repeated_region_counts_twice(rng, backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_routed_triton_half(rng, dtype):
-    q, k, v = _inputs(rng, 1, 8, 8, 2, 16, 16, dtype)
-    index = _random_index(rng, 1, 4, 2)
-    _check_against_reference(q, k, v, index, 2, "triton")
+@pytest.mark.parametrize(("size", "nreg", "topk"), [
+    (8, 2, 2),   # 16-token regions: the sparse kernels
+    (6, 3, 4),   # 2x2-token regions, 4 of 9 routed: the dense region-masked kernels
+])
+def test_routed_triton_half(rng, dtype, size, nreg, topk):
+    q, k, v = _inputs(rng, 1, size, size, 2, 16, 16, dtype)
+    index = _random_index(rng, 1, nreg * nreg, topk)
+    _check_against_reference(q, k, v, index, nreg, "triton")
 
 
 def test_region_routing_matches_official_semantics(rng):
