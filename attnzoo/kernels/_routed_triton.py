@@ -46,6 +46,62 @@ def _tile_coords(idx, n_tok, RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexp
     return (idx // NW) * RH + n_tok // RW, (idx % NW) * RW + n_tok % RW
 
 
+@triton.jit
+def _load_rows(X, b, h, y, x, ok, sb, sy, sx, sh, offs, n_real):
+    """(tokens, channels) tile of head h of batch element b at map positions (y, x); tokens outside ok and
+    channels past n_real read as 0."""
+    return tl.load(X + b * sb + y[:, None] * sy + x[:, None] * sx + h * sh + offs[None, :],
+                   mask=ok[:, None] & (offs[None, :] < n_real), other=0.0)
+
+
+@triton.jit
+def _load_cols(X, b, h, y, x, ok, sb, sy, sx, sh, offs, n_real):
+    """:func:`_load_rows` transposed, (channels, tokens), loaded in that order (a dot's right operand)."""
+    return tl.load(X + b * sb + y[None, :] * sy + x[None, :] * sx + h * sh + offs[:, None],
+                   mask=ok[None, :] & (offs[:, None] < n_real), other=0.0)
+
+
+@triton.jit
+def _store_rows(X, val, b, h, y, x, ok, sb, sy, sx, sh, offs, n_real):
+    """Store a (tokens, channels) tile where :func:`_load_rows` reads it, cast to X's dtype."""
+    tl.store(X + b * sb + y[:, None] * sy + x[:, None] * sx + h * sh + offs[None, :], val.to(X.dtype.element_ty),
+             mask=ok[:, None] & (offs[None, :] < n_real))
+
+
+@triton.jit
+def _softmax_step(s, vt, m_i, l_i, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One key tile of the online softmax: logits s (M, N, base 2), values vt (N, DV); running max m_i, sum l_i
+    and output acc rescaled when the running max grows. Returns (m_i, l_i, acc)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, PREC, UPCAST)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _row_delta(do, o):
+    """rowsum(dO * O) in float32, the softmax backward's correction term per query."""
+    return tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+
+
+@triton.jit
+def _dq_step(dq, p, do, k, v, delta, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """dq (M, D) plus one key tile's share: dS = P * (dO V^T - delta), dq += dS K (unscaled)."""
+    ds = p * (_dot(do, tl.trans(v), PREC, UPCAST) - delta[:, None])
+    return dq + _dot(ds.to(k.dtype), k, PREC, UPCAST)
+
+
+@triton.jit
+def _dkdv_step(dk, dv, pt, q, do, v, delta, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """dk (N, D), dv (N, DV) plus one query tile's share, from the transposed probabilities pt (N, M):
+    dv += P^T dO, dk += dS^T Q (unscaled)."""
+    dv += _dot(pt.to(do.dtype), do, PREC, UPCAST)
+    dst = pt * (_dot(v, tl.trans(do), PREC, UPCAST) - delta[None, :])
+    return dk + _dot(dst.to(q.dtype), q, PREC, UPCAST), dv
+
+
 # ---------------------------------------------------------------- routing
 
 
@@ -213,8 +269,7 @@ def _routed_fwd(Q, K, V, IDX, O, LSE,
     qy, qx = _tile_coords(r, offs_m, RH, RW, NW)
     offs_d, offs_dv = tl.arange(0, D), tl.arange(0, DV)
     offs_n = tl.arange(0, KR * KT)
-    q = tl.load(Q + b * sqb + qy[:, None] * sqy + qx[:, None] * sqx + h * sqh + offs_d[None, :],
-                mask=m_ok[:, None] & (offs_d[None, :] < D_REAL), other=0.0)
+    q = _load_rows(Q, b, h, qy, qx, m_ok, sqb, sqy, sqx, sqh, offs_d, D_REAL)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV], tl.float32)
@@ -226,22 +281,13 @@ def _routed_fwd(Q, K, V, IDX, O, LSE,
             tok = t0 + offs_n % KT
             n_ok = slot_ok & (tok < T)
             ky, kx = _tile_coords(reg, tok, RH, RW, NW)
-            kt = tl.load(K + b * skb + ky[None, :] * sky + kx[None, :] * skx + h * skh + offs_d[:, None],
-                         mask=n_ok[None, :] & (offs_d[:, None] < D_REAL), other=0.0)  # (D, N)
+            kt = _load_cols(K, b, h, ky, kx, n_ok, skb, sky, skx, skh, offs_d, D_REAL)  # (D, N)
             s = _dot(q, kt, PREC, UPCAST) * scale_log2
             s = tl.where(n_ok[None, :], s, float("-inf"))
-            # online softmax: rescale what was accumulated when the running max grows
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            vt = tl.load(V + b * svb + ky[:, None] * svy + kx[:, None] * svx + h * svh + offs_dv[None, :],
-                         mask=n_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)  # (N, DV)
-            acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, PREC, UPCAST)
-            m_i = m_new
+            vt = _load_rows(V, b, h, ky, kx, n_ok, svb, svy, svx, svh, offs_dv, DV_REAL)  # (N, DV)
+            m_i, l_i, acc = _softmax_step(s, vt, m_i, l_i, acc, PREC, UPCAST)
     acc = acc / l_i[:, None]
-    tl.store(O + b * sob + qy[:, None] * soy + qx[:, None] * sox + h * soh + offs_dv[None, :],
-             acc.to(O.dtype.element_ty), mask=m_ok[:, None] & (offs_dv[None, :] < DV_REAL))
+    _store_rows(O, acc, b, h, qy, qx, m_ok, sob, soy, sox, soh, offs_dv, DV_REAL)
     # LSE: (B, heads, H*W) float32, base 2
     tl.store(LSE + bh * NTOK + qy * W + qx, m_i + tl.log2(l_i), mask=m_ok)
 
@@ -262,13 +308,10 @@ def _routed_bwd_dq(Q, K, V, IDX, DO, O, LSE, DELTA, DQ,
     qy, qx = _tile_coords(r, offs_m, RH, RW, NW)
     offs_d, offs_dv = tl.arange(0, D), tl.arange(0, DV)
     offs_n = tl.arange(0, KR * KT)
-    q = tl.load(Q + b * sqb + qy[:, None] * sqy + qx[:, None] * sqx + h * sqh + offs_d[None, :],
-                mask=m_ok[:, None] & (offs_d[None, :] < D_REAL), other=0.0)
-    do = tl.load(DO + b * sdob + qy[:, None] * sdoy + qx[:, None] * sdox + h * sdoh + offs_dv[None, :],
-                 mask=m_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)
-    o = tl.load(O + b * sob + qy[:, None] * soy + qx[:, None] * sox + h * soh + offs_dv[None, :],
-                mask=m_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO * O), reused by the dk/dv pass
+    q = _load_rows(Q, b, h, qy, qx, m_ok, sqb, sqy, sqx, sqh, offs_d, D_REAL)
+    do = _load_rows(DO, b, h, qy, qx, m_ok, sdob, sdoy, sdox, sdoh, offs_dv, DV_REAL)
+    o = _load_rows(O, b, h, qy, qx, m_ok, sob, soy, sox, soh, offs_dv, DV_REAL)
+    delta = _row_delta(do, o)  # reused by the dk/dv pass
     tl.store(DELTA + bh * NTOK + qy * W + qx, delta, mask=m_ok)
     lse = tl.load(LSE + bh * NTOK + qy * W + qx, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
@@ -280,17 +323,12 @@ def _routed_bwd_dq(Q, K, V, IDX, DO, O, LSE, DELTA, DQ,
             tok = t0 + offs_n % KT
             n_ok = slot_ok & (tok < T)
             ky, kx = _tile_coords(reg, tok, RH, RW, NW)
-            k = tl.load(K + b * skb + ky[:, None] * sky + kx[:, None] * skx + h * skh + offs_d[None, :],
-                        mask=n_ok[:, None] & (offs_d[None, :] < D_REAL), other=0.0)  # (N, D)
-            v = tl.load(V + b * svb + ky[:, None] * svy + kx[:, None] * svx + h * svh + offs_dv[None, :],
-                        mask=n_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)  # (N, DV)
+            k = _load_rows(K, b, h, ky, kx, n_ok, skb, sky, skx, skh, offs_d, D_REAL)  # (N, D)
+            v = _load_rows(V, b, h, ky, kx, n_ok, svb, svy, svx, svh, offs_dv, DV_REAL)  # (N, DV)
             s = _dot(q, tl.trans(k), PREC, UPCAST) * scale_log2
             p = tl.where(n_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
-            dp = _dot(do, tl.trans(v), PREC, UPCAST)
-            ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(k.dtype), k, PREC, UPCAST)
-    tl.store(DQ + b * sqb + qy[:, None] * sqy + qx[:, None] * sqx + h * sqh + offs_d[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < D_REAL))
+            dq = _dq_step(dq, p, do, k, v, delta, PREC, UPCAST)
+    _store_rows(DQ, (dq * scale), b, h, qy, qx, m_ok, sqb, sqy, sqx, sqh, offs_d, D_REAL)
 
 
 @triton.jit
@@ -354,10 +392,8 @@ def _routed_bwd_dkdv(Q, K, V, DO, LSE, DELTA, STARTS, COUNTS, QLIST, DK, DV_OUT,
     # the query regions that routed to this key region (one entry per choice, repeats included)
     start = tl.load(STARTS + b * R + kr)
     end = start + tl.load(COUNTS + b * R + kr)
-    k = tl.load(K + b * skb + ky[:, None] * sky + kx[:, None] * skx + h * skh + offs_d[None, :],
-                mask=n_ok[:, None] & (offs_d[None, :] < D_REAL), other=0.0)
-    v = tl.load(V + b * svb + ky[:, None] * svy + kx[:, None] * svx + h * svh + offs_dv[None, :],
-                mask=n_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)
+    k = _load_rows(K, b, h, ky, kx, n_ok, skb, sky, skx, skh, offs_d, D_REAL)
+    v = _load_rows(V, b, h, ky, kx, n_ok, svb, svy, svx, svh, offs_dv, DV_REAL)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, DV], tl.float32)
     for e0 in range(start, end, QE):
@@ -368,18 +404,13 @@ def _routed_bwd_dkdv(Q, K, V, DO, LSE, DELTA, STARTS, COUNTS, QLIST, DK, DV_OUT,
             tok = t0 + offs_m % QT
             m_ok = e_ok & (tok < T)
             qy, qx = _tile_coords(qr, tok, RH, RW, NW)
-            q = tl.load(Q + b * sqb + qy[:, None] * sqy + qx[:, None] * sqx + h * sqh + offs_d[None, :],
-                        mask=m_ok[:, None] & (offs_d[None, :] < D_REAL), other=0.0)  # (M, D)
-            do = tl.load(DO + b * sdob + qy[:, None] * sdoy + qx[:, None] * sdox + h * sdoh + offs_dv[None, :],
-                         mask=m_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)  # (M, DV)
+            q = _load_rows(Q, b, h, qy, qx, m_ok, sqb, sqy, sqx, sqh, offs_d, D_REAL)  # (M, D)
+            do = _load_rows(DO, b, h, qy, qx, m_ok, sdob, sdoy, sdox, sdoh, offs_dv, DV_REAL)  # (M, DV)
             lse = tl.load(LSE + bh * NTOK + qy * W + qx, mask=m_ok, other=0.0)
             delta = tl.load(DELTA + bh * NTOK + qy * W + qx, mask=m_ok, other=0.0)
             st = _dot(k, tl.trans(q), PREC, UPCAST) * scale_log2  # (N, M)
             pt = tl.where(m_ok[None, :], tl.exp2(st - lse[None, :]), 0.0)
-            dv += _dot(pt.to(do.dtype), do, PREC, UPCAST)
-            dpt = _dot(v, tl.trans(do), PREC, UPCAST)
-            dst = pt * (dpt - delta[None, :])
-            dk += _dot(dst.to(q.dtype), q, PREC, UPCAST)
+            dk, dv = _dkdv_step(dk, dv, pt, q, do, v, delta, PREC, UPCAST)
     # DK, DV_OUT are contiguous (B, H, W, heads, d)
     tok_off = ((b * (NTOK // W) + ky) * W + kx) * HEADS + h
     tl.store(DK + tok_off[:, None] * D_REAL + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
@@ -445,8 +476,7 @@ def _routed_dense_fwd(Q, K, V, IDX, O, LSE,
     qr = offs_m // T
     qy, qx = _tile_coords(qr, offs_m % T, RH, RW, NW)
     offs_d, offs_dv = tl.arange(0, D), tl.arange(0, DV)
-    q = tl.load(Q + b * sqb + qy[:, None] * sqy + qx[:, None] * sqx + h * sqh + offs_d[None, :],
-                mask=m_ok[:, None] & (offs_d[None, :] < D_REAL), other=0.0)
+    q = _load_rows(Q, b, h, qy, qx, m_ok, sqb, sqy, sqx, sqh, offs_d, D_REAL)
     word, rep = _route_words(IDX, b, qr, m_ok, sib, sir, sis, TOPK, BLOCK_M)
     any_rep = tl.max(rep, 0)
     idx_ptrs = IDX + b * sib + qr[:, None] * sir
@@ -461,24 +491,15 @@ def _routed_dense_fwd(Q, K, V, IDX, O, LSE,
         ky, kx = _tile_coords(kr, offs_n % T, RH, RW, NW)
         base = n0 // T
         field = ((word >> base) & 0x7FFFFFFF).to(tl.int32)
-        kt = tl.load(K + b * skb + ky[None, :] * sky + kx[None, :] * skx + h * skh + offs_d[:, None],
-                     mask=n_ok[None, :] & (offs_d[:, None] < D_REAL), other=0.0)  # (D, N)
+        kt = _load_cols(K, b, h, ky, kx, n_ok, skb, sky, skx, skh, offs_d, D_REAL)  # (D, N)
         s = _dot(q, kt, PREC, UPCAST) * scale_log2
         s = _mask_routes(s, field[:, None], (kr - base)[None, :], any_rep, idx_ptrs, m_ok[:, None], kr[None, :],
                          sis, TOPK)
-        # online softmax: rescale what was accumulated when the running max grows
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(V + b * svb + ky[:, None] * svy + kx[:, None] * svx + h * svh + offs_dv[None, :],
-                     mask=n_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)  # (N, DV)
-        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, PREC, UPCAST)
-        m_i = m_new
+        vt = _load_rows(V, b, h, ky, kx, n_ok, svb, svy, svx, svh, offs_dv, DV_REAL)  # (N, DV)
+        m_i, l_i, acc = _softmax_step(s, vt, m_i, l_i, acc, PREC, UPCAST)
     l_i = tl.where(m_ok, l_i, 1.0)  # padding rows: nothing accumulated
     acc = acc / l_i[:, None]
-    tl.store(O + b * sob + qy[:, None] * soy + qx[:, None] * sox + h * soh + offs_dv[None, :],
-             acc.to(O.dtype.element_ty), mask=m_ok[:, None] & (offs_dv[None, :] < DV_REAL))
+    _store_rows(O, acc, b, h, qy, qx, m_ok, sob, soy, sox, soh, offs_dv, DV_REAL)
     tl.store(LSE + bh * NTOK + qy * W + qx, m_i + tl.log2(l_i), mask=m_ok)
 
 
@@ -497,13 +518,10 @@ def _routed_dense_bwd_dq(Q, K, V, IDX, DO, O, LSE, DELTA, WORDS, DQ,
     qr = offs_m // T
     qy, qx = _tile_coords(qr, offs_m % T, RH, RW, NW)
     offs_d, offs_dv = tl.arange(0, D), tl.arange(0, DV)
-    q = tl.load(Q + b * sqb + qy[:, None] * sqy + qx[:, None] * sqx + h * sqh + offs_d[None, :],
-                mask=m_ok[:, None] & (offs_d[None, :] < D_REAL), other=0.0)
-    do = tl.load(DO + b * sdob + qy[:, None] * sdoy + qx[:, None] * sdox + h * sdoh + offs_dv[None, :],
-                 mask=m_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)
-    o = tl.load(O + b * sob + qy[:, None] * soy + qx[:, None] * sox + h * soh + offs_dv[None, :],
-                mask=m_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO * O), reused by the dk/dv pass
+    q = _load_rows(Q, b, h, qy, qx, m_ok, sqb, sqy, sqx, sqh, offs_d, D_REAL)
+    do = _load_rows(DO, b, h, qy, qx, m_ok, sdob, sdoy, sdox, sdoh, offs_dv, DV_REAL)
+    o = _load_rows(O, b, h, qy, qx, m_ok, sob, soy, sox, soh, offs_dv, DV_REAL)
+    delta = _row_delta(do, o)  # reused by the dk/dv pass
     tl.store(DELTA + bh * NTOK + qy * W + qx, delta, mask=m_ok)
     lse = tl.load(LSE + bh * NTOK + qy * W + qx, mask=m_ok, other=0.0)
     word, rep = _route_words(IDX, b, qr, m_ok, sib, sir, sis, TOPK, BLOCK_M)
@@ -520,19 +538,14 @@ def _routed_dense_bwd_dq(Q, K, V, IDX, DO, O, LSE, DELTA, WORDS, DQ,
         ky, kx = _tile_coords(kr, offs_n % T, RH, RW, NW)
         base = n0 // T
         field = ((word >> base) & 0x7FFFFFFF).to(tl.int32)
-        k = tl.load(K + b * skb + ky[:, None] * sky + kx[:, None] * skx + h * skh + offs_d[None, :],
-                    mask=n_ok[:, None] & (offs_d[None, :] < D_REAL), other=0.0)  # (N, D)
-        v = tl.load(V + b * svb + ky[:, None] * svy + kx[:, None] * svx + h * svh + offs_dv[None, :],
-                    mask=n_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)  # (N, DV)
+        k = _load_rows(K, b, h, ky, kx, n_ok, skb, sky, skx, skh, offs_d, D_REAL)  # (N, D)
+        v = _load_rows(V, b, h, ky, kx, n_ok, svb, svy, svx, svh, offs_dv, DV_REAL)  # (N, DV)
         s = _dot(q, tl.trans(k), PREC, UPCAST) * scale_log2
         s = _mask_routes(s, field[:, None], (kr - base)[None, :], any_rep, idx_ptrs, m_ok[:, None], kr[None, :],
                          sis, TOPK)
         p = tl.exp2(s - lse[:, None])
-        dp = _dot(do, tl.trans(v), PREC, UPCAST)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, PREC, UPCAST)
-    tl.store(DQ + b * sqb + qy[:, None] * sqy + qx[:, None] * sqx + h * sqh + offs_d[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < D_REAL))
+        dq = _dq_step(dq, p, do, k, v, delta, PREC, UPCAST)
+    _store_rows(DQ, (dq * scale), b, h, qy, qx, m_ok, sqb, sqy, sqx, sqh, offs_d, D_REAL)
 
 
 @triton.jit
@@ -552,10 +565,8 @@ def _routed_dense_bwd_dkdv(Q, K, V, IDX, DO, LSE, DELTA, WORDS, DK, DV_OUT,
     base = (pid * BLOCK_N) // T
     shift = (kr - base)[:, None]
     offs_d, offs_dv = tl.arange(0, D), tl.arange(0, DV)
-    k = tl.load(K + b * skb + ky[:, None] * sky + kx[:, None] * skx + h * skh + offs_d[None, :],
-                mask=n_ok[:, None] & (offs_d[None, :] < D_REAL), other=0.0)
-    v = tl.load(V + b * svb + ky[:, None] * svy + kx[:, None] * svx + h * svh + offs_dv[None, :],
-                mask=n_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)
+    k = _load_rows(K, b, h, ky, kx, n_ok, skb, sky, skx, skh, offs_d, D_REAL)
+    v = _load_rows(V, b, h, ky, kx, n_ok, svb, svy, svx, svh, offs_dv, DV_REAL)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, DV], tl.float32)
     for m0 in range(0, R * T, BLOCK_M):
@@ -566,20 +577,15 @@ def _routed_dense_bwd_dkdv(Q, K, V, IDX, DO, LSE, DELTA, WORDS, DK, DV_OUT,
         word = tl.load(WORDS + (b * R + qr) * 2, mask=m_ok, other=0)
         any_rep = tl.max(tl.load(WORDS + (b * R + qr) * 2 + 1, mask=m_ok, other=0), 0)
         field = ((word >> base) & 0x7FFFFFFF).to(tl.int32)
-        q = tl.load(Q + b * sqb + qy[:, None] * sqy + qx[:, None] * sqx + h * sqh + offs_d[None, :],
-                    mask=m_ok[:, None] & (offs_d[None, :] < D_REAL), other=0.0)  # (M, D)
-        do = tl.load(DO + b * sdob + qy[:, None] * sdoy + qx[:, None] * sdox + h * sdoh + offs_dv[None, :],
-                     mask=m_ok[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)  # (M, DV)
+        q = _load_rows(Q, b, h, qy, qx, m_ok, sqb, sqy, sqx, sqh, offs_d, D_REAL)  # (M, D)
+        do = _load_rows(DO, b, h, qy, qx, m_ok, sdob, sdoy, sdox, sdoh, offs_dv, DV_REAL)  # (M, DV)
         lse = tl.load(LSE + bh * NTOK + qy * W + qx, mask=m_ok, other=0.0)
         delta = tl.load(DELTA + bh * NTOK + qy * W + qx, mask=m_ok, other=0.0)
         st = _dot(k, tl.trans(q), PREC, UPCAST) * scale_log2  # (N, M)
         st = _mask_routes(st, field[None, :], shift, any_rep, IDX + b * sib + qr[None, :] * sir, m_ok[None, :],
                           kr[:, None], sis, TOPK)
         pt = tl.exp2(st - lse[None, :])
-        dv += _dot(pt.to(do.dtype), do, PREC, UPCAST)
-        dpt = _dot(v, tl.trans(do), PREC, UPCAST)
-        dst = pt * (dpt - delta[None, :])
-        dk += _dot(dst.to(q.dtype), q, PREC, UPCAST)
+        dk, dv = _dkdv_step(dk, dv, pt, q, do, v, delta, PREC, UPCAST)
     # DK, DV_OUT are contiguous (B, H, W, heads, d)
     tok_off = ((b * (NTOK // W) + ky) * W + kx) * HEADS + h
     tl.store(DK + tok_off[:, None] * D_REAL + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
