@@ -160,30 +160,42 @@ def _strip_tile(s, c0, NB, C, H, W, CPG, NCH: tl.constexpr, BCO: tl.constexpr, B
 
 
 @triton.jit
-def _grouped_taps(S, WT, w_step, offs_l, c_ok, length, CG: tl.constexpr, K: tl.constexpr, SIGN: tl.constexpr,
-                  BCO: tl.constexpr, BL: tl.constexpr):
-    # acc[c, l] = sum_{i < CG, k < K} WT[c][i * w_step + k] * S[c, l][i * length + SIGN * (k - K // 2)], zero outside
-    # the strip. S is a pointer tile at each row's conv-group start and position l, WT a pointer per row: the
-    # per-tap work is a scalar offset, one load and one FMA (the masks depend on k alone and leave the i loop).
-    acc = tl.zeros([BCO, BL], dtype=tl.float32)
-    for i in range(CG):  # a loop, not unrolled: unrolling CG * K gathers multiplies compile time
-        for k in tl.static_range(K):
-            shift = SIGN * (k - K // 2)
-            m = c_ok[:, None] & ((offs_l + shift >= 0) & (offs_l + shift < length))[None, :]
-            v = tl.load(S + (i * length + shift), mask=m, other=0.0)
-            w = tl.load(WT + (i * w_step + k), mask=c_ok, other=0.0).to(tl.float32)
-            acc += w[:, None] * v
-    return acc
+def _block_weights(CW, cb, limit, CG: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, TRANSPOSED: tl.constexpr):
+    # The conv weights of the 16 channels from cb (whole conv groups of CG) as a 16 x BT block-diagonal matrix over
+    # taps t = ci * K + k: w[o, t] = weight[cb + o, ci - first(o), k] where o and ci share a group, else 0
+    # (TRANSPOSED: w[i, j * K + k] = weight[cb + j, i - first(j), k], the means gradient's). Channels past limit: 0.
+    r = tl.arange(0, 16)
+    t = tl.arange(0, BT)
+    tap_c, tap_k = t // K, t % K
+    if TRANSPOSED:
+        out_c, in_c = tap_c[None, :], r[:, None]
+    else:
+        out_c, in_c = r[:, None], tap_c[None, :]
+    ok = (t < 16 * K)[None, :] & (out_c // CG == in_c // CG) & (cb + out_c < limit) & (cb + in_c < limit)
+    offs = (cb + out_c) * (CG * K) + (in_c - (out_c // CG) * CG) * K + tap_k[None, :]
+    return tl.load(CW + offs, mask=ok, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _conv_strip(Z, CW, base, offs_c, c_ok, offs_l, length, CG: tl.constexpr, K: tl.constexpr, BCO: tl.constexpr,
-                BL: tl.constexpr):
-    # u[c, l] = sum_{i < CG, k < K} w[c, i, k] * z[first(c) + i, l + k - K // 2] with zero padding, where
-    # first(c) is the first channel of c's conv group
-    first = (offs_c // CG) * CG
-    rows = Z + base + first[:, None] * length + offs_l[None, :]
-    return _grouped_taps(rows, CW + offs_c * (CG * K), K, offs_l, c_ok, length, CG, K, 1, BCO, BL)
+def _conv_blocks(Z, CW, U, base, c0, limit, length, NBLK: tl.constexpr, CG: tl.constexpr, K: tl.constexpr,
+                 BT: tl.constexpr, BLD: tl.constexpr):
+    # u[c, l] = sum_{i < CG, k < K} w[c, i, k] * z[first(c) + i, l + k - K // 2] (zero padding; first(c) the first
+    # channel of c's conv group) for the channels [c0, limit), into U: per block of 16 channels one dot of their
+    # block-diagonal weights (16 x 16*K) with the strip's im2col tile (16*K x length), so each strip value is
+    # loaded once per tap rather than once per output channel.
+    rows = tl.arange(0, 16)
+    taps = tl.arange(0, BT)
+    offs_l = tl.arange(0, BLD)
+    tap_c, shift = taps // K, taps % K - K // 2
+    pos = offs_l[None, :] + shift[:, None]
+    z_mask = (taps < 16 * K)[:, None] & (pos >= 0) & (pos < length)
+    for bi in range(NBLK):
+        cb = c0 + bi * 16
+        w = _block_weights(CW, cb, limit, CG, K, BT, False)
+        zcol = tl.load(Z + base + (cb + tap_c)[:, None] * length + pos, mask=z_mask & (cb + tap_c < limit)[:, None],
+                       other=0.0)
+        tl.store(U + base + (cb + rows)[:, None] * length + offs_l[None, :], tl.dot(w, zcol, input_precision="ieee"),
+                 mask=(cb + rows < limit)[:, None] & (offs_l < length)[None, :])
 
 
 @triton.jit
@@ -203,22 +215,24 @@ def _group_norm(u, mask, onehot, count, eps):
 
 
 @triton.jit
-def _ela_gates_fwd(Z, CW, GAMMA, BETA, Y,
+def _ela_gates_fwd(Z, CW, GAMMA, BETA, U, Y,
                    NB, C, H, W, CPG, eps,
                    NCH: tl.constexpr, CG: tl.constexpr, K: tl.constexpr, BCO: tl.constexpr, BL: tl.constexpr,
-                   BG: tl.constexpr):
+                   BG: tl.constexpr, BT: tl.constexpr, BLD: tl.constexpr):
     c0, s = tl.program_id(0) * NCH, tl.program_id(1)
     length, base, offs_c, c_ok, offs_l, mask, onehot = _strip_tile(s, c0, NB, C, H, W, CPG, NCH, BCO, BL, BG)
-    u = _conv_strip(Z, CW, base, offs_c, c_ok, offs_l, length, CG, K, BCO, BL)
+    _conv_blocks(Z, CW, U, base, c0, tl.minimum(c0 + NCH, C), length, (NCH + 15) // 16, CG, K, BT, BLD)
+    tl.debug_barrier()  # the block's conv output, written by all its threads, is read back as one tile
+    strip_offs = base + offs_c[:, None] * length + offs_l[None, :]
+    u = tl.load(U + strip_offs, mask=mask, other=0.0)
     xhat, _ = _group_norm(u, mask, onehot, (CPG * length).to(tl.float32), eps)
     gamma = tl.load(GAMMA + offs_c, mask=c_ok, other=0.0).to(tl.float32)
     beta = tl.load(BETA + offs_c, mask=c_ok, other=0.0).to(tl.float32)
-    y = tl.sigmoid(xhat * gamma[:, None] + beta[:, None])
-    tl.store(Y + base + offs_c[:, None] * length + offs_l[None, :], y, mask=mask)
+    tl.store(Y + strip_offs, tl.sigmoid(xhat * gamma[:, None] + beta[:, None]), mask=mask)
 
 
 @triton.jit
-def _ela_gates_bwd(Z, CW, GAMMA, BETA, DY, DU, PART,
+def _ela_gates_bwd(U, GAMMA, BETA, DY, DU, PART,
                    NB, C, H, W, CPG, SPP, eps,
                    NCH: tl.constexpr, CG: tl.constexpr, K: tl.constexpr, BCO: tl.constexpr, BL: tl.constexpr,
                    BG: tl.constexpr):
@@ -236,11 +250,10 @@ def _ela_gates_bwd(Z, CW, GAMMA, BETA, DY, DU, PART,
     for s in range(sb * SPP, tl.minimum(sb * SPP + SPP, 2 * NB)):
         length, base, offs_c, c_ok, offs_l, mask, onehot = _strip_tile(s, c0, NB, C, H, W, CPG, NCH, BCO, BL, BG)
         count = (CPG * length).to(tl.float32)
-        # forward again (cheaper than storing it): conv, GroupNorm, sigmoid
-        u = _conv_strip(Z, CW, base, offs_c, c_ok, offs_l, length, CG, K, BCO, BL)
-        xhat, rstd = _group_norm(u, mask, onehot, count, eps)
-        y = tl.sigmoid(xhat * gamma[:, None] + beta[:, None])
+        # GroupNorm and sigmoid again from the forward's conv output
         strip_offs = base + offs_c[:, None] * length + offs_l[None, :]
+        xhat, rstd = _group_norm(tl.load(U + strip_offs, mask=mask, other=0.0), mask, onehot, count, eps)
+        y = tl.sigmoid(xhat * gamma[:, None] + beta[:, None])
         dy = tl.load(DY + strip_offs, mask=mask, other=0.0)
         da = tl.where(mask, dy * y * (1.0 - y), 0.0)  # through the sigmoid
         acc_gamma += tl.sum(da * xhat, axis=1)
@@ -258,40 +271,39 @@ def _ela_gates_bwd(Z, CW, GAMMA, BETA, DY, DU, PART,
 @triton.jit
 def _ela_conv_bwd(Z, DU, CW, DZ, PART,
                   NB, C, H, W, SPP,
-                  CG: tl.constexpr, K: tl.constexpr, BO: tl.constexpr, BT: tl.constexpr, BL: tl.constexpr):
-    # the conv's gradients for one conv group g over a run of SPP strips, both as dots over im2col tiles (so each
-    # strip value is loaded once per tap rather than once per output channel):
-    #   weight: dW_g[o, i*K + k] += sum_l du[g*CG + o, l] * z[g*CG + i, l + k - K//2]    (du_g @ zcol^T)
-    #   means:  dz[g*CG + i, l] = sum_{j, k} w[g*CG + j, i, k] * du[g*CG + j, l - k + K//2]  (w_g^T @ ducol)
-    g, sb = tl.program_id(0), tl.program_id(1)
-    c0 = g * CG
-    rows = tl.arange(0, BO)
+                  CG: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BL: tl.constexpr):
+    # the conv's gradients for the 16 channels from cb over a run of SPP strips, both as dots with the block-diagonal
+    # weights over im2col tiles (each strip value loaded once per tap rather than once per output channel):
+    #   weight: dW[cb + o, ci - first(o), k] += sum_l du[cb + o, l] * z[cb + ci, l + k - K//2]   (du @ zcol^T)
+    #   means:  dz[cb + i, l] = sum_{j, k} w[cb + j, i - first(j), k] * du[cb + j, l - k + K//2]  (w^T @ ducol)
+    cb, sb = tl.program_id(0) * 16, tl.program_id(1)
+    rows = tl.arange(0, 16)
     taps = tl.arange(0, BT)
     offs_l = tl.arange(0, BL)
-    r_ok, t_ok = rows < CG, taps < CG * K
-    t_c, t_k = taps // K, taps % K - K // 2  # tap -> (channel in the group, shift)
-    # wt[i, j*K + k] = w[c0 + j, i, k]
-    wt = tl.load(CW + (c0 + t_c)[None, :] * (CG * K) + rows[:, None] * K + (t_k + K // 2)[None, :],
-                 mask=r_ok[:, None] & t_ok[None, :], other=0.0).to(tl.float32)
-    acc = tl.zeros([BO, BT], dtype=tl.float32)
+    tap_c, shift = taps // K, taps % K - K // 2
+    tap_ok = (taps < 16 * K) & (cb + tap_c < C)
+    row_ok = cb + rows < C
+    w_t = _block_weights(CW, cb, C, CG, K, BT, True)
+    acc = tl.zeros([16, BT], dtype=tl.float32)
     for s in range(sb * SPP, tl.minimum(sb * SPP + SPP, 2 * NB)):
         is_row = s < NB
         s64 = tl.cast(s, tl.int64)
         length = tl.where(is_row, H, W)
         base = tl.where(is_row, s64 * C * H, s64 * 0 + NB * C * H + (s64 - NB) * C * W)
-        l_ok = offs_l < length
-        own = base + (c0 + rows)[:, None] * length + offs_l[None, :]
-        own_mask = r_ok[:, None] & l_ok[None, :]
-        du = tl.load(DU + own, mask=own_mask, other=0.0)
-        tap_rows = base + (c0 + t_c)[:, None] * length + offs_l[None, :]
-        fwd = offs_l[None, :] + t_k[:, None]
-        zcol = tl.load(Z + tap_rows + t_k[:, None], mask=t_ok[:, None] & (fwd >= 0) & (fwd < length), other=0.0)
-        acc += tl.dot(du, tl.trans(zcol), input_precision="ieee")
-        back = offs_l[None, :] - t_k[:, None]
-        ducol = tl.load(DU + tap_rows - t_k[:, None], mask=t_ok[:, None] & (back >= 0) & (back < length), other=0.0)
-        tl.store(DZ + own, tl.dot(wt, ducol, input_precision="ieee"), mask=own_mask)
-    tl.store(PART + ((sb * C + c0 + rows) * (CG * K + 2))[:, None] + taps[None, :], acc,
-             mask=r_ok[:, None] & t_ok[None, :])
+        own = base + (cb + rows)[:, None] * length + offs_l[None, :]
+        own_mask = row_ok[:, None] & (offs_l < length)[None, :]
+        tap_rows = base + (cb + tap_c)[:, None] * length + offs_l[None, :]
+        fwd, back = offs_l[None, :] + shift[:, None], offs_l[None, :] - shift[:, None]
+        zcol = tl.load(Z + tap_rows + shift[:, None], mask=tap_ok[:, None] & (fwd >= 0) & (fwd < length), other=0.0)
+        acc += tl.dot(tl.load(DU + own, mask=own_mask, other=0.0), tl.trans(zcol), input_precision="ieee")
+        ducol = tl.load(DU + tap_rows - shift[:, None], mask=tap_ok[:, None] & (back >= 0) & (back < length),
+                        other=0.0)
+        tl.store(DZ + own, tl.dot(w_t, ducol, input_precision="ieee"), mask=own_mask)
+    # acc[o, ci * K + k] belongs to weight[cb + o, ci - first(o), k] where o and ci share a group
+    o, ci = rows[:, None], tap_c[None, :]
+    ok = row_ok[:, None] & tap_ok[None, :] & (o // CG == ci // CG)
+    offs = (sb * C + cb + o) * (CG * K + 2) + (ci - (o // CG) * CG) * K + (taps % K)[None, :]
+    tl.store(PART + offs, acc, mask=ok)
 
 
 # --------------------------------------------------------------------------------------------- host side
@@ -590,21 +602,22 @@ class _ELAPlan:
         self.n_strips = b * c * (h + w)
         self.bco = _pow2(nch)
         bg = max(2, _pow2(nch // cpg))
-        # the conv backward's dots need every dimension >= 16
-        bt, bl16 = max(16, _pow2(cg * k)), max(16, self.bl)
-        self.fits = self.bco * self.bl <= _MAX_TILE and bt * bl16 <= _MAX_TILE
+        # the conv's dots: blocks of 16 channels (whole conv groups: cg divides 16) by 16 * k taps, every dim >= 16
+        bt, bl16 = _pow2(16 * k), max(16, self.bl)
+        self.fits = 16 % cg == 0 and self.bco * self.bl <= _MAX_TILE and bt * bl16 <= _MAX_TILE
         warps = 4 if self.bco * self.bl <= 2048 else 8
         ncb = triton.cdiv(c, nch)
         self.strip_ints = (b, c, h, w, cpg)
         strip_meta = dict(NCH=nch, CG=cg, K=k, BCO=self.bco, BL=self.bl, BG=bg, num_warps=warps)
-        self.gates = _Launch(_ela_gates_fwd, (ncb, 2 * b), self.strip_ints, strip_meta)
+        self.gates = _Launch(_ela_gates_fwd, (ncb, 2 * b), self.strip_ints,
+                             dict(strip_meta, BT=bt, BLD=bl16, num_stages=1))
         n_sb = min(2 * b, max(1, _BWD_PROGRAMS // ncb))
         self.spp = triton.cdiv(2 * b, n_sb)
         self.n_sb = triton.cdiv(2 * b, self.spp)
         self.gates_bwd = _Launch(_ela_gates_bwd, (ncb, self.n_sb), (*self.strip_ints, self.spp), strip_meta)
-        self.conv_bwd = _Launch(_ela_conv_bwd, (c // cg, self.n_sb), (b, c, h, w, self.spp),
+        self.conv_bwd = _Launch(_ela_conv_bwd, (triton.cdiv(c, 16), self.n_sb), (b, c, h, w, self.spp),
                                 # one stage: the dots' operands then take 1/3 of the shared memory (occupancy)
-                                dict(CG=cg, K=k, BO=16, BT=bt, BL=bl16, num_warps=4 if bt * bl16 <= 4096 else 8,
+                                dict(CG=cg, K=k, BT=bt, BL=bl16, num_warps=4 if bt * bl16 <= 4096 else 8,
                                      num_stages=1))
 
 
@@ -626,10 +639,11 @@ def _ela_forward(plan: _ELAPlan, x: torch.Tensor, conv_weight: torch.Tensor, nor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _, _, h, w = plan.shape
     means, _ = _strip_sums(x, row_scale=1.0 / w, col_scale=1.0 / h)
+    conv_out = torch.empty(plan.n_strips, device=x.device, dtype=torch.float32)
     gates = torch.empty(plan.n_strips, device=x.device, dtype=torch.float32)
-    plan.gates((means, conv_weight, norm_weight, norm_bias, gates), (eps,))
+    plan.gates((means, conv_weight, norm_weight, norm_bias, conv_out, gates), (eps,))
     out = _apply_gates(x, gates, shortcut=shortcut, relu=plan.relu)
-    return means, gates, out
+    return means, conv_out, gates, out
 
 
 class ELAFunction(torch.autograd.Function):
@@ -642,23 +656,24 @@ class ELAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, shortcut, conv_weight, norm_weight, norm_bias, plan, eps):
-        means, gates, out = _ela_forward(plan, x, conv_weight, norm_weight, norm_bias, eps, shortcut)
+        means, conv_out, gates, out = _ela_forward(plan, x, conv_weight, norm_weight, norm_bias, eps, shortcut)
         ctx.plan, ctx.eps = plan, eps
         ctx.shortcut_dtype = None if shortcut is None else shortcut.dtype
-        ctx.save_for_backward(x, out if plan.relu else None, means, gates, conv_weight, norm_weight, norm_bias)
+        ctx.save_for_backward(x, out if plan.relu else None, means, conv_out, gates, conv_weight, norm_weight,
+                              norm_bias)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        x, out, means, gates, conv_weight, norm_weight, norm_bias = ctx.saved_tensors
+        x, out, means, conv_out, gates, conv_weight, norm_weight, norm_bias = ctx.saved_tensors
         plan = ctx.plan
         _, c, h, w = plan.shape
         d, dgates = _gate_backward(_dense(dout), x, out, gates)
         du = torch.empty(plan.n_strips, device=x.device, dtype=torch.float32)
         dmeans = torch.empty_like(du)
         part = torch.empty((plan.n_sb, c, plan.taps + 2), device=x.device, dtype=torch.float32)
-        plan.gates_bwd((means, conv_weight, norm_weight, norm_bias, dgates, du, part), (ctx.eps,))
+        plan.gates_bwd((conv_out, norm_weight, norm_bias, dgates, du, part), (ctx.eps,))
         plan.conv_bwd((means, du, conv_weight, dmeans, part), ())
         sums = part.sum(0)
         dconv = sums[:, : plan.taps].view(conv_weight.shape).to(conv_weight.dtype)
@@ -685,4 +700,4 @@ def ela_attention(x: torch.Tensor, conv_weight: torch.Tensor, norm_weight: torch
     if torch.is_grad_enabled() and (x.requires_grad or conv_weight.requires_grad or norm_weight.requires_grad
                                     or norm_bias.requires_grad or (shortcut is not None and shortcut.requires_grad)):
         return ELAFunction.apply(x, shortcut, conv_weight, norm_weight, norm_bias, plan, eps)
-    return _ela_forward(plan, x, conv_weight, norm_weight, norm_bias, eps, shortcut)[2]
+    return _ela_forward(plan, x, conv_weight, norm_weight, norm_bias, eps, shortcut)[3]
