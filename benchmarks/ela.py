@@ -21,7 +21,6 @@ import json
 import os
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -163,68 +162,24 @@ def time_pieces(batch: int, c: int, hw: int) -> dict[str, object]:
     x = torch.randn(batch, c, hw, hw, device="cuda", dtype=torch.bfloat16)
     s, dout = torch.randn_like(x), torch.randn_like(x)
     plan = E._ela_plan(x, True, conv_weight, gamma, 16)
-    means, gates, out = E._ela_forward(plan, x, conv_weight, gamma, beta, 1e-5, s)
+    means, conv_out, gates, out = E._ela_forward(plan, x, conv_weight, gamma, beta, 1e-5, s)
     dgates, d = E._strip_sums(x, dout, out, gates, store_dpre=True)
-    work = [torch.empty(plan.n_strips, device="cuda") for _ in range(2)]
+    du, dmeans = (torch.empty(plan.n_strips, device="cuda") for _ in range(2))
     part = torch.empty((plan.n_sb, c, plan.taps + 2), device="cuda")
     copy_dst = torch.empty_like(x)
     pieces = {
         "copy (read+write)": lambda: copy_dst.copy_(x),
         "means": lambda: E._strip_sums(x, row_scale=1.0 / hw, col_scale=1.0 / hw),
-        "gates fwd": lambda: plan.gates((means, conv_weight, gamma, beta, gates), (1e-5,)),
+        "gates fwd (conv, GroupNorm, sigmoid)": lambda: plan.gates((means, conv_weight, gamma, beta, conv_out, gates),
+                                                                   (1e-5,)),
         "gating+shortcut+relu": lambda: E._apply_gates(x, gates, shortcut=s, relu=True),
         "bwd reduce": lambda: E._strip_sums(x, dout, out, gates, store_dpre=True),
-        "gates bwd": lambda: plan.gates_bwd((means, conv_weight, gamma, beta, dgates, *work, part), (1e-5,)),
+        "gates bwd (sigmoid, GroupNorm)": lambda: plan.gates_bwd((conv_out, gamma, beta, dgates, du, part), (1e-5,)),
+        "conv bwd": lambda: plan.conv_bwd((means, du, conv_weight, dmeans, part), ()),
         "partials sum": lambda: part.sum(0),
-        "dx": lambda: E._apply_gates(d, gates, work[1], out_dtype=x.dtype, a_scales=(1.0 / hw, 1.0 / hw)),
+        "dx": lambda: E._apply_gates(d, gates, dmeans, out_dtype=x.dtype, a_scales=(1.0 / hw, 1.0 / hw)),
     }
     return {"shape": f"{batch}x{c}x{hw}x{hw}", **{f"ms {k}": bench(fn) for k, fn in pieces.items()}}
-
-
-def sweep(batch: int) -> list[dict]:
-    """Tile alternatives at ResNet-50's stage shapes (median ms): the means pass with other channel blocks and
-    warps, the strip kernels with other tile targets and warps (the defaults are in ``time_pieces``)."""
-    from triton import cdiv
-
-    from attnzoo.kernels import _ela_triton as E
-
-    rows = []
-    for c, hw in STAGES:
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        conv_weight, gamma, beta = ela_params(c, "S", gen)
-        x = torch.randn(batch, c, hw, hw, device="cuda", dtype=torch.bfloat16)
-        strips = torch.empty(batch * c * 2 * hw, device="cuda")
-        row: dict[str, object] = {"shape": f"{batch}x{c}x{hw}x{hw}"}
-        bc, bh, bw = E._tiles(x, E._REDUCE_MAX_BW)
-        for mult, warps in [(0.5, 4), (2, 4), (4, 4), (1, 8), (2, 8)]:
-            bc2 = max(1, int(bc * mult))
-            ncb, nwb = cdiv(c, bc2), cdiv(hw, bw)
-            meta = dict(H=hw, W=hw, X_CL=False, D_CL=False, GATED=False, RELU=False, STORE_DPRE=False, BC=bc2, BH=bh,
-                        BW=bw, num_warps=warps)
-            launch = E._Launch(E._strip_reduce, (batch * ncb, nwb), (batch, c, ncb, nwb), meta)
-            ptrs, scales = (x, x, x, strips, x, strips, strips), (1.0 / hw, 1.0 / hw)
-            row[f"ms means BC={bc2} BH={bh} BW={bw} warps={warps}"] = bench(partial(launch, ptrs, scales))
-        means = strips
-        gates, dgates = torch.randn_like(strips), torch.randn_like(strips)
-        work = [torch.empty_like(strips) for _ in range(2)]
-        default_target = E._TILE_TARGET
-        for target, warps in [(2048, 4), (1024, 2), (1024, 8), (4096, 8)]:
-            E._TILE_TARGET = target
-            try:
-                plan = E._ELAPlan(x, True, conv_weight, 16)
-            finally:
-                E._TILE_TARGET = default_target
-            for launch in (plan.gates, plan.gates_bwd):
-                launch.meta = dict(launch.meta, num_warps=warps)
-            part = torch.empty((plan.n_sb, c, plan.taps + 2), device="cuda")
-            tag = f"target={target} BCO={plan.bco} warps={warps}"
-            fwd_ptrs = (means, conv_weight, gamma, beta, gates)
-            bwd_ptrs = (means, conv_weight, gamma, beta, dgates, *work, part)
-            row[f"ms gates fwd {tag}"] = bench(partial(plan.gates, fwd_ptrs, (1e-5,)))
-            row[f"ms gates bwd {tag}"] = bench(partial(plan.gates_bwd, bwd_ptrs, (1e-5,)))
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    return rows
 
 
 def time_module(batch: int) -> list[dict]:
@@ -299,7 +254,6 @@ def main() -> int:
     parser.add_argument("--skip-checks", action="store_true")
     parser.add_argument("--skip-module", action="store_true")
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--sweep", action="store_true", help="tile alternatives of the means and strip kernels")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("benchmarks/ela.py needs a CUDA device", file=sys.stderr)
@@ -318,8 +272,6 @@ def main() -> int:
         result["checks"] = run_checks()
     if not args.skip_module:
         result["module"] = time_module(args.batch)
-    if args.sweep:
-        result["sweep"] = sweep(args.batch)
     (out / "ela.json").write_text(json.dumps(result, indent=1))
     result["models"] = model_rows(args.rows, args.batch, out)
     (out / "ela.json").write_text(json.dumps(result, indent=1))
