@@ -162,7 +162,7 @@ def time_pieces(batch: int, c: int, hw: int) -> dict[str, object]:
     x = torch.randn(batch, c, hw, hw, device="cuda", dtype=torch.bfloat16)
     s, dout = torch.randn_like(x), torch.randn_like(x)
     plan = E._ela_plan(x, True, conv_weight, gamma, 16)
-    means, conv_out, gates, out = E._ela_forward(plan, x, conv_weight, gamma, beta, 1e-5, s)
+    means, conv_out, gates, out = E._ela_forward(plan, x, conv_weight, gamma, beta, 1e-5, s, keep_conv=True)
     dgates, d = E._strip_sums(x, dout, out, gates, store_dpre=True)
     du, dmeans = (torch.empty(plan.n_strips, device="cuda") for _ in range(2))
     part = torch.empty((plan.n_sb, c, plan.taps + 2), device="cuda")
@@ -170,12 +170,14 @@ def time_pieces(batch: int, c: int, hw: int) -> dict[str, object]:
     pieces = {
         "copy (read+write)": lambda: copy_dst.copy_(x),
         "means": lambda: E._strip_sums(x, row_scale=1.0 / hw, col_scale=1.0 / hw),
-        "gates fwd (conv, GroupNorm, sigmoid)": lambda: plan.gates((means, conv_weight, gamma, beta, conv_out, gates),
+        "gates fwd (conv, GroupNorm, sigmoid)": lambda: plan.gates((means, conv_weight, gamma, beta, gates, gates),
                                                                    (1e-5,)),
+        "gates fwd, conv output kept": lambda: plan.gates_keep((means, conv_weight, gamma, beta, conv_out, gates),
+                                                               (1e-5,)),
         "gating+shortcut+relu": lambda: E._apply_gates(x, gates, shortcut=s, relu=True),
         "bwd reduce": lambda: E._strip_sums(x, dout, out, gates, store_dpre=True),
-        "gates bwd (sigmoid, GroupNorm)": lambda: plan.gates_bwd((conv_out, gamma, beta, dgates, du, part), (1e-5,)),
-        "conv bwd": lambda: plan.conv_bwd((means, du, conv_weight, dmeans, part), ()),
+        "gates bwd": lambda: plan.gates_bwd((means, conv_out, conv_weight, gamma, beta, dgates, du, dmeans, part),
+                                            (1e-5,)),
         "partials sum": lambda: part.sum(0),
         "dx": lambda: E._apply_gates(d, gates, dmeans, out_dtype=x.dtype, a_scales=(1.0 / hw, 1.0 / hw)),
     }

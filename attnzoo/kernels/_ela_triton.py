@@ -20,9 +20,9 @@ grouped 1-D conv and one GroupNorm shared by both axes, as the paper's module):
 
 - ``_ela_gates_fwd``: one program per (channel block, strip); the block holds whole conv groups and whole
   GroupNorm groups, so the conv, the group statistics and the sigmoid stay in registers.
-- ``_ela_gates_bwd``: the hand-written backward, recomputing the forward: GroupNorm and conv input gradients
-  per strip, conv weight and GroupNorm affine gradients summed over a run of strips per program (partials
-  the host adds up in one sum).
+- ``_ela_gates_bwd``: the hand-written backward from the forward's conv output (kept when a gradient is
+  recorded): GroupNorm and conv input gradients per strip, conv weight and GroupNorm affine gradients summed
+  over a run of strips per program (partials the host adds up in one sum).
 
 The map's height and width and each map's layout are compile-time constants in the map kernels (a ResNet
 compiles one variant per stage shape; the batch size is not among them). Every launch of the fused ELA op
@@ -160,42 +160,30 @@ def _strip_tile(s, c0, NB, C, H, W, CPG, NCH: tl.constexpr, BCO: tl.constexpr, B
 
 
 @triton.jit
-def _block_weights(CW, cb, limit, CG: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, TRANSPOSED: tl.constexpr):
-    # The conv weights of the 16 channels from cb (whole conv groups of CG) as a 16 x BT block-diagonal matrix over
-    # taps t = ci * K + k: w[o, t] = weight[cb + o, ci - first(o), k] where o and ci share a group, else 0
-    # (TRANSPOSED: w[i, j * K + k] = weight[cb + j, i - first(j), k], the means gradient's). Channels past limit: 0.
-    r = tl.arange(0, 16)
-    t = tl.arange(0, BT)
-    tap_c, tap_k = t // K, t % K
-    if TRANSPOSED:
-        out_c, in_c = tap_c[None, :], r[:, None]
-    else:
-        out_c, in_c = r[:, None], tap_c[None, :]
-    ok = (t < 16 * K)[None, :] & (out_c // CG == in_c // CG) & (cb + out_c < limit) & (cb + in_c < limit)
-    offs = (cb + out_c) * (CG * K) + (in_c - (out_c // CG) * CG) * K + tap_k[None, :]
-    return tl.load(CW + offs, mask=ok, other=0.0).to(tl.float32)
+def _grouped_taps(S, WT, w_step, offs_l, c_ok, length, CG: tl.constexpr, K: tl.constexpr, SIGN: tl.constexpr,
+                  BCO: tl.constexpr, BL: tl.constexpr):
+    # acc[c, l] = sum_{i < CG, k < K} WT[c][i * w_step + k] * S[c, l][i * length + SIGN * (k - K // 2)], zero outside
+    # the strip. S is a pointer tile at each row's conv-group start and position l, WT a pointer per row: the
+    # per-tap work is a scalar offset, one load and one FMA (the masks depend on k alone and leave the i loop).
+    acc = tl.zeros([BCO, BL], dtype=tl.float32)
+    for i in range(CG):  # a loop, not unrolled: unrolling CG * K gathers multiplies compile time
+        for k in tl.static_range(K):
+            shift = SIGN * (k - K // 2)
+            m = c_ok[:, None] & ((offs_l + shift >= 0) & (offs_l + shift < length))[None, :]
+            v = tl.load(S + (i * length + shift), mask=m, other=0.0)
+            w = tl.load(WT + (i * w_step + k), mask=c_ok, other=0.0).to(tl.float32)
+            acc += w[:, None] * v
+    return acc
 
 
 @triton.jit
-def _conv_blocks(Z, CW, U, base, c0, limit, length, NBLK: tl.constexpr, CG: tl.constexpr, K: tl.constexpr,
-                 BT: tl.constexpr, BLD: tl.constexpr):
-    # u[c, l] = sum_{i < CG, k < K} w[c, i, k] * z[first(c) + i, l + k - K // 2] (zero padding; first(c) the first
-    # channel of c's conv group) for the channels [c0, limit), into U: per block of 16 channels one dot of their
-    # block-diagonal weights (16 x 16*K) with the strip's im2col tile (16*K x length), so each strip value is
-    # loaded once per tap rather than once per output channel.
-    rows = tl.arange(0, 16)
-    taps = tl.arange(0, BT)
-    offs_l = tl.arange(0, BLD)
-    tap_c, shift = taps // K, taps % K - K // 2
-    pos = offs_l[None, :] + shift[:, None]
-    z_mask = (taps < 16 * K)[:, None] & (pos >= 0) & (pos < length)
-    for bi in range(NBLK):
-        cb = c0 + bi * 16
-        w = _block_weights(CW, cb, limit, CG, K, BT, False)
-        zcol = tl.load(Z + base + (cb + tap_c)[:, None] * length + pos, mask=z_mask & (cb + tap_c < limit)[:, None],
-                       other=0.0)
-        tl.store(U + base + (cb + rows)[:, None] * length + offs_l[None, :], tl.dot(w, zcol, input_precision="ieee"),
-                 mask=(cb + rows < limit)[:, None] & (offs_l < length)[None, :])
+def _conv_strip(Z, CW, base, offs_c, c_ok, offs_l, length, CG: tl.constexpr, K: tl.constexpr, BCO: tl.constexpr,
+                BL: tl.constexpr):
+    # u[c, l] = sum_{i < CG, k < K} w[c, i, k] * z[first(c) + i, l + k - K // 2] with zero padding, where
+    # first(c) is the first channel of c's conv group
+    first = (offs_c // CG) * CG
+    rows = Z + base + first[:, None] * length + offs_l[None, :]
+    return _grouped_taps(rows, CW + offs_c * (CG * K), K, offs_l, c_ok, length, CG, K, 1, BCO, BL)
 
 
 @triton.jit
@@ -218,26 +206,25 @@ def _group_norm(u, mask, onehot, count, eps):
 def _ela_gates_fwd(Z, CW, GAMMA, BETA, U, Y,
                    NB, C, H, W, CPG, eps,
                    NCH: tl.constexpr, CG: tl.constexpr, K: tl.constexpr, BCO: tl.constexpr, BL: tl.constexpr,
-                   BG: tl.constexpr, BT: tl.constexpr, BLD: tl.constexpr):
+                   BG: tl.constexpr, STORE_U: tl.constexpr):
     c0, s = tl.program_id(0) * NCH, tl.program_id(1)
     length, base, offs_c, c_ok, offs_l, mask, onehot = _strip_tile(s, c0, NB, C, H, W, CPG, NCH, BCO, BL, BG)
-    _conv_blocks(Z, CW, U, base, c0, tl.minimum(c0 + NCH, C), length, (NCH + 15) // 16, CG, K, BT, BLD)
-    tl.debug_barrier()  # the block's conv output, written by all its threads, is read back as one tile
     strip_offs = base + offs_c[:, None] * length + offs_l[None, :]
-    u = tl.load(U + strip_offs, mask=mask, other=0.0)
+    u = _conv_strip(Z, CW, base, offs_c, c_ok, offs_l, length, CG, K, BCO, BL)
+    if STORE_U:  # kept for the backward (training), which then needs no conv of its own
+        tl.store(U + strip_offs, u, mask=mask)
     xhat, _ = _group_norm(u, mask, onehot, (CPG * length).to(tl.float32), eps)
     gamma = tl.load(GAMMA + offs_c, mask=c_ok, other=0.0).to(tl.float32)
     beta = tl.load(BETA + offs_c, mask=c_ok, other=0.0).to(tl.float32)
-    tl.store(Y + strip_offs, tl.sigmoid(xhat * gamma[:, None] + beta[:, None]), mask=mask)
+    y = tl.sigmoid(xhat * gamma[:, None] + beta[:, None])
+    tl.store(Y + strip_offs, y, mask=mask)
 
 
 @triton.jit
-def _ela_gates_bwd(U, GAMMA, BETA, DY, DU, PART,
+def _ela_gates_bwd(Z, U, CW, GAMMA, BETA, DY, DU, DZ, PART,
                    NB, C, H, W, CPG, SPP, eps,
                    NCH: tl.constexpr, CG: tl.constexpr, K: tl.constexpr, BCO: tl.constexpr, BL: tl.constexpr,
-                   BG: tl.constexpr):
-    # through the sigmoid and GroupNorm: du (the conv output's gradient, into DU) per strip, and the GroupNorm
-    # affine gradients summed over a run of SPP strips
+                   BG: tl.constexpr, BCK: tl.constexpr, BLC: tl.constexpr):
     pid_c, sb = tl.program_id(0), tl.program_id(1)
     c0 = pid_c * NCH
     local = tl.arange(0, BCO)
@@ -245,12 +232,17 @@ def _ela_gates_bwd(U, GAMMA, BETA, DY, DU, PART,
     c_ok0 = (local < NCH) & (offs_c0 < C)
     gamma = tl.load(GAMMA + offs_c0, mask=c_ok0, other=0.0).to(tl.float32)
     beta = tl.load(BETA + offs_c0, mask=c_ok0, other=0.0).to(tl.float32)
+    first = (offs_c0 // CG) * CG
+    tap = tl.arange(0, BCK)  # conv weight index i * K + k of one output channel
+    tap_ok = tap < CG * K
+    tap_i, tap_k = tap // K, tap % K
+    acc_w = tl.zeros([BCO, BCK], dtype=tl.float32)
     acc_gamma = tl.zeros([BCO], dtype=tl.float32)
     acc_beta = tl.zeros([BCO], dtype=tl.float32)
     for s in range(sb * SPP, tl.minimum(sb * SPP + SPP, 2 * NB)):
         length, base, offs_c, c_ok, offs_l, mask, onehot = _strip_tile(s, c0, NB, C, H, W, CPG, NCH, BCO, BL, BG)
         count = (CPG * length).to(tl.float32)
-        # GroupNorm and sigmoid again from the forward's conv output
+        # GroupNorm and sigmoid again, from the forward's conv output
         strip_offs = base + offs_c[:, None] * length + offs_l[None, :]
         xhat, rstd = _group_norm(tl.load(U + strip_offs, mask=mask, other=0.0), mask, onehot, count, eps)
         y = tl.sigmoid(xhat * gamma[:, None] + beta[:, None])
@@ -261,49 +253,33 @@ def _ela_gates_bwd(U, GAMMA, BETA, DY, DU, PART,
         dxhat = da * gamma[:, None]
         m1 = _group_mean(tl.sum(dxhat, axis=1), onehot, count)
         m2 = _group_mean(tl.sum(dxhat * xhat, axis=1), onehot, count)
-        du = rstd[:, None] * (dxhat - m1[:, None] - xhat * m2[:, None])  # through GroupNorm
+        du = tl.where(mask, rstd[:, None] * (dxhat - m1[:, None] - xhat * m2[:, None]), 0.0)  # through GroupNorm
+        # the conv's gradients need du shifted along the strip and across the conv group: through memory
         tl.store(DU + strip_offs, du, mask=mask)
-    row = (sb * C + offs_c0) * (CG * K + 2)  # partials: [conv weight taps (_ela_conv_bwd)..., dgamma, dbeta]
+        tl.debug_barrier()
+        # weight gradient: acc_w[c, i * K + k] += sum_l du[c, l] * z[first(c) + i, l + k - K // 2], in chunks of
+        # BLC positions (pointer tiles built once per strip, moved by l0)
+        offs_lc = tl.arange(0, BLC)
+        du_rows = DU + base + offs_c[:, None] * length + offs_lc[None, :]
+        z_taps = (Z + base + (first[:, None, None] + tap_i[None, :, None]) * length
+                  + (tap_k - K // 2)[None, :, None] + offs_lc[None, None, :])
+        for l0 in range(0, length, BLC):
+            lc_ok = l0 + offs_lc < length
+            du_c = tl.load(du_rows + l0, mask=c_ok[:, None] & lc_ok[None, :], other=0.0)
+            pos = l0 + offs_lc[None, :] + (tap_k - K // 2)[:, None]  # [BCK, BLC]
+            tap_mask = tap_ok[:, None] & lc_ok[None, :] & (pos >= 0) & (pos < length)
+            z = tl.load(z_taps + l0, mask=c_ok[:, None, None] & tap_mask[None, :, :], other=0.0)
+            acc_w += tl.sum(du_c[:, None, :] * z, axis=2)
+        # means gradient: dz[c, l] = sum_{j < CG, k} w[first(c) + j, c - first(c), k] * du[first(c) + j, l - k + K//2]
+        du_groups = DU + base + first[:, None] * length + offs_l[None, :]
+        w_cols = CW + first * (CG * K) + (offs_c - first) * K
+        dz = _grouped_taps(du_groups, w_cols, CG * K, offs_l, c_ok, length, CG, K, -1, BCO, BL)
+        tl.store(DZ + strip_offs, dz, mask=mask)
+    # partial sums of this run of strips: [conv weight taps..., dgamma, dbeta] per channel
+    row = (sb * C + offs_c0) * (CG * K + 2)
+    tl.store(PART + row[:, None] + tap[None, :], acc_w, mask=c_ok0[:, None] & tap_ok[None, :])
     tl.store(PART + row + CG * K, acc_gamma, mask=c_ok0)
     tl.store(PART + row + CG * K + 1, acc_beta, mask=c_ok0)
-
-
-@triton.jit
-def _ela_conv_bwd(Z, DU, CW, DZ, PART,
-                  NB, C, H, W, SPP,
-                  CG: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BL: tl.constexpr):
-    # the conv's gradients for the 16 channels from cb over a run of SPP strips, both as dots with the block-diagonal
-    # weights over im2col tiles (each strip value loaded once per tap rather than once per output channel):
-    #   weight: dW[cb + o, ci - first(o), k] += sum_l du[cb + o, l] * z[cb + ci, l + k - K//2]   (du @ zcol^T)
-    #   means:  dz[cb + i, l] = sum_{j, k} w[cb + j, i - first(j), k] * du[cb + j, l - k + K//2]  (w^T @ ducol)
-    cb, sb = tl.program_id(0) * 16, tl.program_id(1)
-    rows = tl.arange(0, 16)
-    taps = tl.arange(0, BT)
-    offs_l = tl.arange(0, BL)
-    tap_c, shift = taps // K, taps % K - K // 2
-    tap_ok = (taps < 16 * K) & (cb + tap_c < C)
-    row_ok = cb + rows < C
-    w_t = _block_weights(CW, cb, C, CG, K, BT, True)
-    acc = tl.zeros([16, BT], dtype=tl.float32)
-    for s in range(sb * SPP, tl.minimum(sb * SPP + SPP, 2 * NB)):
-        is_row = s < NB
-        s64 = tl.cast(s, tl.int64)
-        length = tl.where(is_row, H, W)
-        base = tl.where(is_row, s64 * C * H, s64 * 0 + NB * C * H + (s64 - NB) * C * W)
-        own = base + (cb + rows)[:, None] * length + offs_l[None, :]
-        own_mask = row_ok[:, None] & (offs_l < length)[None, :]
-        tap_rows = base + (cb + tap_c)[:, None] * length + offs_l[None, :]
-        fwd, back = offs_l[None, :] + shift[:, None], offs_l[None, :] - shift[:, None]
-        zcol = tl.load(Z + tap_rows + shift[:, None], mask=tap_ok[:, None] & (fwd >= 0) & (fwd < length), other=0.0)
-        acc += tl.dot(tl.load(DU + own, mask=own_mask, other=0.0), tl.trans(zcol), input_precision="ieee")
-        ducol = tl.load(DU + tap_rows - shift[:, None], mask=tap_ok[:, None] & (back >= 0) & (back < length),
-                        other=0.0)
-        tl.store(DZ + own, tl.dot(w_t, ducol, input_precision="ieee"), mask=own_mask)
-    # acc[o, ci * K + k] belongs to weight[cb + o, ci - first(o), k] where o and ci share a group
-    o, ci = rows[:, None], tap_c[None, :]
-    ok = row_ok[:, None] & tap_ok[None, :] & (o // CG == ci // CG)
-    offs = (sb * C + cb + o) * (CG * K + 2) + (ci - (o // CG) * CG) * K + (taps % K)[None, :]
-    tl.store(PART + offs, acc, mask=ok)
 
 
 # --------------------------------------------------------------------------------------------- host side
@@ -575,7 +551,7 @@ def strip_attention(x: torch.Tensor, gate_fn: Callable[[torch.Tensor, torch.Tens
 # --------------------------------------------------------------------------- ELA: the whole op, three launches
 
 
-# registers per program: a strip tile (BCO x BL) and the conv backward's im2col tiles stay under this
+# registers per program: a strip tile of BCO x BL and a weight-gradient tile of BCO x BCK x BLC stay under this
 _MAX_TILE = 8192
 _TILE_TARGET = 1024  # strip tile size the channel block grows to (fewer, fuller programs for small maps)
 _BWD_PROGRAMS = 1024  # backward programs to aim for (several per SM); each sums the weight gradient of a strip run
@@ -585,8 +561,7 @@ class _ELAPlan:
     """Launches of the fused ELA op for one (shape, layout, dtype, parameter) combination, built once.
 
     Forward: strip means (map pass), gates (strip kernel), gating (map pass). Backward: gated reduction (map
-    pass), sigmoid + GroupNorm backward (strip kernel), conv backward (strip kernel, dots), one sum of the
-    parameter-gradient partials, dx (map pass).
+    pass), gate backward (strip kernel), one sum of its partials, dx (map pass).
     """
 
     def __init__(self, x: torch.Tensor, relu: bool, conv_weight: torch.Tensor, norm_groups: int) -> None:
@@ -602,23 +577,20 @@ class _ELAPlan:
         self.n_strips = b * c * (h + w)
         self.bco = _pow2(nch)
         bg = max(2, _pow2(nch // cpg))
-        # the conv's dots: blocks of 16 channels (whole conv groups: cg divides 16) by 16 * k taps, every dim >= 16
-        bt, bl16 = _pow2(16 * k), max(16, self.bl)
-        self.fits = 16 % cg == 0 and self.bco * self.bl <= _MAX_TILE and bt * bl16 <= _MAX_TILE
+        self.bck = _pow2(cg * k)
+        self.fits = self.bco * self.bl <= _MAX_TILE and self.bco * self.bck <= _MAX_TILE
         warps = 4 if self.bco * self.bl <= 2048 else 8
         ncb = triton.cdiv(c, nch)
         self.strip_ints = (b, c, h, w, cpg)
         strip_meta = dict(NCH=nch, CG=cg, K=k, BCO=self.bco, BL=self.bl, BG=bg, num_warps=warps)
-        self.gates = _Launch(_ela_gates_fwd, (ncb, 2 * b), self.strip_ints,
-                             dict(strip_meta, BT=bt, BLD=bl16, num_stages=1))
+        self.gates = _Launch(_ela_gates_fwd, (ncb, 2 * b), self.strip_ints, dict(strip_meta, STORE_U=False))
+        self.gates_keep = _Launch(_ela_gates_fwd, (ncb, 2 * b), self.strip_ints, dict(strip_meta, STORE_U=True))
         n_sb = min(2 * b, max(1, _BWD_PROGRAMS // ncb))
         self.spp = triton.cdiv(2 * b, n_sb)
         self.n_sb = triton.cdiv(2 * b, self.spp)
-        self.gates_bwd = _Launch(_ela_gates_bwd, (ncb, self.n_sb), (*self.strip_ints, self.spp), strip_meta)
-        self.conv_bwd = _Launch(_ela_conv_bwd, (triton.cdiv(c, 16), self.n_sb), (b, c, h, w, self.spp),
-                                # one stage: the dots' operands then take 1/3 of the shared memory (occupancy)
-                                dict(CG=cg, K=k, BT=bt, BL=bl16, num_warps=4 if bt * bl16 <= 4096 else 8,
-                                     num_stages=1))
+        blc = min(self.bl, max(1, _MAX_TILE // (self.bco * self.bck)))  # powers of two: so is blc
+        self.gates_bwd = _Launch(_ela_gates_bwd, (ncb, self.n_sb), (*self.strip_ints, self.spp),
+                                 dict(strip_meta, BCK=self.bck, BLC=blc))
 
 
 _ELA_PLANS: dict[tuple, _ELAPlan] = {}
@@ -635,13 +607,18 @@ def _ela_plan(x: torch.Tensor, relu: bool, conv_weight: torch.Tensor, norm_weigh
 
 
 def _ela_forward(plan: _ELAPlan, x: torch.Tensor, conv_weight: torch.Tensor, norm_weight: torch.Tensor,
-                 norm_bias: torch.Tensor, eps: float, shortcut: torch.Tensor | None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 norm_bias: torch.Tensor, eps: float, shortcut: torch.Tensor | None, keep_conv: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(strip means, conv output if ``keep_conv``, gates, out); all strip buffers float32."""
     _, _, h, w = plan.shape
     means, _ = _strip_sums(x, row_scale=1.0 / w, col_scale=1.0 / h)
-    conv_out = torch.empty(plan.n_strips, device=x.device, dtype=torch.float32)
     gates = torch.empty(plan.n_strips, device=x.device, dtype=torch.float32)
-    plan.gates((means, conv_weight, norm_weight, norm_bias, conv_out, gates), (eps,))
+    if keep_conv:
+        conv_out = torch.empty_like(gates)
+        plan.gates_keep((means, conv_weight, norm_weight, norm_bias, conv_out, gates), (eps,))
+    else:
+        conv_out = None
+        plan.gates((means, conv_weight, norm_weight, norm_bias, gates, gates), (eps,))
     out = _apply_gates(x, gates, shortcut=shortcut, relu=plan.relu)
     return means, conv_out, gates, out
 
@@ -656,7 +633,7 @@ class ELAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, shortcut, conv_weight, norm_weight, norm_bias, plan, eps):
-        means, conv_out, gates, out = _ela_forward(plan, x, conv_weight, norm_weight, norm_bias, eps, shortcut)
+        means, conv_out, gates, out = _ela_forward(plan, x, conv_weight, norm_weight, norm_bias, eps, shortcut, True)
         ctx.plan, ctx.eps = plan, eps
         ctx.shortcut_dtype = None if shortcut is None else shortcut.dtype
         ctx.save_for_backward(x, out if plan.relu else None, means, conv_out, gates, conv_weight, norm_weight,
@@ -673,8 +650,7 @@ class ELAFunction(torch.autograd.Function):
         du = torch.empty(plan.n_strips, device=x.device, dtype=torch.float32)
         dmeans = torch.empty_like(du)
         part = torch.empty((plan.n_sb, c, plan.taps + 2), device=x.device, dtype=torch.float32)
-        plan.gates_bwd((conv_out, norm_weight, norm_bias, dgates, du, part), (ctx.eps,))
-        plan.conv_bwd((means, du, conv_weight, dmeans, part), ())
+        plan.gates_bwd((means, conv_out, conv_weight, norm_weight, norm_bias, dgates, du, dmeans, part), (ctx.eps,))
         sums = part.sum(0)
         dconv = sums[:, : plan.taps].view(conv_weight.shape).to(conv_weight.dtype)
         dgamma = sums[:, plan.taps].to(norm_weight.dtype)

@@ -250,7 +250,8 @@ ELA_CASES = [  # (shape, channels per conv group, kernel size, GroupNorm groups,
     ((2, 144, 4, 4), 8, 5, 16, True, "channels_last"),  # MobileNetV2's 144 channels: groups of 9 and 8, 72 per block
     ((1, 32, 2, 131), 8, 5, 16, True, "nchw"),  # means over two column tiles; 256-long strip tile, 2-long rows
     ((2, 64, 3, 5), 1, 5, 32, False, "nchw"),  # ELA-T
-    ((2, 40, 4, 6), 8, 5, 8, True, "nchw"),  # 40-channel blocks: the conv's 16-channel blocks end masked
+    ((2, 40, 4, 6), 8, 5, 8, True, "nchw"),  # GroupNorm groups of 5: 40-channel blocks, 64-wide tiles
+    ((1, 24, 3, 4), 3, 3, 8, True, "nchw"),  # 3 channels per conv group, 3 taps
 ]
 
 
@@ -323,20 +324,6 @@ def test_ela_attention_large_strip_tiles_fall_back(rng):
     assert not _ela_triton._ela_plan(x, False, conv_weight, gamma, 1).fits
     set_backend("torch")
     ref = ela_attention(x.double(), conv_weight.double(), gamma.double(), beta.double(), 1)
-    assert_close(out, ref)
-
-
-def test_ela_attention_conv_groups_not_dividing_16_fall_back(rng):
-    # the fused conv works on 16-channel blocks of whole conv groups: 3 channels per group runs in PyTorch
-    from attnzoo.kernels import _ela_triton
-
-    x, conv_weight, gamma, beta, shortcut = _ela_inputs((1, 24, 3, 4), 3, 3, rng, True)
-    set_backend("triton")
-    out = ela_attention(x, conv_weight, gamma, beta, 8, 1e-5, shortcut, "relu")
-    assert not _ela_triton._ela_plan(x, True, conv_weight, gamma, 8).fits
-    set_backend("torch")
-    ref = ela_attention(x.double(), conv_weight.double(), gamma.double(), beta.double(), 8, 1e-5, shortcut.double(),
-                        "relu")
     assert_close(out, ref)
 
 
