@@ -597,9 +597,10 @@ _ELA_PLANS: dict[tuple, _ELAPlan] = {}
 
 
 def _ela_plan(x: torch.Tensor, relu: bool, conv_weight: torch.Tensor, norm_weight: torch.Tensor,
-              norm_groups: int) -> _ELAPlan:
+              norm_groups: int, norm_bias: torch.Tensor | None = None) -> _ELAPlan:
     # the strip kernels are compiled for the parameters' dtypes (the map passes key their own launches)
-    key = (x.shape, x.device.index, conv_weight.shape, conv_weight.dtype, norm_weight.dtype, norm_groups, relu)
+    key = (x.shape, x.device.index, conv_weight.shape, conv_weight.dtype, norm_weight.dtype,
+           norm_weight.dtype if norm_bias is None else norm_bias.dtype, norm_groups, relu)
     plan = _ELA_PLANS.get(key)
     if plan is None:
         plan = _ELA_PLANS[key] = _ELAPlan(x, relu, conv_weight, norm_groups)
@@ -666,7 +667,7 @@ def ela_attention(x: torch.Tensor, conv_weight: torch.Tensor, norm_weight: torch
                   norm_groups: int, eps: float, shortcut: torch.Tensor | None, relu: bool) -> torch.Tensor | None:
     """Entry for strip_gate.ela_attention on the triton backend (arguments checked there); None when the strip
     tiles would not fit in registers (the caller then runs the PyTorch expressions)."""
-    plan = _ela_plan(x, relu, conv_weight, norm_weight, norm_groups)
+    plan = _ela_plan(x, relu, conv_weight, norm_weight, norm_groups, norm_bias)
     if not plan.fits:
         return None
     x = _dense(x)
