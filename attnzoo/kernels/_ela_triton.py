@@ -20,6 +20,9 @@ grouped 1-D conv and one GroupNorm shared by both axes, as the paper's module):
 
 - ``_ela_gates_fwd``: one program per (channel block, strip); the block holds whole conv groups and whole
   GroupNorm groups, so the conv, the group statistics and the sigmoid stay in registers.
+- ``_ela_gates_fwd_g8``: the same op for conv groups of 8 (ELA-S / ELA-L) whose GroupNorm groups hold whole conv
+  groups: each input row is loaded once per tap for its group's 8 output channels (one accumulator tile per
+  output channel), a program runs several strips per tile; used where measured faster (see ``_G8_INFER``).
 - ``_ela_gates_bwd``: the hand-written backward from the forward's conv output (kept when a gradient is
   recorded): GroupNorm and conv input gradients per strip, conv weight and GroupNorm affine gradients summed
   over a run of strips per program (partials the host adds up in one sum).
@@ -280,6 +283,113 @@ def _ela_gates_bwd(Z, U, CW, GAMMA, BETA, DY, DU, DZ, PART,
     tl.store(PART + row[:, None] + tap[None, :], acc_w, mask=c_ok0[:, None] & tap_ok[None, :])
     tl.store(PART + row + CG * K, acc_gamma, mask=c_ok0)
     tl.store(PART + row + CG * K + 1, acc_beta, mask=c_ok0)
+
+
+# Forward for conv groups of 8 (ELA-S / ELA-L): each conv input row is loaded once per tap for all 8 output
+# channels of its group, which live in 8 separate accumulator tiles [group, strip, position] (one per output
+# channel of the group) so the reuse stays in registers: 5 loads per output value instead of 40 for ELA-S. A
+# program runs NS strips at a time; GroupNorm groups must hold whole conv groups.
+
+
+@triton.jit
+def _strips_at(offs_s, NB, C, H, W):
+    # (lengths, buffer offsets) of strips offs_s: s < NB sample s's row strip, else sample s - NB's column strip
+    is_row = offs_s < NB
+    s64 = offs_s.to(tl.int64)
+    length = tl.where(is_row, H, W)
+    return length, tl.where(is_row, s64 * C * H, (s64 * 0 + NB) * C * H + (s64 - NB) * C * W)
+
+
+@triton.jit
+def _tap(u, wp, g_ok, z):
+    # u += w[g] * z[g, s, l] for one output channel of every group
+    return u + tl.load(wp, mask=g_ok, other=0.0).to(tl.float32)[:, None, None] * z
+
+
+@triton.jit
+def _group_mean_gs(per_group, onehot, count):
+    # per-conv-group sums [GP, NS] -> each conv group's GroupNorm group mean [GP, NS]; count [NS]
+    sums = tl.sum(tl.where(onehot[:, :, None], per_group[:, None, :], 0.0), axis=0) / count[None, :]
+    return tl.sum(tl.where(onehot[:, :, None], sums[None, :, :], 0.0), axis=1)
+
+
+@triton.jit
+def _gate_out(d, rstd, ch, g_ok, mask, GAMMA, BETA, Y, offs):
+    # y = sigmoid(gamma * xhat + beta) of one output channel per group (channels ch [GP])
+    gamma = tl.load(GAMMA + ch, mask=g_ok, other=0.0).to(tl.float32)
+    beta = tl.load(BETA + ch, mask=g_ok, other=0.0).to(tl.float32)
+    y = tl.sigmoid(d * rstd * gamma[:, None, None] + beta[:, None, None])
+    tl.store(Y + offs, y, mask=mask)
+
+
+@triton.jit
+def _ela_gates_fwd_g8(Z, CW, GAMMA, BETA, U, Y,
+                      NB, C, H, W, CPG, SPP, eps,
+                      NCH: tl.constexpr, K: tl.constexpr, GP: tl.constexpr, NS: tl.constexpr, BL: tl.constexpr,
+                      BG: tl.constexpr, STORE_U: tl.constexpr):
+    c0, sb = tl.program_id(0) * NCH, tl.program_id(1)
+    offs_g = tl.arange(0, GP)
+    first = c0 + offs_g * 8  # first channel of each conv group
+    g_ok = (offs_g * 8 < NCH) & (first < C)
+    onehot = (((offs_g * 8) // CPG)[:, None] == tl.arange(0, BG)[None, :]) & g_ok[:, None]
+    w0 = CW + first * (8 * K)  # w[first + o, i, k] at w0 + o * 8 * K + i * K + k
+    offs_l = tl.arange(0, BL)
+    s_hi = tl.minimum(sb * SPP + SPP, 2 * NB)
+    for s0 in range(sb * SPP, s_hi, NS):
+        offs_s = s0 + tl.arange(0, NS)
+        length, base = _strips_at(offs_s, NB, C, H, W)
+        len3 = length[None, :, None]
+        s_ok = g_ok[:, None, None] & (offs_s < s_hi)[None, :, None]
+        mask = s_ok & (offs_l[None, :] < length[:, None])[None, :, :]
+        offs = base[None, :, None] + first[:, None, None] * len3 + offs_l[None, None, :]  # channel first's strips
+        u0 = tl.zeros([GP, NS, BL], dtype=tl.float32)
+        u1, u2, u3, u4, u5, u6, u7 = u0, u0, u0, u0, u0, u0, u0
+        for k in tl.static_range(K):
+            shift = k - K // 2
+            pos = offs_l + shift
+            m = s_ok & ((pos[None, :] >= 0) & (pos[None, :] < length[:, None]))[None, :, :]
+            for i in range(8):  # input row first + i, loaded once for the group's 8 output channels
+                z = tl.load(Z + offs + i * len3 + shift, mask=m, other=0.0)
+                wp = w0 + i * K + k
+                u0 = _tap(u0, wp, g_ok, z)
+                u1 = _tap(u1, wp + 8 * K, g_ok, z)
+                u2 = _tap(u2, wp + 16 * K, g_ok, z)
+                u3 = _tap(u3, wp + 24 * K, g_ok, z)
+                u4 = _tap(u4, wp + 32 * K, g_ok, z)
+                u5 = _tap(u5, wp + 40 * K, g_ok, z)
+                u6 = _tap(u6, wp + 48 * K, g_ok, z)
+                u7 = _tap(u7, wp + 56 * K, g_ok, z)
+        if STORE_U:  # kept for the backward (training), which then needs no conv of its own
+            tl.store(U + offs, u0, mask=mask)
+            tl.store(U + offs + len3, u1, mask=mask)
+            tl.store(U + offs + 2 * len3, u2, mask=mask)
+            tl.store(U + offs + 3 * len3, u3, mask=mask)
+            tl.store(U + offs + 4 * len3, u4, mask=mask)
+            tl.store(U + offs + 5 * len3, u5, mask=mask)
+            tl.store(U + offs + 6 * len3, u6, mask=mask)
+            tl.store(U + offs + 7 * len3, u7, mask=mask)
+        # GroupNorm statistics per (conv group, strip), then per GroupNorm group (biased variance, as torch)
+        count = (CPG * length).to(tl.float32)
+        total = tl.where(mask, u0 + u1 + u2 + u3 + u4 + u5 + u6 + u7, 0.0)
+        mean = _group_mean_gs(tl.sum(total, axis=2), onehot, count)[:, :, None]
+        u0 = tl.where(mask, u0 - mean, 0.0)
+        u1 = tl.where(mask, u1 - mean, 0.0)
+        u2 = tl.where(mask, u2 - mean, 0.0)
+        u3 = tl.where(mask, u3 - mean, 0.0)
+        u4 = tl.where(mask, u4 - mean, 0.0)
+        u5 = tl.where(mask, u5 - mean, 0.0)
+        u6 = tl.where(mask, u6 - mean, 0.0)
+        u7 = tl.where(mask, u7 - mean, 0.0)
+        sq = u0 * u0 + u1 * u1 + u2 * u2 + u3 * u3 + u4 * u4 + u5 * u5 + u6 * u6 + u7 * u7
+        rstd = (1.0 / tl.sqrt_rn(_group_mean_gs(tl.sum(sq, axis=2), onehot, count) + eps))[:, :, None]
+        _gate_out(u0, rstd, first, g_ok, mask, GAMMA, BETA, Y, offs)
+        _gate_out(u1, rstd, first + 1, g_ok, mask, GAMMA, BETA, Y, offs + len3)
+        _gate_out(u2, rstd, first + 2, g_ok, mask, GAMMA, BETA, Y, offs + 2 * len3)
+        _gate_out(u3, rstd, first + 3, g_ok, mask, GAMMA, BETA, Y, offs + 3 * len3)
+        _gate_out(u4, rstd, first + 4, g_ok, mask, GAMMA, BETA, Y, offs + 4 * len3)
+        _gate_out(u5, rstd, first + 5, g_ok, mask, GAMMA, BETA, Y, offs + 5 * len3)
+        _gate_out(u6, rstd, first + 6, g_ok, mask, GAMMA, BETA, Y, offs + 6 * len3)
+        _gate_out(u7, rstd, first + 7, g_ok, mask, GAMMA, BETA, Y, offs + 7 * len3)
 
 
 # --------------------------------------------------------------------------------------------- host side
@@ -555,6 +665,17 @@ def strip_attention(x: torch.Tensor, gate_fn: Callable[[torch.Tensor, torch.Tens
 _MAX_TILE = 8192
 _TILE_TARGET = 1024  # strip tile size the channel block grows to (fewer, fuller programs for small maps)
 _BWD_PROGRAMS = 1024  # backward programs to aim for (several per SM); each sums the weight gradient of a strip run
+# Forward kernel for conv groups of 8 (_ela_gates_fwd_g8): (values per [conv groups, strips, positions] tile,
+# warps) for inference and for training (conv output kept), and the shortest strip tile that training uses it at.
+# Measured per launch on an H100 at ResNet-50's stages (batch 128, ELA-S; docs/benchmarks.md, ELA round 3):
+# inference 0.034 / 0.040 / 0.054 / 0.089 ms at 56 / 28 / 14 / 7 px (per-tap kernel 0.070 / 0.075 / 0.087 /
+# 0.102); training 0.042 / 0.049 / 0.066 ms at 56 / 28 / 14 px (0.072 / 0.076 / 0.085), while at 7 px every
+# tile tried (0.112-0.123 ms) lost to the per-tap kernel (0.105), which keeps it there.
+_G8_INFER = (2048, 4)
+_G8_TRAIN = (512, 2)
+_G8_TRAIN_MIN_BL = 16
+_G8_STRIPS_PER_PROGRAM = 8  # at least; 32 measured slower
+_USE_G8 = True
 
 
 class _ELAPlan:
@@ -583,14 +704,29 @@ class _ELAPlan:
         ncb = triton.cdiv(c, nch)
         self.strip_ints = (b, c, h, w, cpg)
         strip_meta = dict(NCH=nch, CG=cg, K=k, BCO=self.bco, BL=self.bl, BG=bg, num_warps=warps)
-        self.gates = _Launch(_ela_gates_fwd, (ncb, 2 * b), self.strip_ints, dict(strip_meta, STORE_U=False))
-        self.gates_keep = _Launch(_ela_gates_fwd, (ncb, 2 * b), self.strip_ints, dict(strip_meta, STORE_U=True))
+        # GroupNorm groups of whole conv groups of 8: the register-reuse forward
+        self.g8 = _USE_G8 and cg == 8 and cpg % 8 == 0
+        per_tap = dict(strip_meta, STORE_U=False)
+        self.gates = (self._g8_launch(nch, k, bg, *_G8_INFER, False) if self.g8
+                      else _Launch(_ela_gates_fwd, (ncb, 2 * b), self.strip_ints, per_tap))
+        self.gates_keep = (self._g8_launch(nch, k, bg, *_G8_TRAIN, True) if self.g8 and self.bl >= _G8_TRAIN_MIN_BL
+                           else _Launch(_ela_gates_fwd, (ncb, 2 * b), self.strip_ints, dict(per_tap, STORE_U=True)))
         n_sb = min(2 * b, max(1, _BWD_PROGRAMS // ncb))
         self.spp = triton.cdiv(2 * b, n_sb)
         self.n_sb = triton.cdiv(2 * b, self.spp)
         blc = min(self.bl, max(1, _MAX_TILE // (self.bco * self.bck)))  # powers of two: so is blc
         self.gates_bwd = _Launch(_ela_gates_bwd, (ncb, self.n_sb), (*self.strip_ints, self.spp),
                                  dict(strip_meta, BCK=self.bck, BLC=blc))
+
+    def _g8_launch(self, nch: int, k: int, bg: int, tile: int, warps: int, store_u: bool) -> _Launch:
+        """Launch of _ela_gates_fwd_g8: tiles of about ``tile`` values, a run of strips per program."""
+        b, c = self.shape[:2]
+        gp = _pow2(nch // 8)
+        ns = min(_pow2(2 * b), max(1, tile // (gp * self.bl)))  # strips per tile
+        spp = max(ns, _G8_STRIPS_PER_PROGRAM // ns * ns)  # strips per program, whole tiles
+        meta = dict(NCH=nch, K=k, GP=gp, NS=ns, BL=self.bl, BG=bg, STORE_U=store_u, num_warps=warps)
+        return _Launch(_ela_gates_fwd_g8, (triton.cdiv(c, nch), triton.cdiv(2 * b, spp)), (*self.strip_ints, spp),
+                       meta)
 
 
 _ELA_PLANS: dict[tuple, _ELAPlan] = {}

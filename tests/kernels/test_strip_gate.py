@@ -252,6 +252,9 @@ ELA_CASES = [  # (shape, channels per conv group, kernel size, GroupNorm groups,
     ((2, 64, 3, 5), 1, 5, 32, False, "nchw"),  # ELA-T
     ((2, 40, 4, 6), 8, 5, 8, True, "nchw"),  # GroupNorm groups of 5: 40-channel blocks, 64-wide tiles
     ((1, 24, 3, 4), 3, 3, 8, True, "nchw"),  # 3 channels per conv group, 3 taps
+    # GroupNorm groups of whole conv groups of 8: the register-reuse forward (16-long strip tiles: also in training)
+    ((2, 64, 9, 12), 8, 5, 8, True, "nchw"),
+    ((3, 256, 10, 3), 8, 7, 16, False, "channels_last"),  # ELA-L
 ]
 
 
@@ -299,6 +302,44 @@ def test_ela_attention_backward_sums_runs_of_strips(rng, monkeypatch):
     assert_close(out, ref)
     for i, (a, e) in enumerate(zip(grads, ref_grads)):
         assert_close(a, e, scale=1.0 if i in (0, 4) else 5.0, msg=f"grad {i}")
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_ela_attention_g8_forward_runs_of_strips(rng, monkeypatch, train):
+    # the conv-groups-of-8 forward with small tiles: 2 strips per tile, 8 per program, so programs run several
+    # tiles, one tile mixes row and column strips (10 strips: rows 0-4, columns 5-9) and the last program is short
+    from attnzoo.kernels import _ela_triton
+
+    monkeypatch.setattr(_ela_triton, "_ELA_PLANS", {})
+    monkeypatch.setattr(_ela_triton, "_G8_INFER", (128, 4))
+    monkeypatch.setattr(_ela_triton, "_G8_TRAIN", (128, 2))
+    x, conv_weight, gamma, beta, shortcut = _ela_inputs((5, 32, 6, 9), 8, 5, rng, True)
+    g = torch.randn(x.shape, generator=rng)
+    ref, ref_grads = _ela_grads(x, conv_weight, gamma, beta, shortcut, 2, g, "torch", torch.float64)
+    if train:
+        out, grads = _ela_grads(x, conv_weight, gamma, beta, shortcut, 2, g, "triton")
+        for i, (a, e) in enumerate(zip(grads, ref_grads)):
+            assert_close(a, e, scale=1.0 if i in (0, 4) else 5.0, msg=f"grad {i}")
+    else:
+        set_backend("triton")
+        with torch.no_grad():
+            out = ela_attention(x, conv_weight, gamma, beta, 2, 1e-5, shortcut, "relu")
+    assert_close(out, ref)
+    plan = next(iter(_ela_triton._ELA_PLANS.values()))
+    launch = plan.gates_keep if train else plan.gates
+    assert plan.g8 and launch.kernel is _ela_triton._ela_gates_fwd_g8
+    assert (launch.meta["NS"], launch.ints[-1], launch.grid) == (2, 8, (1, 2))
+
+
+def test_ela_attention_g8_training_keeps_per_tap_kernel_on_short_strips(rng):
+    # measured: at strip tiles of 8 (ResNet-50's 7x7 stage) the per-tap kernel is the faster one when the conv
+    # output is kept
+    from attnzoo.kernels import _ela_triton
+
+    x, conv_weight, gamma, _, _ = _ela_inputs((2, 32, 7, 7), 8, 5, rng, False)
+    plan = _ela_triton._ela_plan(x, False, conv_weight, gamma, 2)
+    assert plan.g8 and plan.gates.kernel is _ela_triton._ela_gates_fwd_g8
+    assert plan.gates_keep.kernel is _ela_triton._ela_gates_fwd
 
 
 def test_ela_attention_inference_builds_no_graph(rng):
