@@ -669,10 +669,10 @@ _BWD_PROGRAMS = 1024  # backward programs to aim for (several per SM); each sums
 # warps) for inference and for training (conv output kept), and the shortest strip tile that training uses it at.
 # Measured per launch on an H100 at ResNet-50's stages (batch 128, ELA-S; docs/benchmarks.md, ELA round 3):
 # inference 0.034 / 0.040 / 0.054 / 0.089 ms at 56 / 28 / 14 / 7 px (per-tap kernel 0.070 / 0.075 / 0.087 /
-# 0.102); training 0.042 / 0.049 / 0.066 ms at 56 / 28 / 14 px (0.072 / 0.076 / 0.085), while at 7 px every
+# 0.102); training 0.037 / 0.045 / 0.067 ms at 56 / 28 / 14 px (0.072 / 0.076 / 0.085), while at 7 px every
 # tile tried (0.112-0.123 ms) lost to the per-tap kernel (0.105), which keeps it there.
 _G8_INFER = (2048, 4)
-_G8_TRAIN = (512, 2)
+_G8_TRAIN = (2048, 4)
 _G8_TRAIN_MIN_BL = 16
 _G8_STRIPS_PER_PROGRAM = 8  # at least; 32 measured slower
 _USE_G8 = True
