@@ -77,6 +77,20 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------- correctness
 
+def _routed_errors(dev: torch.device, backend: str, dtype: torch.dtype, qkv: tuple, index: torch.Tensor,
+                   n_win) -> list[float]:
+    """Relative errors of out, dq, dk, dv of ``routed_attention`` on ``backend`` against the float64 reference."""
+    inputs = [t.to(dev, dtype).requires_grad_() for t in qkv]
+    cpu64 = [t.double().requires_grad_() for t in qkv]
+    with K.use_backend(backend):
+        out = routed_attention(*inputs, index.to(dev), n_win)
+    ref = routed_attention_reference(*cpu64, index, n_win)
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(out, inputs, grad.to(dev, dtype))
+    want = torch.autograd.grad(ref, cpu64, grad)
+    return [rel_err(out, ref)] + [rel_err(g, w) for g, w in zip(got, want)]
+
+
 def check_small(dev: torch.device, backends: tuple[str, ...], halo: bool = True) -> list[dict]:
     rows = []
     gen = torch.Generator().manual_seed(0)
@@ -88,16 +102,8 @@ def check_small(dev: torch.device, backends: tuple[str, ...], halo: bool = True)
             v = torch.randn(2, 12, 12, 2, 16, generator=gen)
             index = torch.stack([torch.stack([torch.randperm(9, generator=gen)[:3] for _ in range(9)])
                                  for _ in range(2)])
-            inputs = [t.to(dev, dtype).requires_grad_() for t in (q, k, v)]
-            cpu64 = [t.double().requires_grad_() for t in (q, k, v)]
-            with K.use_backend(backend):
-                out = routed_attention(*inputs, index.to(dev), 3)
-            ref = routed_attention_reference(*cpu64, index, 3)
-            grad = torch.randn_like(ref)
-            got = torch.autograd.grad(out, inputs, grad.to(dev, dtype))
-            want = torch.autograd.grad(ref, cpu64, grad)
-            errs = [rel_err(out, ref)] + [rel_err(g, w) for g, w in zip(got, want)]
-            rows.append(dict(op="routed", backend=backend, dtype=str(dtype), rel_err_out_dq_dk_dv=errs))
+            rows.append(dict(op="routed", backend=backend, dtype=str(dtype),
+                             rel_err_out_dq_dk_dv=_routed_errors(dev, backend, dtype, (q, k, v), index, 3)))
             # routed with 2x2-token regions (BiFormer stage 3), 12x8 map; the fused kernels with 2 and 4 warps
             from attnzoo.kernels import _routed_triton
 
@@ -105,37 +111,20 @@ def check_small(dev: torch.device, backends: tuple[str, ...], halo: bool = True)
             index = torch.stack([torch.stack([torch.randperm(24, generator=gen)[:5] for _ in range(24)])
                                  for _ in range(2)])
             for warps in (2, 4) if backend == "triton" else (2,):
-                inputs = [t.to(dev, dtype).requires_grad_() for t in (q, k, v)]
-                cpu64 = [t.double().requires_grad_() for t in (q, k, v)]
                 previous, _routed_triton.SMALL_REGION_WARPS = _routed_triton.SMALL_REGION_WARPS, warps
                 try:
-                    with K.use_backend(backend):
-                        out = routed_attention(*inputs, index.to(dev), (6, 4))
-                    ref = routed_attention_reference(*cpu64, index, (6, 4))
-                    grad = torch.randn_like(ref)
-                    got = torch.autograd.grad(out, inputs, grad.to(dev, dtype))
+                    errs = _routed_errors(dev, backend, dtype, (q, k, v), index, (6, 4))
                 finally:
                     _routed_triton.SMALL_REGION_WARPS = previous
-                want = torch.autograd.grad(ref, cpu64, grad)
-                errs = [rel_err(out, ref)] + [rel_err(g, w) for g, w in zip(got, want)]
                 label = f"routed 2x2 regions ({warps} warps)" if backend == "triton" else "routed 2x2 regions"
-                rows.append(dict(op=label, backend=backend, dtype=str(dtype),
-                                 rel_err_out_dq_dk_dv=errs))
+                rows.append(dict(op=label, backend=backend, dtype=str(dtype), rel_err_out_dq_dk_dv=errs))
             # routed at BiFormer stage 3's geometry (14x14 map, 7x7 regions of 2x2, topk 16): the dense region-
             # masked kernels on triton, one routing row naming a region twice (counted weights in its tiles)
             q, k, v = (torch.randn(2, 14, 14, 2, 32, generator=gen) for _ in range(3))
             index = torch.stack([torch.stack([torch.randperm(49, generator=gen)[:16] for _ in range(49)])
                                  for _ in range(2)])
             index[1, 20, 3] = index[1, 20, 0]
-            inputs = [t.to(dev, dtype).requires_grad_() for t in (q, k, v)]
-            cpu64 = [t.double().requires_grad_() for t in (q, k, v)]
-            with K.use_backend(backend):
-                out = routed_attention(*inputs, index.to(dev), 7)
-            ref = routed_attention_reference(*cpu64, index, 7)
-            grad = torch.randn_like(ref)
-            got = torch.autograd.grad(out, inputs, grad.to(dev, dtype))
-            want = torch.autograd.grad(ref, cpu64, grad)
-            errs = [rel_err(out, ref)] + [rel_err(g, w) for g, w in zip(got, want)]
+            errs = _routed_errors(dev, backend, dtype, (q, k, v), index, 7)
             rows.append(dict(op="routed stage-3 geometry, a repeat" + (" (dense masks)" if backend == "triton"
                                                                       else ""),
                              backend=backend, dtype=str(dtype), rel_err_out_dq_dk_dv=errs))
