@@ -26,9 +26,6 @@ grouped 1-D conv and one GroupNorm shared by both axes, as the paper's module):
 - ``_ela_gates_bwd``: the hand-written backward from the forward's conv output (kept when a gradient is
   recorded): GroupNorm and conv input gradients per strip, conv weight and GroupNorm affine gradients summed
   over a run of strips per program (partials the host adds up in one sum).
-- ``_ela_gates_bwd_g8``: that backward for conv groups of 8 on the forward's tiles: the means gradient reuses each
-  loaded gradient row for the 8 channels it feeds, the conv weight gradient is one small product per conv group
-  over the program's strips; used at the strip lengths listed in ``_G8_BWD`` (measured faster there).
 
 The map's height and width and each map's layout are compile-time constants in the map kernels (a ResNet
 compiles one variant per stage shape; the batch size is not among them). Every launch of the fused ELA op
@@ -395,133 +392,6 @@ def _ela_gates_fwd_g8(Z, CW, GAMMA, BETA, U, Y,
         _gate_out(u7, rstd, first + 7, g_ok, mask, GAMMA, BETA, Y, offs + 7 * len3)
 
 
-@triton.jit
-def _gate_grad(U, DY, GAMMA, BETA, offs, ch, g_ok, mask, mean, rstd):
-    # (xhat, gradient at the sigmoid's input, gamma) of one output channel per group (channels ch [GP])
-    xhat = tl.where(mask, (tl.load(U + offs, mask=mask, other=0.0) - mean) * rstd, 0.0)
-    gamma = tl.load(GAMMA + ch, mask=g_ok, other=0.0).to(tl.float32)[:, None, None]
-    beta = tl.load(BETA + ch, mask=g_ok, other=0.0).to(tl.float32)[:, None, None]
-    y = tl.sigmoid(xhat * gamma + beta)
-    da = tl.where(mask, tl.load(DY + offs, mask=mask, other=0.0) * y * (1.0 - y), 0.0)
-    return xhat, da, gamma
-
-
-@triton.jit
-def _ela_gates_bwd_g8(Z, U, CW, GAMMA, BETA, DY, DU, DZ, PART,
-                      NB, C, H, W, CPG, SPP, eps,
-                      NCH: tl.constexpr, K: tl.constexpr, GP: tl.constexpr, NS: tl.constexpr, BL: tl.constexpr,
-                      BG: tl.constexpr, NSW: tl.constexpr, BT: tl.constexpr):
-    # Backward of _ela_gates_fwd_g8 (same tiles): GroupNorm backward per [conv group, strip, position] tile with
-    # one output channel at a time (the conv output re-read, cached), du through memory; the means gradient as
-    # the transposed conv with the forward's reuse (each du row loaded once per tap for the 8 input channels it
-    # feeds); the conv weight gradient per conv group as one [8, positions] x [positions, 8 * K] product over the
-    # program's strips; partials as _ela_gates_bwd's.
-    c0, sb = tl.program_id(0) * NCH, tl.program_id(1)
-    offs_g = tl.arange(0, GP)
-    first = c0 + offs_g * 8  # first channel of each conv group
-    g_ok = (offs_g * 8 < NCH) & (first < C)
-    onehot = (((offs_g * 8) // CPG)[:, None] == tl.arange(0, BG)[None, :]) & g_ok[:, None]
-    w0 = CW + first * (8 * K)  # w[first + o, i, k] at w0 + o * 8 * K + i * K + k
-    offs_l = tl.arange(0, BL)
-    offs_o = tl.arange(0, 8)
-    s_lo = sb * SPP
-    s_hi = tl.minimum(s_lo + SPP, 2 * NB)
-    acc_gamma = tl.zeros([GP, 8], dtype=tl.float32)
-    acc_beta = tl.zeros([GP, 8], dtype=tl.float32)
-    for s0 in range(s_lo, s_hi, NS):
-        offs_s = s0 + tl.arange(0, NS)
-        length, base = _strips_at(offs_s, NB, C, H, W)
-        len3 = length[None, :, None]
-        s_ok = g_ok[:, None, None] & (offs_s < s_hi)[None, :, None]
-        mask = s_ok & (offs_l[None, :] < length[:, None])[None, :, :]
-        offs = base[None, :, None] + first[:, None, None] * len3 + offs_l[None, None, :]  # channel first's strips
-        count = (CPG * length).to(tl.float32)
-        # GroupNorm statistics again, from the forward's conv output (biased variance, as torch)
-        total = tl.zeros([GP, NS, BL], dtype=tl.float32)
-        for o in range(8):
-            total += tl.load(U + offs + o * len3, mask=mask, other=0.0)
-        mean = _group_mean_gs(tl.sum(total, axis=2), onehot, count)[:, :, None]
-        sq = tl.zeros([GP, NS, BL], dtype=tl.float32)
-        for o in range(8):
-            d = tl.where(mask, tl.load(U + offs + o * len3, mask=mask, other=0.0) - mean, 0.0)
-            sq += d * d
-        rstd = (1.0 / tl.sqrt_rn(_group_mean_gs(tl.sum(sq, axis=2), onehot, count) + eps))[:, :, None]
-        # GroupNorm backward, first pass: group means of dxhat and dxhat * xhat; gamma and beta gradients
-        s1 = tl.zeros([GP, NS, BL], dtype=tl.float32)
-        s2 = tl.zeros([GP, NS, BL], dtype=tl.float32)
-        for o in range(8):
-            xhat, da, gamma = _gate_grad(U, DY, GAMMA, BETA, offs + o * len3, first + o, g_ok, mask, mean, rstd)
-            s1 += da * gamma
-            s2 += da * gamma * xhat
-            sel = offs_o[None, :] == o
-            acc_gamma += tl.where(sel, tl.sum(tl.sum(da * xhat, axis=2), axis=1)[:, None], 0.0)
-            acc_beta += tl.where(sel, tl.sum(tl.sum(da, axis=2), axis=1)[:, None], 0.0)
-        m1 = _group_mean_gs(tl.sum(s1, axis=2), onehot, count)[:, :, None]
-        m2 = _group_mean_gs(tl.sum(s2, axis=2), onehot, count)[:, :, None]
-        # second pass: du = rstd * (dxhat - m1 - xhat * m2); the conv's gradients need it shifted: through memory
-        for o in range(8):
-            xhat, da, gamma = _gate_grad(U, DY, GAMMA, BETA, offs + o * len3, first + o, g_ok, mask, mean, rstd)
-            du = tl.where(mask, rstd * (da * gamma - m1 - xhat * m2), 0.0)
-            tl.store(DU + offs + o * len3, du, mask=mask)
-        tl.debug_barrier()
-        # means gradient: dz[first + i, l] = sum_{o, k} w[first + o, i, k] * du[first + o, l - k + K // 2]
-        dz0 = tl.zeros([GP, NS, BL], dtype=tl.float32)
-        dz1, dz2, dz3, dz4, dz5, dz6, dz7 = dz0, dz0, dz0, dz0, dz0, dz0, dz0
-        for k in tl.static_range(K):
-            shift = K // 2 - k
-            pos = offs_l + shift
-            m = s_ok & ((pos[None, :] >= 0) & (pos[None, :] < length[:, None]))[None, :, :]
-            for o in range(8):  # du row first + o, loaded once for the 8 input channels of its group
-                du = tl.load(DU + offs + o * len3 + shift, mask=m, other=0.0)
-                wp = w0 + o * (8 * K) + k
-                dz0 = _tap(dz0, wp, g_ok, du)
-                dz1 = _tap(dz1, wp + K, g_ok, du)
-                dz2 = _tap(dz2, wp + 2 * K, g_ok, du)
-                dz3 = _tap(dz3, wp + 3 * K, g_ok, du)
-                dz4 = _tap(dz4, wp + 4 * K, g_ok, du)
-                dz5 = _tap(dz5, wp + 5 * K, g_ok, du)
-                dz6 = _tap(dz6, wp + 6 * K, g_ok, du)
-                dz7 = _tap(dz7, wp + 7 * K, g_ok, du)
-        tl.store(DZ + offs, dz0, mask=mask)
-        tl.store(DZ + offs + len3, dz1, mask=mask)
-        tl.store(DZ + offs + 2 * len3, dz2, mask=mask)
-        tl.store(DZ + offs + 3 * len3, dz3, mask=mask)
-        tl.store(DZ + offs + 4 * len3, dz4, mask=mask)
-        tl.store(DZ + offs + 5 * len3, dz5, mask=mask)
-        tl.store(DZ + offs + 6 * len3, dz6, mask=mask)
-        tl.store(DZ + offs + 7 * len3, dz7, mask=mask)
-    # conv weight gradient of each conv group over the program's strips, NSW strips per step:
-    # dw[first + o, i * K + k] = sum_{s, l} du[first + o, s, l] * z[first + i, s, l + k - K // 2]; the output
-    # channels pad to 16 rows (tl.dot's least), IEEE float32 products (no TF32)
-    tl.debug_barrier()
-    offs_p = tl.arange(0, NSW * BL)
-    p_s, p_l = offs_p // BL, offs_p % BL
-    rows = tl.arange(0, 16)
-    tap = tl.arange(0, BT)  # weight index i * K + k of one output channel
-    tap_i, tap_k = tap // K, tap % K
-    tap_ok = tap < 8 * K
-    for g in range(GP):
-        fg = c0 + g * 8
-        g_valid = (g * 8 < NCH) & (fg < C)
-        acc = tl.zeros([16, BT], dtype=tl.float32)
-        for s0 in range(s_lo, s_hi, NSW):
-            ps = s0 + p_s
-            length, base = _strips_at(ps, NB, C, H, W)
-            p_ok = (ps < s_hi) & (p_l < length) & g_valid
-            du = tl.load(DU + base[None, :] + (fg + rows)[:, None] * length[None, :] + p_l[None, :],
-                         mask=(rows < 8)[:, None] & p_ok[None, :], other=0.0)
-            pos = p_l[:, None] + (tap_k - K // 2)[None, :]
-            z_ok = p_ok[:, None] & tap_ok[None, :] & (pos >= 0) & (pos < length[:, None])
-            z = tl.load(Z + base[:, None] + (fg + tap_i)[None, :] * length[:, None] + pos, mask=z_ok, other=0.0)
-            acc = tl.dot(du, z, acc, input_precision="ieee")
-        row = (sb * C + fg + rows) * (8 * K + 2)
-        tl.store(PART + row[:, None] + tap[None, :], acc, mask=((rows < 8) & g_valid)[:, None] & tap_ok[None, :])
-    # gamma and beta partials: [conv group, output channel]
-    row8 = (sb * C + first[:, None] + offs_o[None, :]) * (8 * K + 2)
-    tl.store(PART + row8 + 8 * K, acc_gamma, mask=g_ok[:, None])
-    tl.store(PART + row8 + 8 * K + 1, acc_beta, mask=g_ok[:, None])
-
-
 # --------------------------------------------------------------------------------------------- host side
 
 
@@ -806,10 +676,6 @@ _G8_TRAIN = (2048, 4)
 _G8_TRAIN_MIN_BL = 16
 _G8_STRIPS_PER_PROGRAM = 8  # at least; 32 measured slower
 _USE_G8 = True
-# Backward kernel for conv groups of 8 (_ela_gates_bwd_g8): strip tile length -> (values per tile, warps); at
-# lengths not listed the per-tap _ela_gates_bwd runs.
-_G8_BWD = {64: (2048, 4), 32: (2048, 4), 16: (2048, 4), 8: (2048, 4)}
-_G8_BWD_STRIPS_PER_PROGRAM = 8  # at least
 
 
 class _ELAPlan:
@@ -845,15 +711,12 @@ class _ELAPlan:
                       else _Launch(_ela_gates_fwd, (ncb, 2 * b), self.strip_ints, per_tap))
         self.gates_keep = (self._g8_launch(nch, k, bg, *_G8_TRAIN, True) if self.g8 and self.bl >= _G8_TRAIN_MIN_BL
                            else _Launch(_ela_gates_fwd, (ncb, 2 * b), self.strip_ints, dict(per_tap, STORE_U=True)))
-        if self.g8 and self.bl in _G8_BWD:
-            self.gates_bwd = self._g8_bwd_launch(nch, k, bg)
-        else:
-            n_sb = min(2 * b, max(1, _BWD_PROGRAMS // ncb))
-            self.spp = triton.cdiv(2 * b, n_sb)
-            self.n_sb = triton.cdiv(2 * b, self.spp)
-            blc = min(self.bl, max(1, _MAX_TILE // (self.bco * self.bck)))  # powers of two: so is blc
-            self.gates_bwd = _Launch(_ela_gates_bwd, (ncb, self.n_sb), (*self.strip_ints, self.spp),
-                                     dict(strip_meta, BCK=self.bck, BLC=blc))
+        n_sb = min(2 * b, max(1, _BWD_PROGRAMS // ncb))
+        self.spp = triton.cdiv(2 * b, n_sb)
+        self.n_sb = triton.cdiv(2 * b, self.spp)
+        blc = min(self.bl, max(1, _MAX_TILE // (self.bco * self.bck)))  # powers of two: so is blc
+        self.gates_bwd = _Launch(_ela_gates_bwd, (ncb, self.n_sb), (*self.strip_ints, self.spp),
+                                 dict(strip_meta, BCK=self.bck, BLC=blc))
 
     def _g8_launch(self, nch: int, k: int, bg: int, tile: int, warps: int, store_u: bool) -> _Launch:
         """Launch of _ela_gates_fwd_g8: tiles of about ``tile`` values, a run of strips per program."""
@@ -864,21 +727,6 @@ class _ELAPlan:
         meta = dict(NCH=nch, K=k, GP=gp, NS=ns, BL=self.bl, BG=bg, STORE_U=store_u, num_warps=warps)
         return _Launch(_ela_gates_fwd_g8, (triton.cdiv(c, nch), triton.cdiv(2 * b, spp)), (*self.strip_ints, spp),
                        meta)
-
-
-    def _g8_bwd_launch(self, nch: int, k: int, bg: int) -> _Launch:
-        """Launch of _ela_gates_bwd_g8 (the forward's tiles); sets the run of strips per program and their count
-        (one row of weight-gradient partials per run)."""
-        b, c = self.shape[:2]
-        tile, warps = _G8_BWD[self.bl]
-        gp = _pow2(nch // 8)
-        ns = min(_pow2(2 * b), max(1, tile // (gp * self.bl)))  # strips per tile
-        self.spp = max(ns, _G8_BWD_STRIPS_PER_PROGRAM // ns * ns)
-        self.n_sb = triton.cdiv(2 * b, self.spp)
-        # weight-gradient steps of NSW strips: 64 positions or more (tl.dot takes 16 at least)
-        meta = dict(NCH=nch, K=k, GP=gp, NS=ns, BL=self.bl, BG=bg, NSW=max(1, 64 // self.bl), BT=_pow2(8 * k),
-                    num_warps=warps)
-        return _Launch(_ela_gates_bwd_g8, (triton.cdiv(c, nch), self.n_sb), (*self.strip_ints, self.spp), meta)
 
 
 _ELA_PLANS: dict[tuple, _ELAPlan] = {}

@@ -331,45 +331,6 @@ def test_ela_attention_g8_forward_runs_of_strips(rng, monkeypatch, train):
     assert (launch.meta["NS"], launch.ints[-1], launch.grid) == (2, 8, (1, 2))
 
 
-@pytest.mark.parametrize("shape,groups,k,tile,expect", [
-    # 4 conv groups per program (GroupNorm groups of 2), 2 strips per tile, 8 per program: strips 4-5 (last row,
-    # first column) share a tile, the weight gradient steps over 4 strips, the second program runs 2 strips
-    ((5, 32, 6, 9), 2, 5, 128, (2, 8, (1, 2))),
-    # GroupNorm groups of 3 conv groups: a 48-channel block padded to 8 conv groups; 7 taps, one program of 6
-    # strips in tiles of 2 (rows and columns of different lengths)
-    ((3, 48, 5, 7), 2, 7, 128, (2, 8, (1, 1))),
-])
-def test_ela_attention_g8_backward_runs_of_strips(rng, monkeypatch, shape, groups, k, tile, expect):
-    # the conv-groups-of-8 backward (GroupNorm backward per output channel, transposed conv with register reuse,
-    # weight gradient as a per-group product) against float64, with small tiles so programs run several tiles
-    from attnzoo.kernels import _ela_triton
-
-    monkeypatch.setattr(_ela_triton, "_ELA_PLANS", {})
-    monkeypatch.setattr(_ela_triton, "_G8_BWD", {16: (tile, 4), 8: (tile, 4)})
-    x, conv_weight, gamma, beta, shortcut = _ela_inputs(shape, 8, k, rng, True)
-    g = torch.randn(x.shape, generator=rng)
-    out, grads = _ela_grads(x, conv_weight, gamma, beta, shortcut, groups, g, "triton")
-    ref, ref_grads = _ela_grads(x, conv_weight, gamma, beta, shortcut, groups, g, "torch", torch.float64)
-    assert_close(out, ref)
-    for name, (a, e) in zip(["dx", "dconv", "dgamma", "dbeta", "dshortcut"], zip(grads, ref_grads)):
-        assert_close(a, e, scale=1.0 if name in ("dx", "dshortcut") else 5.0, msg=name)
-    plan = next(iter(_ela_triton._ELA_PLANS.values()))
-    launch = plan.gates_bwd
-    assert plan.g8 and launch.kernel is _ela_triton._ela_gates_bwd_g8
-    assert (launch.meta["NS"], launch.ints[-1], launch.grid) == expect
-    assert plan.n_sb == launch.grid[1] and plan.spp == launch.ints[-1]
-
-
-def test_ela_attention_g8_backward_off_keeps_per_tap_kernel(rng, monkeypatch):
-    # strip tile lengths not in _G8_BWD take the per-tap backward
-    from attnzoo.kernels import _ela_triton
-
-    monkeypatch.setattr(_ela_triton, "_G8_BWD", {})
-    x, conv_weight, gamma, _, _ = _ela_inputs((2, 32, 7, 7), 8, 5, rng, False)
-    plan = _ela_triton._ELAPlan(x, False, conv_weight, 2)
-    assert plan.g8 and plan.gates_bwd.kernel is _ela_triton._ela_gates_bwd
-
-
 def test_ela_attention_g8_training_keeps_per_tap_kernel_on_short_strips(rng):
     # measured: at strip tiles of 8 (ResNet-50's 7x7 stage) the per-tap kernel is the faster one when the conv
     # output is kept
