@@ -10,8 +10,11 @@
    enqueue one inference forward next to its wall time: resnet50 vs resnet50_ela (fused and torch path),
    mobilenetv2_100 vs mobilenetv2_100_ela, tnt_s_patch16_224 vs ptnt_s_patch16_256.
 4. Optionally (``--profile``) a torch.profiler table of resnet50_ela's inference forward under $OUT.
+5. Or only (``--paired ROUNDS``) resnet50 vs resnet50_ela in interleaved rounds, both models resident, with the
+   per-round cost 1 - ela / host of inference and of a training step (:func:`paired_rounds`).
 
     PYTHONPATH=$PWD python benchmarks/ela.py --out $OUT [--rows resnet mobilenet tnt] [--profile]
+    PYTHONPATH=$PWD python benchmarks/ela.py --out $OUT --paired 7
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import timm  # noqa: E402
-from models import run_row  # noqa: E402
+from models import bench_ms, run_row  # noqa: E402
 
 import attnzoo  # noqa: E402,F401
 from attnzoo.kernels import ela_attention, use_backend  # noqa: E402
@@ -248,6 +251,51 @@ def profile_model(name: str, batch: int, out: Path) -> None:
     print(table[:4000], flush=True)
 
 
+def paired_rounds(host: str, variant: str, batch: int, rounds: int, out: Path) -> dict[str, object]:
+    """``host`` vs ``variant`` (e.g. resnet50 vs resnet50_ela) in interleaved rounds with both models resident, the
+    order alternating: per round, inference (median of 10 forwards) and training-step (median of 8 steps, AdamW)
+    img/s of each, batch ``batch``, 224 px, bf16 autocast, eager; the variant's cost is the median over rounds of
+    1 - variant / host (a per-round ratio cancels the host's drift between rounds)."""
+    torch.manual_seed(0)
+    models = {n: timm.create_model(n).cuda() for n in (host, variant)}
+    opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-4) for n, m in models.items()}
+    x = torch.randn(batch, 3, 224, 224, device="cuda")
+    labels = torch.randint(0, 1000, (batch,), device="cuda")
+
+    def infer(m: torch.nn.Module) -> None:
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            m(x)
+
+    def train(n: str) -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(models[n](x), labels)
+        loss.backward()
+        opts[n].step()
+        opts[n].zero_grad(set_to_none=True)
+
+    per_round = []
+    for r in range(rounds):
+        row: dict[str, object] = {"round": r}
+        for n in (host, variant) if r % 2 == 0 else (variant, host):
+            models[n].eval()
+            row[f"{n}_infer_img_s"] = round(batch / bench_ms(lambda n=n: infer(models[n]), 3, 10) * 1e3, 1)
+            models[n].train()
+            row[f"{n}_train_img_s"] = round(batch / bench_ms(lambda n=n: train(n), 2, 8) * 1e3, 1)
+        for mode in ("infer", "train"):
+            row[f"{mode}_cost"] = round(1 - row[f"{variant}_{mode}_img_s"] / row[f"{host}_{mode}_img_s"], 4)
+        per_round.append(row)
+        print(json.dumps(row), flush=True)
+        with (out / "ela_paired.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    summary: dict[str, object] = {"host": host, "variant": variant, "batch": batch, "rounds": rounds}
+    for mode in ("infer", "train"):
+        costs = sorted(r[f"{mode}_cost"] for r in per_round)
+        summary[f"{mode}_cost_median"] = costs[len(costs) // 2]
+        summary[f"{mode}_cost_range"] = (costs[0], costs[-1])
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "runs"))
@@ -256,6 +304,8 @@ def main() -> int:
     parser.add_argument("--skip-checks", action="store_true")
     parser.add_argument("--skip-module", action="store_true")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
+                        help="only resnet50 vs resnet50_ela in this many interleaved rounds (see paired_rounds)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("benchmarks/ela.py needs a CUDA device", file=sys.stderr)
@@ -268,6 +318,10 @@ def main() -> int:
                                  "triton": triton.__version__, "timm": timm.__version__,
                                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(json.dumps(result), flush=True)
+    if args.paired:
+        result["paired"] = paired_rounds("resnet50", "resnet50_ela", args.batch, args.paired, out)
+        (out / "ela.json").write_text(json.dumps(result, indent=1))
+        return 0
     if not args.skip_checks:
         torch.backends.cuda.matmul.allow_tf32 = False  # checks in true fp32
         torch.backends.cudnn.allow_tf32 = False
