@@ -462,6 +462,16 @@ def _mask_routes(s, field, shift, any_rep, idx_ptrs, idx_ok, kr, sis, TOPK: tl.c
 
 
 @triton.jit
+def _region_order_tile(start, BLOCK: tl.constexpr, R, T, RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr):
+    """Tokens start .. start + BLOCK of the map taken in region order (token i lies in region i // T): (in range,
+    region, row, col)."""
+    offs = start + tl.arange(0, BLOCK)
+    region = offs // T
+    row, col = _tile_coords(region, offs % T, RH, RW, NW)
+    return offs < R * T, region, row, col
+
+
+@triton.jit
 def _routed_dense_fwd(Q, K, V, IDX, O, LSE,
                       sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh,
                       sib, sir, sis, sob, soy, sox, soh,
@@ -471,10 +481,7 @@ def _routed_dense_fwd(Q, K, V, IDX, O, LSE,
                       D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // HEADS, bh % HEADS
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # query tokens in region order
-    m_ok = offs_m < R * T
-    qr = offs_m // T
-    qy, qx = _tile_coords(qr, offs_m % T, RH, RW, NW)
+    m_ok, qr, qy, qx = _region_order_tile(pid * BLOCK_M, BLOCK_M, R, T, RH, RW, NW)  # query tokens in region order
     offs_d, offs_dv = tl.arange(0, D), tl.arange(0, DV)
     q = _load_rows(Q, b, h, qy, qx, m_ok, sqb, sqy, sqx, sqh, offs_d, D_REAL)
     word, rep = _route_words(IDX, b, qr, m_ok, sib, sir, sis, TOPK, BLOCK_M)
@@ -485,10 +492,7 @@ def _routed_dense_fwd(Q, K, V, IDX, O, LSE,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV], tl.float32)
     for n0 in range(0, R * T, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < R * T
-        kr = offs_n // T
-        ky, kx = _tile_coords(kr, offs_n % T, RH, RW, NW)
+        n_ok, kr, ky, kx = _region_order_tile(n0, BLOCK_N, R, T, RH, RW, NW)
         base = n0 // T
         field = ((word >> base) & 0x7FFFFFFF).to(tl.int32)
         kt = _load_cols(K, b, h, ky, kx, n_ok, skb, sky, skx, skh, offs_d, D_REAL)  # (D, N)
@@ -513,10 +517,7 @@ def _routed_dense_bwd_dq(Q, K, V, IDX, DO, O, LSE, DELTA, WORDS, DQ,
                          D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // HEADS, bh % HEADS
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < R * T
-    qr = offs_m // T
-    qy, qx = _tile_coords(qr, offs_m % T, RH, RW, NW)
+    m_ok, qr, qy, qx = _region_order_tile(pid * BLOCK_M, BLOCK_M, R, T, RH, RW, NW)
     offs_d, offs_dv = tl.arange(0, D), tl.arange(0, DV)
     q = _load_rows(Q, b, h, qy, qx, m_ok, sqb, sqy, sqx, sqh, offs_d, D_REAL)
     do = _load_rows(DO, b, h, qy, qx, m_ok, sdob, sdoy, sdox, sdoh, offs_dv, DV_REAL)
@@ -532,10 +533,7 @@ def _routed_dense_bwd_dq(Q, K, V, IDX, DO, O, LSE, DELTA, WORDS, DQ,
     idx_ptrs = IDX + b * sib + qr[:, None] * sir
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     for n0 in range(0, R * T, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < R * T
-        kr = offs_n // T
-        ky, kx = _tile_coords(kr, offs_n % T, RH, RW, NW)
+        n_ok, kr, ky, kx = _region_order_tile(n0, BLOCK_N, R, T, RH, RW, NW)
         base = n0 // T
         field = ((word >> base) & 0x7FFFFFFF).to(tl.int32)
         k = _load_rows(K, b, h, ky, kx, n_ok, skb, sky, skx, skh, offs_d, D_REAL)  # (N, D)
@@ -558,10 +556,7 @@ def _routed_dense_bwd_dkdv(Q, K, V, IDX, DO, LSE, DELTA, WORDS, DK, DV_OUT,
                            D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // HEADS, bh % HEADS
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # key tokens in region order
-    n_ok = offs_n < R * T
-    kr = offs_n // T
-    ky, kx = _tile_coords(kr, offs_n % T, RH, RW, NW)
+    n_ok, kr, ky, kx = _region_order_tile(pid * BLOCK_N, BLOCK_N, R, T, RH, RW, NW)  # key tokens in region order
     base = (pid * BLOCK_N) // T
     shift = (kr - base)[:, None]
     offs_d, offs_dv = tl.arange(0, D), tl.arange(0, DV)
@@ -570,10 +565,7 @@ def _routed_dense_bwd_dkdv(Q, K, V, IDX, DO, LSE, DELTA, WORDS, DK, DV_OUT,
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, DV], tl.float32)
     for m0 in range(0, R * T, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < R * T
-        qr = offs_m // T
-        qy, qx = _tile_coords(qr, offs_m % T, RH, RW, NW)
+        m_ok, qr, qy, qx = _region_order_tile(m0, BLOCK_M, R, T, RH, RW, NW)
         word = tl.load(WORDS + (b * R + qr) * 2, mask=m_ok, other=0)
         any_rep = tl.max(tl.load(WORDS + (b * R + qr) * 2 + 1, mask=m_ok, other=0), 0)
         field = ((word >> base) & 0x7FFFFFFF).to(tl.int32)
