@@ -38,7 +38,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import attnzoo.kernels as K  # noqa: E402
-from attnzoo.kernels import halo_attention, region_routing, routed_attention  # noqa: E402
+from attnzoo.kernels import bilevel_routing_attention, halo_attention, region_routing, routed_attention  # noqa: E402
 from attnzoo.kernels.reference import halo_attention_reference, routed_attention_reference  # noqa: E402
 
 # name: (batch, map, dim, heads, n_win, topk); head_dim 32 as in the official models
@@ -183,6 +183,41 @@ def check_routing(dev: torch.device) -> list[dict]:
     return rows
 
 
+def check_bilevel(dev: torch.device) -> list[dict]:
+    """bilevel_routing_attention (routing fused into the attention kernel where it applies) against the
+    float64 reference on its own index, and its index against region_routing; 20 calls in a row must agree
+    (the kernel's group counters reset themselves after each launch)."""
+    from attnzoo.kernels import _routed_triton
+
+    rows = []
+    for name in ("biformer_t/s_224_s3", "biformer_b_224_s3"):
+        b, m, dim, heads, n_win, topk = ROUTED[name]
+        for dtype in (torch.float32, torch.bfloat16):
+            for one_launch in (True, False):
+                _routed_triton.BRA_ONE_LAUNCH = one_launch
+                gen = torch.Generator().manual_seed(1)
+                cpu = [torch.randn(4, m, m, heads, dim // heads, generator=gen).to(dtype) for _ in range(3)]
+                ins = [x.to(dev).requires_grad_() for x in cpu]
+                with K.use_backend("triton"):
+                    out, index = bilevel_routing_attention(*ins, n_win, topk, scale=dim ** -0.5)
+                    grads = torch.autograd.grad(out, ins, torch.ones_like(out))
+                    _, i_route = region_routing(ins[0].detach().float().flatten(3),
+                                                ins[1].detach().float().flatten(3), n_win, topk)
+                    repeats = [bilevel_routing_attention(*ins, n_win, topk, scale=dim ** -0.5) for _ in range(20)]
+                torch.cuda.synchronize()
+                cpu64 = [x.double().requires_grad_() for x in cpu]
+                ref = routed_attention_reference(*cpu64, index.cpu(), n_win, scale=dim ** -0.5)
+                ref_grads = torch.autograd.grad(ref, cpu64, torch.ones_like(ref))
+                rows.append(dict(op=f"bilevel {name} {str(dtype)[6:]} one_launch={one_launch} vs float64",
+                                 rel_err_out_dq_dk_dv=[rel_err(a.cpu(), r) for a, r in
+                                                       zip([out, *grads], [ref, *ref_grads])],
+                                 index_equal_to_region_routing=(index == i_route).float().mean().item(),
+                                 repeats_identical=all(torch.equal(o, out) and torch.equal(i, index)
+                                                       for o, i in repeats)))
+    _routed_triton.BRA_ONE_LAUNCH = True
+    return rows
+
+
 def check_real(dev: torch.device, halo: bool = True) -> list[dict]:
     rows = []
     for name in ("biformer_t/s_224_s2", "biformer_t/s_224_s3"):
@@ -278,6 +313,11 @@ def official_bra(q, k, v, n_win, topk, scale):
         b, h, w, heads, d)
 
 
+def ours_bilevel(q, k, v, n_win, topk, scale):
+    with K.use_backend("triton"):
+        return bilevel_routing_attention(q, k, v, n_win, topk, scale=scale)[0]
+
+
 def ours_routed(backend):
     def fn(q, k, v, n_win, topk, scale):
         with K.use_backend(backend):
@@ -314,6 +354,8 @@ def ours_alternatives(m: int, c: int, n_win: int, topk: int) -> dict[str, dict]:
         out["ours, routing in two kernels"] = dict(FUSED_ROUTING_MAX_ELEMENTS=0)
         if rt.FUSED_ROUTING_WARPS != 8:
             out["ours, routing kernel with 8 warps"] = dict(FUSED_ROUTING_WARPS=8)
+    if rt.bra_fused_supported(r, t, topk):
+        out["ours, fused routing in two launches"] = dict(BRA_ONE_LAUNCH=False)
     if rt._dense_tiles(r, t, topk) is not None:
         out["ours, sparse kernels"] = dict(DENSE_MIN_ROUTED_FRACTION=2.0)
         for bn, bwd_bn in ((64, 64), (32, 32)):
@@ -349,14 +391,17 @@ def bench_routed(name, cfg, dev, flex: bool, only_flex: bool = False, keep: set[
     pairs = b * heads * m * m * topk * t
     variants = {"official": lambda: official_bra(q, k, v, n_win, topk, scale),
                 "gather+sdpa": lambda: ours_routed("torch")(q, k, v, n_win, topk, scale),
-                "ours": lambda: ours_routed("triton")(q, k, v, n_win, topk, scale),
+                "ours": lambda: ours_bilevel(q, k, v, n_win, topk, scale),
+                "ours, routing kernel then routed_attention": lambda: ours_routed("triton")(q, k, v, n_win, topk,
+                                                                                          scale),
                 "dense sdpa": lambda: dense_sdpa(q, k, v, scale)}
     if flex:
         variants["flex"] = lambda: ours_routed("flex")(q, k, v, n_win, topk, scale)
     if only_flex:
         variants = {"flex": variants["flex"]} if flex else {}
     if keep is not None:
-        variants = {key: fn for key, fn in variants.items() if key in keep}
+        variants = {key: fn for key, fn in variants.items()
+                    if key in keep or ("ours" in keep and key.startswith("ours"))}
     constants = {}
     if "ours" in variants:
         constants = ours_alternatives(m, dim, n_win, topk)
@@ -438,7 +483,8 @@ def profile(dev: torch.device, path: Path) -> None:
         b, m, dim, heads, n_win, topk = ROUTED[name]
         q, k, v = (torch.randn(b, m, m, heads, dim // heads, device=dev, dtype=torch.bfloat16).requires_grad_()
                    for _ in range(3))
-        for var, fn in (("ours", ours_routed("triton")), ("official", official_bra)):
+        for var, fn in (("ours", ours_bilevel), ("ours, routing kernel then routed_attention", ours_routed("triton")),
+                        ("official", official_bra)):
             for _ in range(3):
                 torch.autograd.grad(fn(q, k, v, n_win, topk, dim ** -0.5), (q, k, v), torch.ones_like(q))
             torch.cuda.synchronize()
@@ -505,7 +551,7 @@ def main() -> None:
             backends = ("flex",)
         result["checks"] = check_small(dev, backends, halo=not args.skip_halo)
         if not args.only_flex:
-            result["checks"] += check_routing(dev) + check_real(dev, halo=not args.skip_halo)
+            result["checks"] += check_bilevel(dev) + check_routing(dev) + check_real(dev, halo=not args.skip_halo)
         save()
         for c in result["checks"]:
             print(json.dumps(c), flush=True)

@@ -4,7 +4,8 @@ Public ops (each an autograd.Function with a fused Triton forward and backward o
 PyTorch path on the CPU, and a FlexAttention path for comparison; see :func:`set_backend`):
 
 - :func:`na1d`, :func:`na2d`, :func:`na3d`: neighborhood attention (NAT/DiNAT), NATTEN semantics.
-- :func:`routed_attention`: BiFormer's bi-level routing attention (token-to-token stage).
+- :func:`routed_attention`: BiFormer's bi-level routing attention (token-to-token stage);
+  :func:`bilevel_routing_attention`: both stages (routing + attention) in one call.
 - :func:`halo_attention`: HaloNet's blocked local attention, timm ``HaloAttn`` semantics.
 - :func:`key_group_attention`: softmax attention split into per-key-group outputs and masses (forward only;
   attention-level mitigation passes such as VAR).
@@ -32,9 +33,9 @@ from .na import na1d, na2d, na3d  # noqa: E402
 
 __all__ += ["na1d", "na2d", "na3d"]
 # --- routed attention (routed.py) ---
-from .routed import region_routing, routed_attention  # noqa: E402
+from .routed import bilevel_routing_attention, region_routing, routed_attention  # noqa: E402
 
-__all__ += ["region_routing", "routed_attention"]
+__all__ += ["bilevel_routing_attention", "region_routing", "routed_attention"]
 # --- halo attention (halo.py) ---
 from .halo import halo_attention  # noqa: E402
 

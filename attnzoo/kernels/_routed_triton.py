@@ -188,10 +188,11 @@ def _region_routing_fused(Q, K, IDX, WEIGHT, sqb, sqy, sqx, skb, sky, skx, R, C,
 
 
 @triton.jit
-def _topk_softmax_store(logits, rows, cols, r_ok, s_ok, IDX, WEIGHT, b, R,
-                        TOPK: tl.constexpr, KP: tl.constexpr, RB: tl.constexpr, RP: tl.constexpr):
-    """Top-k of each row of logits (RB, RP) (decreasing; ties to the lower id), then the softmax of the kept
-    logits; stores rows ``rows`` of the index (int64) and weight of batch element b."""
+def _topk_pick(logits, cols, s_ok, TOPK: tl.constexpr, KP: tl.constexpr, RB: tl.constexpr, RP: tl.constexpr,
+               WORDS: tl.constexpr):
+    """Top-k of each row of logits (RB, RP), columns past s_ok excluded (decreasing; ties to the lower id).
+    Returns (top_key (RB, KP) int64 as built below, picks in slots 0 .. TOPK-1; the routing word (RB,) int64
+    with bit c set for each picked column c when WORDS (RP <= 64), else 0)."""
     # One int64 key per logit: an order-preserving integer image of the fp32 value in the high half, the
     # reversed column in the low half, so that one max per pick gives the best logit and, among equal
     # ones, the lowest region id (one reduction per pick instead of two).
@@ -202,14 +203,33 @@ def _topk_softmax_store(logits, rows, cols, r_ok, s_ok, IDX, WEIGHT, b, R,
     key = tl.where(s_ok[None, :], key, lowest)
     slots = tl.arange(0, KP)
     top_key = tl.full([RB, KP], -9223372036854775808, tl.int64)
+    word = tl.zeros([RB], tl.int64)
     for j in range(TOPK):
         best = tl.max(key, 1)
         top_key = tl.where(slots[None, :] == j, best[:, None], top_key)
         key = tl.where(key == best[:, None], lowest, key)  # keys are unique within a row
-    top_idx = RP - 1 - (top_key & 0xFFFFFFFF).to(tl.int32)
+        if WORDS:
+            word = word | (tl.full([RB], 1, tl.int64) << (RP - 1 - (best & 0xFFFFFFFF)))
+    return top_key, word
+
+
+@triton.jit
+def _topk_index(top_key, RP: tl.constexpr):
+    """Region ids (int32) of the keys from :func:`_topk_pick`."""
+    return RP - 1 - (top_key & 0xFFFFFFFF).to(tl.int32)
+
+
+@triton.jit
+def _topk_softmax_store(logits, rows, cols, r_ok, s_ok, IDX, WEIGHT, b, R,
+                        TOPK: tl.constexpr, KP: tl.constexpr, RB: tl.constexpr, RP: tl.constexpr):
+    """Top-k of each row of logits (RB, RP) (decreasing; ties to the lower id), then the softmax of the kept
+    logits; stores rows ``rows`` of the index (int64) and weight of batch element b."""
+    top_key, _ = _topk_pick(logits, cols, s_ok, TOPK, KP, RB, RP, False)
+    top_idx = _topk_index(top_key, RP)
     top_ordered = (top_key >> 32).to(tl.int32)
     top_val = tl.where(top_ordered >= 0, top_ordered, top_ordered ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
     # softmax of the kept logits; the first kept one is the row maximum
+    slots = tl.arange(0, KP)
     kept = slots[None, :] < TOPK
     first = tl.sum(tl.where(slots[None, :] == 0, top_val, 0.0), 1)
     e = tl.where(kept, tl.exp(tl.where(kept, top_val, 0.0) - first[:, None]), 0.0)
@@ -472,21 +492,15 @@ def _region_order_tile(start, BLOCK: tl.constexpr, R, T, RH: tl.constexpr, RW: t
 
 
 @triton.jit
-def _routed_dense_fwd(Q, K, V, IDX, O, LSE,
-                      sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh,
-                      sib, sir, sis, sob, soy, sox, soh,
-                      W, NTOK, HEADS, scale_log2, D_REAL, DV_REAL,
+def _dense_fwd_attend(Q, K, V, O, LSE, q, word, any_rep, idx_ptrs, m_ok, qy, qx, b, h, bh,
+                      skb, sky, skx, skh, svb, svy, svx, svh, sis, sob, soy, sox, soh,
+                      W, NTOK, scale_log2, D_REAL, DV_REAL,
                       RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
                       TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    pid, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // HEADS, bh % HEADS
-    m_ok, qr, qy, qx = _region_order_tile(pid * BLOCK_M, BLOCK_M, R, T, RH, RW, NW)  # query tokens in region order
+    """The dense region-masked forward of one query tile q (BLOCK_M, D) whose rows carry routing words word
+    (BLOCK_M,) int64: every key tile of the map in region order, the routing as a mask; stores O and LSE."""
     offs_d, offs_dv = tl.arange(0, D), tl.arange(0, DV)
-    q = _load_rows(Q, b, h, qy, qx, m_ok, sqb, sqy, sqx, sqh, offs_d, D_REAL)
-    word, rep = _route_words(IDX, b, qr, m_ok, sib, sir, sis, TOPK, BLOCK_M)
-    any_rep = tl.max(rep, 0)
-    idx_ptrs = IDX + b * sib + qr[:, None] * sir
     # finite start: a row with no routed key in a tile keeps p = 0 instead of exp2(-inf - -inf)
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -508,13 +522,114 @@ def _routed_dense_fwd(Q, K, V, IDX, O, LSE,
 
 
 @triton.jit
+def _routed_dense_fwd(Q, K, V, IDX, O, LSE,
+                      sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh,
+                      sib, sir, sis, sob, soy, sox, soh,
+                      W, NTOK, HEADS, scale_log2, D_REAL, DV_REAL,
+                      RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
+                      TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // HEADS, bh % HEADS
+    m_ok, qr, qy, qx = _region_order_tile(pid * BLOCK_M, BLOCK_M, R, T, RH, RW, NW)  # query tokens in region order
+    q = _load_rows(Q, b, h, qy, qx, m_ok, sqb, sqy, sqx, sqh, tl.arange(0, D), D_REAL)
+    word, rep = _route_words(IDX, b, qr, m_ok, sib, sir, sis, TOPK, BLOCK_M)
+    _dense_fwd_attend(Q, K, V, O, LSE, q, word, tl.max(rep, 0), IDX + b * sib + qr[:, None] * sir, m_ok, qy, qx,
+                      b, h, bh, skb, sky, skx, skh, svb, svy, svx, svh, sis, sob, soy, sox, soh,
+                      W, NTOK, scale_log2, D_REAL, DV_REAL, RH, RW, NW, T, R, TOPK, BLOCK_M, BLOCK_N, D, DV,
+                      PREC, UPCAST)
+
+
+@triton.jit
+def _bra_dense_fwd(Q, K, V, O, LSE, IDX, WORDS, PARTIAL, SYNC,
+                   sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh, sob, soy, sox, soh,
+                   W, NTOK, HEADS, QT, NPROG, scale_log2, D_REAL, DV_REAL,
+                   RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
+                   TOPK: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr,
+                   RPREC: tl.constexpr, UPCAST: tl.constexpr, PHASE: tl.constexpr):
+    """Routing and dense region-masked attention in one launch (the whole bi-level routing attention).
+
+    Program (b, query tile qt, head h); a group = the HEADS programs of one (b, qt). Each program adds up its
+    head's channels of the query and key region means (sums: the top-k ignores a positive scale) and writes
+    the partial affinity of the tile's RQ query regions with every key region; once the group's partials are
+    all written, every program sums them in head order (so all heads pick the same regions), takes the top-k
+    as one routing word per query region and attends. Head 0 also writes the index and the words.
+
+    PHASE 0: one launch; programs take tickets from SYNC[0] in the order they start, so a group's programs
+    start together and a waiting program only waits for programs already running (no deadlock whatever the
+    hardware's dispatch order); the group waits on the counter SYNC[1 + group], which its last program to
+    leave resets (as the last ticket resets SYNC[0]), so SYNC is all zeros again after every launch.
+    PHASE 1 / 2: the partials, then the rest, as two launches (the CPU interpreter runs programs one by one).
+    """
+    RQ: tl.constexpr = BLOCK_M // T
+    if PHASE == 0:
+        item = tl.atomic_add(SYNC, 1)
+        if item == NPROG - 1:
+            tl.atomic_xchg(SYNC, 0)
+    else:
+        item = tl.program_id(0)
+    h = item % HEADS
+    g = item // HEADS
+    b = g // QT
+    qt = g % QT
+    rows = tl.arange(0, RQ)
+    cols = tl.arange(0, RP)
+    part_ptrs = PARTIAL + (g * HEADS * RQ + rows[:, None]) * RP + cols[None, :]
+    if PHASE != 2:
+        # this head's share of the region affinity: (query region sums) . (key region sums) over its channels
+        rq = qt * RQ + rows
+        tok = tl.arange(0, T)
+        offs_d = tl.arange(0, D)[None, None, :]
+        d_ok = offs_d < D_REAL
+        qy, qx = _tile_coords(rq[:, None], tok[None, :], RH, RW, NW)
+        qs = tl.load(Q + b * sqb + (qy * sqy + qx * sqx)[:, :, None] + h * sqh + offs_d,
+                     mask=(rq < R)[:, None, None] & d_ok, other=0.0)
+        ky, kx = _tile_coords(cols[:, None], tok[None, :], RH, RW, NW)
+        ks = tl.load(K + b * skb + (ky * sky + kx * skx)[:, :, None] + h * skh + offs_d,
+                     mask=(cols < R)[:, None, None] & d_ok, other=0.0)
+        part = tl.dot(tl.sum(qs.to(tl.float32), 1), tl.trans(tl.sum(ks.to(tl.float32), 1)), input_precision=RPREC)
+        tl.store(part_ptrs + h * RQ * RP, part)
+    if PHASE == 0:
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        tl.atomic_add(SYNC + 1 + g, 1, sem="release")
+        while tl.atomic_add(SYNC + 1 + g, 0, sem="acquire") < HEADS:
+            pass
+    if PHASE != 1:
+        logits = tl.zeros([RQ, RP], tl.float32)
+        for hh in range(0, HEADS):
+            logits += tl.load(part_ptrs + hh * RQ * RP, cache_modifier=".cg")
+        if PHASE == 0:
+            # leave: the group's last program resets its counter (HEADS arrivals + HEADS departures)
+            if tl.atomic_add(SYNC + 1 + g, 1, sem="relaxed") == 2 * HEADS - 1:
+                tl.atomic_xchg(SYNC + 1 + g, 0)
+        top_key, word = _topk_pick(logits, cols, cols < R, TOPK, KP, RQ, RP, True)
+        rq = qt * RQ + rows
+        slots = tl.arange(0, KP)
+        out_ok = (rq < R)[:, None] & (slots[None, :] < TOPK) & (h == 0)
+        tl.store(IDX + (b * R + rq[:, None]) * TOPK + slots[None, :], _topk_index(top_key, RP).to(tl.int64),
+                 mask=out_ok)
+        tl.store(WORDS + (b * R + rq) * 2, word, mask=(rq < R) & (h == 0))
+        tl.store(WORDS + (b * R + rq) * 2 + 1, tl.zeros([RQ], tl.int64), mask=(rq < R) & (h == 0))
+        # each query token carries its region's word: (RQ, T) broadcast, flattened in region order
+        word_m = tl.reshape(tl.broadcast_to(word[:, None], (RQ, T)), (BLOCK_M,))
+        m_ok, qr, qy2, qx2 = _region_order_tile(qt * BLOCK_M, BLOCK_M, R, T, RH, RW, NW)
+        q = _load_rows(Q, b, h, qy2, qx2, m_ok, sqb, sqy, sqx, sqh, tl.arange(0, D), D_REAL)
+        _dense_fwd_attend(Q, K, V, O, LSE, q, word_m, 0 * b, IDX + (b * R + qr[:, None]) * TOPK, m_ok, qy2, qx2,
+                          b, h, b * HEADS + h, skb, sky, skx, skh, svb, svy, svx, svh, 1, sob, soy, sox, soh,
+                          W, NTOK, scale_log2, D_REAL, DV_REAL, RH, RW, NW, T, R, TOPK, BLOCK_M, BLOCK_N, D, DV,
+                          PREC, UPCAST)
+
+
+@triton.jit
 def _routed_dense_bwd_dq(Q, K, V, IDX, DO, O, LSE, DELTA, WORDS, DQ,
                          sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh,
                          sib, sir, sis, sdob, sdoy, sdox, sdoh, sob, soy, sox, soh,
                          W, NTOK, HEADS, scale_log2, scale, D_REAL, DV_REAL,
                          RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
                          TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                         D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                         WORDS_IN: tl.constexpr):
     pid, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // HEADS, bh % HEADS
     m_ok, qr, qy, qx = _region_order_tile(pid * BLOCK_M, BLOCK_M, R, T, RH, RW, NW)
@@ -525,10 +640,14 @@ def _routed_dense_bwd_dq(Q, K, V, IDX, DO, O, LSE, DELTA, WORDS, DQ,
     delta = _row_delta(do, o)  # reused by the dk/dv pass
     tl.store(DELTA + bh * NTOK + qy * W + qx, delta, mask=m_ok)
     lse = tl.load(LSE + bh * NTOK + qy * W + qx, mask=m_ok, other=0.0)
-    word, rep = _route_words(IDX, b, qr, m_ok, sib, sir, sis, TOPK, BLOCK_M)
-    # the routing words and repeat flags of every query region, for the dk/dv pass (written by head 0)
-    tl.store(WORDS + (b * R + qr) * 2, word, mask=m_ok & (h == 0))
-    tl.store(WORDS + (b * R + qr) * 2 + 1, rep.to(tl.int64), mask=m_ok & (h == 0))
+    if WORDS_IN:  # written by the forward that routed (_bra_dense_fwd)
+        word = tl.load(WORDS + (b * R + qr) * 2, mask=m_ok, other=0)
+        rep = tl.load(WORDS + (b * R + qr) * 2 + 1, mask=m_ok, other=0).to(tl.int32)
+    else:
+        word, rep = _route_words(IDX, b, qr, m_ok, sib, sir, sis, TOPK, BLOCK_M)
+        # the routing words and repeat flags of every query region, for the dk/dv pass (written by head 0)
+        tl.store(WORDS + (b * R + qr) * 2, word, mask=m_ok & (h == 0))
+        tl.store(WORDS + (b * R + qr) * 2 + 1, rep.to(tl.int64), mask=m_ok & (h == 0))
     any_rep = tl.max(rep, 0)
     idx_ptrs = IDX + b * sib + qr[:, None] * sir
     dq = tl.zeros([BLOCK_M, D], tl.float32)
@@ -718,12 +837,15 @@ class _RoutedAttention(torch.autograd.Function):
         if dense is not None:
             dk = torch.empty(b, h, w, heads, dqk, device=q.device, dtype=q.dtype)
             dv = torch.empty(b, h, w, heads, dv_dim, device=q.device, dtype=v.dtype)
-            words = torch.empty(b, r, 2, device=q.device, dtype=torch.int64)  # written by the dq pass
+            words = getattr(ctx, "words", None)  # from the forward that routed, else written by the dq pass
+            words_in = words is not None
+            if not words_in:
+                words = torch.empty(b, r, 2, device=q.device, dtype=torch.int64)
             common.update(R=r, TOPK=topk, num_warps=DENSE_WARPS, **dense)
             _routed_dense_bwd_dq[(triton.cdiv(r * t, dense["BLOCK_M"]), b * heads)](
                 q, k, v, idx, dout, out, lse, delta, words, dq, *_strides(q), *_strides(k), *_strides(v),
                 *_index_strides(idx), *_strides(dout), *_strides(out), w, h * w, heads, scale * _LOG2E, scale,
-                dqk, dv_dim, **common)
+                dqk, dv_dim, WORDS_IN=words_in, **common)
             _routed_dense_bwd_dkdv[(triton.cdiv(r * t, dense["BLOCK_N"]), b * heads)](
                 q, k, v, idx, dout, lse, delta, words, dk, dv, *_strides(q), *_strides(k), *_strides(v),
                 *_index_strides(idx), *_strides(dout), w, h * w, heads, scale * _LOG2E, scale, dqk, dv_dim,
@@ -759,3 +881,76 @@ def routed_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
                             nh: int, nw: int, scale: float) -> torch.Tensor:
     """Fused routed attention (validated inputs; see :func:`attnzoo.kernels.routed_attention`)."""
     return _RoutedAttention.apply(q, k, v, region_index, nh, nw, scale)
+
+
+# ---------------------------------------------------------------- routing + attention in one launch
+
+# Whether the fused bi-level kernel runs as one launch with its group barrier (else two launches, as under
+# the CPU interpreter; benchmarks/sparse.py times both).
+BRA_ONE_LAUNCH = True
+_SYNC_BUFFERS: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _sync_buffer(device: torch.device, size: int) -> torch.Tensor:
+    """Zeroed int32 counters for _bra_dense_fwd, one buffer per (device, stream): the kernel leaves them zero,
+    and launches on one stream never overlap."""
+    key = (device.index if device.index is not None else torch.cuda.current_device(),
+           torch.cuda.current_stream(device).cuda_stream)
+    buf = _SYNC_BUFFERS.get(key)
+    if buf is None or buf.numel() < size:
+        buf = _SYNC_BUFFERS[key] = torch.zeros(max(size, 1024), device=device, dtype=torch.int32)
+    return buf
+
+
+def bra_fused_supported(r: int, t: int, topk: int) -> bool:
+    """Whether :func:`bilevel_routing_attention_triton` fuses the routing into the dense kernels: the dense
+    geometry (see ``_dense_tiles``) with regions of 1, 2 or 4 tokens (a query tile holds whole regions, at
+    least 16 of them)."""
+    return _dense_tiles(r, t, topk) is not None and t in (1, 2, 4)
+
+
+class _BilevelRoutedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, nh, nw, topk, scale):
+        q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
+        b, h, w, heads, dqk = q.shape
+        dv = v.shape[-1]
+        r, rh, rw = nh * nw, h // nh, w // nw
+        t = rh * rw
+        tiles = _dense_tiles(r, t, topk)
+        rq = tiles["BLOCK_M"] // t
+        qt = triton.cdiv(r, rq)
+        rp = max(16, _pow2(r))
+        nprog = b * qt * heads
+        out = torch.empty(b, h, w, heads, dv, device=q.device, dtype=q.dtype)
+        lse = torch.empty(b, heads, h * w, device=q.device, dtype=torch.float32)
+        index = torch.empty(b, r, topk, device=q.device, dtype=torch.int64)
+        words = torch.empty(b, r, 2, device=q.device, dtype=torch.int64)
+        partial = torch.empty(b * qt * heads, rq, rp, device=q.device, dtype=torch.float32)
+        one_launch = BRA_ONE_LAUNCH and q.is_cuda and not triton_interpreting()
+        sync = _sync_buffer(q.device, 1 + b * qt) if one_launch else partial
+        args = (q, k, v, out, lse, index, words, partial, sync, *_strides(q), *_strides(k), *_strides(v),
+                *_strides(out), w, h * w, heads, qt, nprog, scale * _LOG2E, dqk, dv)
+        consts = dict(RH=rh, RW=rw, NW=nw, T=t, R=r, TOPK=topk, KP=_pow2(topk), RP=rp, D=max(16, _pow2(dqk)),
+                      DV=max(16, _pow2(dv)), RPREC="ieee" if q.dtype == torch.float32 else "tf32",
+                      **_prec(q.dtype), num_warps=DENSE_WARPS, **tiles)
+        for phase in ((0,) if one_launch else (1, 2)):
+            _bra_dense_fwd[(nprog,)](*args, PHASE=phase, **consts)
+        ctx.save_for_backward(q, k, v, index, out, lse)
+        ctx.geometry = (nh, nw, scale)
+        ctx.words = words
+        ctx.mark_non_differentiable(index)
+        return out, index
+
+    @staticmethod
+    def backward(ctx, dout, dindex):
+        dq, dk, dv = _RoutedAttention.backward(ctx, dout)[:3]
+        return dq, dk, dv, None, None, None, None
+
+
+def bilevel_routing_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nh: int, nw: int,
+                                     topk: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing and routed attention in one launch (validated inputs, :func:`bra_fused_supported` geometry;
+    see :func:`attnzoo.kernels.bilevel_routing_attention`): (out, index)."""
+    return _BilevelRoutedAttention.apply(q, k, v, nh, nw, topk, scale)
+

@@ -19,11 +19,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._backend import resolve_backend
+from .._logging import log_once
+from ._backend import logger, resolve_backend
 from ._checks import register_check
 from ._flex import flex_attention_fn
 
-__all__ = ["region_routing", "routed_attention"]
+__all__ = ["bilevel_routing_attention", "region_routing", "routed_attention"]
 
 
 def _region_grid(num_regions: int | tuple[int, int]) -> tuple[int, int]:
@@ -89,8 +90,8 @@ def region_routing(q: torch.Tensor, k: torch.Tensor, num_regions: int | tuple[in
     return top_logits.softmax(-1), index
 
 
-def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region_index: torch.Tensor,
-              num_regions: int | tuple[int, int]) -> tuple[int, int]:
+def _validate_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  num_regions: int | tuple[int, int]) -> tuple[int, int]:
     if q.dim() != 5 or k.dim() != 5 or v.dim() != 5:
         raise ValueError("q, k, v must be (batch, H, W, heads, head_dim); got shapes "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -99,9 +100,16 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region_index: t
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    b, h, w = q.shape[:3]
+    h, w = q.shape[1:3]
     nh, nw = _region_grid(num_regions)
     _check_divisible(h, w, nh, nw)
+    return nh, nw
+
+
+def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region_index: torch.Tensor,
+              num_regions: int | tuple[int, int]) -> tuple[int, int]:
+    nh, nw = _validate_qkv(q, k, v, num_regions)
+    b = q.shape[0]
     if region_index.dim() != 3 or region_index.shape[:2] != (b, nh * nw):
         raise ValueError(f"region_index must be (batch, nh*nw, topk) = ({b}, {nh * nw}, topk), got "
                          f"{tuple(region_index.shape)}")
@@ -292,6 +300,59 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region_i
     if backend == "flex":
         return _routed_flex(q, k, v, region_index, nh, nw, scale)
     return _routed_torch(q, k, v, region_index, nh, nw, scale)
+
+
+def bilevel_routing_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_regions: int | tuple[int, int],
+                              topk: int, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """BiFormer's bi-level routing attention, both stages: routing on detached q, k, then routed attention.
+
+    Same result as ``region_routing(q.detach().flatten(3), k.detach().flatten(3), num_regions, topk)`` followed
+    by ``routed_attention(q, k, v, index, num_regions, scale)`` (the official model's order), in one call.
+
+    Args:
+        q, k: (batch, H, W, heads, d_qk); v: (batch, H, W, heads, d_v); fp32, fp16 or bf16, any strides. The
+            routing sees all heads' channels (heads * d_qk, as the official model routes before splitting).
+        num_regions: regions per axis, ``n`` or ``(nh, nw)``; H % nh == 0 and W % nw == 0.
+        topk: key regions per query region, 1 <= topk <= nh * nw.
+        scale: attention logit scale, default ``d_qk ** -0.5``; BiFormer passes ``(heads * d_qk) ** -0.5``. The
+            routing's choice does not depend on it.
+
+    Returns:
+        ``(out, index)``: out (batch, H, W, heads, d_v) in q's dtype, differentiable in q, k, v (the routing
+        gets no gradient, as in BiFormer); index (batch, nh*nw, topk) int64, the chosen key regions in
+        decreasing affinity (ties to the lower region id).
+
+    Backends: on the triton backend, for maps of at most 64 regions of 1, 2 or 4 tokens with at least 1/4 of
+    them routed (BiFormer stage 3 at 224), one kernel does both stages: each (batch, query tile, head)
+    program computes its head's share of the region affinity, the heads of a query tile combine their shares
+    (a counter in global memory), pick the top-k and attend; the backward is the dense region-masked one of
+    :func:`routed_attention`. Its affinity is accumulated in fp32 per head (tf32 dots for half inputs), so in
+    bf16 it may pick differently from ``region_routing`` among regions whose affinities nearly tie. Elsewhere
+    (other geometries, other backends, under ``torch.compile``) the two functions run one after the other.
+
+    Example:
+        >>> q, k, v = (torch.randn(2, 14, 14, 8, 32) for _ in range(3))
+        >>> out, index = bilevel_routing_attention(q, k, v, num_regions=7, topk=16, scale=256 ** -0.5)
+        >>> out.shape, index.shape
+        (torch.Size([2, 14, 14, 8, 32]), torch.Size([2, 49, 16]))
+    """
+    nh, nw = _validate_qkv(q, k, v, num_regions)
+    h, w = q.shape[1:3]
+    if not 1 <= topk <= nh * nw:
+        raise ValueError(f"topk {topk} must lie in [1, {nh * nw}] (the number of regions {nh}x{nw})")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if resolve_backend(q.device, "routed_attention") == "triton" and not torch.compiler.is_compiling():
+        from ._routed_triton import bilevel_routing_attention_triton, bra_fused_supported
+
+        t = (h // nh) * (w // nw)
+        if bra_fused_supported(nh * nw, t, topk):
+            log_once(logger, "bilevel_routing_attention: routing fused into the attention kernel")
+            return bilevel_routing_attention_triton(q, k, v, nh, nw, topk, scale)
+        log_once(logger, f"bilevel_routing_attention: {nh}x{nw} regions of {t} tokens, topk {topk}: routing "
+                         "kernel, then routed_attention (the fused kernel covers <= 64 regions of 1, 2 or 4 "
+                         "tokens with topk >= regions / 4)")
+    _, index = region_routing(q.detach().flatten(3), k.detach().flatten(3), (nh, nw), topk)
+    return routed_attention(q, k, v, index, (nh, nw), scale), index
 
 
 @register_check("routed_attention")
