@@ -184,9 +184,9 @@ def check_routing(dev: torch.device) -> list[dict]:
 
 
 def check_bilevel(dev: torch.device) -> list[dict]:
-    """bilevel_routing_attention (routing fused into the attention kernel where it applies) against the
-    float64 reference on its own index, and its index against region_routing; 20 calls in a row must agree
-    (the kernel's group counters reset themselves after each launch)."""
+    """bilevel_routing_attention (routing-words kernel + dense attention where it applies) against the float64
+    reference on its own index, and its index against region_routing; 20 calls in a row must agree (the
+    routing kernel's group counters reset themselves after each launch)."""
     from attnzoo.kernels import _routed_triton
 
     rows = []
@@ -194,7 +194,7 @@ def check_bilevel(dev: torch.device) -> list[dict]:
         b, m, dim, heads, n_win, topk = ROUTED[name]
         for dtype in (torch.float32, torch.bfloat16):
             for one_launch in (True, False):
-                _routed_triton.BRA_ONE_LAUNCH = one_launch
+                _routed_triton.ROUTING_WORDS_ONE_LAUNCH = one_launch
                 gen = torch.Generator().manual_seed(1)
                 cpu = [torch.randn(4, m, m, heads, dim // heads, generator=gen).to(dtype) for _ in range(3)]
                 ins = [x.to(dev).requires_grad_() for x in cpu]
@@ -214,7 +214,7 @@ def check_bilevel(dev: torch.device) -> list[dict]:
                                  index_equal_to_region_routing=(index == i_route).float().mean().item(),
                                  repeats_identical=all(torch.equal(o, out) and torch.equal(i, index)
                                                        for o, i in repeats)))
-    _routed_triton.BRA_ONE_LAUNCH = True
+    _routed_triton.ROUTING_WORDS_ONE_LAUNCH = True
     return rows
 
 
@@ -355,7 +355,9 @@ def ours_alternatives(m: int, c: int, n_win: int, topk: int) -> dict[str, dict]:
         if rt.FUSED_ROUTING_WARPS != 8:
             out["ours, routing kernel with 8 warps"] = dict(FUSED_ROUTING_WARPS=8)
     if rt.bra_fused_supported(r, t, topk):
-        out["ours, fused routing in two launches"] = dict(BRA_ONE_LAUNCH=False)
+        out["ours, routing words in two launches"] = dict(ROUTING_WORDS_ONE_LAUNCH=False)
+        out["ours, routing words with 2 warps"] = dict(ROUTING_WORDS_WARPS=2)
+        out["ours, forward query tiles 64"] = dict(DENSE_FWD_BLOCK_M=64)
     if rt._dense_tiles(r, t, topk) is not None:
         out["ours, sparse kernels"] = dict(DENSE_MIN_ROUTED_FRACTION=2.0)
         for bn, bwd_bn in ((64, 64), (32, 32)):

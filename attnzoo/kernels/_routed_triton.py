@@ -492,15 +492,26 @@ def _region_order_tile(start, BLOCK: tl.constexpr, R, T, RH: tl.constexpr, RW: t
 
 
 @triton.jit
-def _dense_fwd_attend(Q, K, V, O, LSE, q, word, any_rep, idx_ptrs, m_ok, qy, qx, b, h, bh,
-                      skb, sky, skx, skh, svb, svy, svx, svh, sis, sob, soy, sox, soh,
-                      W, NTOK, scale_log2, D_REAL, DV_REAL,
+def _routed_dense_fwd(Q, K, V, IDX, WORDS, O, LSE,
+                      sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh,
+                      sib, sir, sis, sob, soy, sox, soh,
+                      W, NTOK, HEADS, scale_log2, D_REAL, DV_REAL,
                       RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
                       TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """The dense region-masked forward of one query tile q (BLOCK_M, D) whose rows carry routing words word
-    (BLOCK_M,) int64: every key tile of the map in region order, the routing as a mask; stores O and LSE."""
+                      D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                      WORDS_IN: tl.constexpr):
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // HEADS, bh % HEADS
+    m_ok, qr, qy, qx = _region_order_tile(pid * BLOCK_M, BLOCK_M, R, T, RH, RW, NW)  # query tokens in region order
     offs_d, offs_dv = tl.arange(0, D), tl.arange(0, DV)
+    q = _load_rows(Q, b, h, qy, qx, m_ok, sqb, sqy, sqx, sqh, offs_d, D_REAL)
+    if WORDS_IN:  # written by the routing kernel (_routing_words): one load instead of TOPK
+        word = tl.load(WORDS + (b * R + qr) * 2, mask=m_ok, other=0)
+        any_rep = 0
+    else:
+        word, rep = _route_words(IDX, b, qr, m_ok, sib, sir, sis, TOPK, BLOCK_M)
+        any_rep = tl.max(rep, 0)
+    idx_ptrs = IDX + b * sib + qr[:, None] * sir
     # finite start: a row with no routed key in a tile keeps p = 0 instead of exp2(-inf - -inf)
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -522,47 +533,26 @@ def _dense_fwd_attend(Q, K, V, O, LSE, q, word, any_rep, idx_ptrs, m_ok, qy, qx,
 
 
 @triton.jit
-def _routed_dense_fwd(Q, K, V, IDX, O, LSE,
-                      sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh,
-                      sib, sir, sis, sob, soy, sox, soh,
-                      W, NTOK, HEADS, scale_log2, D_REAL, DV_REAL,
-                      RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
-                      TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    pid, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // HEADS, bh % HEADS
-    m_ok, qr, qy, qx = _region_order_tile(pid * BLOCK_M, BLOCK_M, R, T, RH, RW, NW)  # query tokens in region order
-    q = _load_rows(Q, b, h, qy, qx, m_ok, sqb, sqy, sqx, sqh, tl.arange(0, D), D_REAL)
-    word, rep = _route_words(IDX, b, qr, m_ok, sib, sir, sis, TOPK, BLOCK_M)
-    _dense_fwd_attend(Q, K, V, O, LSE, q, word, tl.max(rep, 0), IDX + b * sib + qr[:, None] * sir, m_ok, qy, qx,
-                      b, h, bh, skb, sky, skx, skh, svb, svy, svx, svh, sis, sob, soy, sox, soh,
-                      W, NTOK, scale_log2, D_REAL, DV_REAL, RH, RW, NW, T, R, TOPK, BLOCK_M, BLOCK_N, D, DV,
-                      PREC, UPCAST)
+def _routing_words(Q, K, IDX, WORDS, PARTIAL, SYNC,
+                   sqb, sqy, sqx, sqh, skb, sky, skx, skh, HEADS, QT, NPROG, D_REAL,
+                   RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, TP: tl.constexpr,
+                   R: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, RQ: tl.constexpr, RP: tl.constexpr,
+                   RPH: tl.constexpr, D: tl.constexpr, RPREC: tl.constexpr, PHASE: tl.constexpr):
+    """BiFormer's routing for maps of at most 64 regions, as routing words: WORDS[b, r] = (bit s set = key
+    region s among query region r's top-k, 0) and IDX[b, r, :] the top-k in decreasing affinity.
 
-
-@triton.jit
-def _bra_dense_fwd(Q, K, V, O, LSE, IDX, WORDS, PARTIAL, SYNC,
-                   sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh, sob, soy, sox, soh,
-                   W, NTOK, HEADS, QT, NPROG, scale_log2, D_REAL, DV_REAL,
-                   RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
-                   TOPK: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr,
-                   RPREC: tl.constexpr, UPCAST: tl.constexpr, PHASE: tl.constexpr):
-    """Routing and dense region-masked attention in one launch (the whole bi-level routing attention).
-
-    Program (b, query tile qt, head h); a group = the HEADS programs of one (b, qt). Each program adds up its
-    head's channels of the query and key region means (sums: the top-k ignores a positive scale) and writes
-    the partial affinity of the tile's RQ query regions with every key region; once the group's partials are
-    all written, every program sums them in head order (so all heads pick the same regions), takes the top-k
-    as one routing word per query region and attends. Head 0 also writes the index and the words.
+    Program (b, group of RQ query regions, head h). Each adds up its head's channels of the query and key
+    region sums (the top-k ignores a positive scale, so sums stand for means) and writes the group's partial
+    affinity with every key region; once all HEADS partials of its group are written, each program sums them
+    in head order for RPH of the group's rows and takes their top-k. So the affinity's channel reduction is
+    spread over HEADS programs and no program reads more than one head of the map.
 
     PHASE 0: one launch; programs take tickets from SYNC[0] in the order they start, so a group's programs
     start together and a waiting program only waits for programs already running (no deadlock whatever the
-    hardware's dispatch order); the group waits on the counter SYNC[1 + group], which its last program to
-    leave resets (as the last ticket resets SYNC[0]), so SYNC is all zeros again after every launch.
-    PHASE 1 / 2: the partials, then the rest, as two launches (the CPU interpreter runs programs one by one).
+    hardware's dispatch order); a group waits on the counter SYNC[1 + group], which its last program to leave
+    resets (as the last ticket resets SYNC[0]), so SYNC is all zeros again after every launch.
+    PHASE 1 / 2: the partials, then the top-k, as two launches (the CPU interpreter runs programs one by one).
     """
-    RQ: tl.constexpr = BLOCK_M // T
     if PHASE == 0:
         item = tl.atomic_add(SYNC, 1)
         if item == NPROG - 1:
@@ -573,52 +563,44 @@ def _bra_dense_fwd(Q, K, V, O, LSE, IDX, WORDS, PARTIAL, SYNC,
     g = item // HEADS
     b = g // QT
     qt = g % QT
-    rows = tl.arange(0, RQ)
     cols = tl.arange(0, RP)
-    part_ptrs = PARTIAL + (g * HEADS * RQ + rows[:, None]) * RP + cols[None, :]
     if PHASE != 2:
-        # this head's share of the region affinity: (query region sums) . (key region sums) over its channels
+        rows = tl.arange(0, RQ)
         rq = qt * RQ + rows
-        tok = tl.arange(0, T)
+        tok = tl.arange(0, TP)
         offs_d = tl.arange(0, D)[None, None, :]
         d_ok = offs_d < D_REAL
         qy, qx = _tile_coords(rq[:, None], tok[None, :], RH, RW, NW)
         qs = tl.load(Q + b * sqb + (qy * sqy + qx * sqx)[:, :, None] + h * sqh + offs_d,
-                     mask=(rq < R)[:, None, None] & d_ok, other=0.0)
+                     mask=((rq < R)[:, None] & (tok < T)[None, :])[:, :, None] & d_ok, other=0.0)
         ky, kx = _tile_coords(cols[:, None], tok[None, :], RH, RW, NW)
         ks = tl.load(K + b * skb + (ky * sky + kx * skx)[:, :, None] + h * skh + offs_d,
-                     mask=(cols < R)[:, None, None] & d_ok, other=0.0)
+                     mask=((cols < R)[:, None] & (tok < T)[None, :])[:, :, None] & d_ok, other=0.0)
         part = tl.dot(tl.sum(qs.to(tl.float32), 1), tl.trans(tl.sum(ks.to(tl.float32), 1)), input_precision=RPREC)
-        tl.store(part_ptrs + h * RQ * RP, part)
+        tl.store(PARTIAL + ((g * HEADS + h) * RQ + rows[:, None]) * RP + cols[None, :], part)
     if PHASE == 0:
         tl.debug_barrier()  # every thread's partial is written before the release below
         tl.atomic_add(SYNC + 1 + g, 1, sem="release")
         while tl.atomic_add(SYNC + 1 + g, 0, sem="acquire") < HEADS:
             pass
     if PHASE != 1:
-        logits = tl.zeros([RQ, RP], tl.float32)
+        rows = h * RPH + tl.arange(0, RPH)  # this program's rows of the group
+        r_ok = (rows < RQ) & (qt * RQ + rows < R)
+        logits = tl.zeros([RPH, RP], tl.float32)
         for hh in range(0, HEADS):
-            logits += tl.load(part_ptrs + hh * RQ * RP, cache_modifier=".cg")
+            logits += tl.load(PARTIAL + ((g * HEADS + hh) * RQ + rows[:, None]) * RP + cols[None, :],
+                              mask=r_ok[:, None], other=0.0, cache_modifier=".cg")
         if PHASE == 0:
             # leave: the group's last program resets its counter (HEADS arrivals + HEADS departures)
             if tl.atomic_add(SYNC + 1 + g, 1, sem="relaxed") == 2 * HEADS - 1:
                 tl.atomic_xchg(SYNC + 1 + g, 0)
-        top_key, word = _topk_pick(logits, cols, cols < R, TOPK, KP, RQ, RP, True)
+        top_key, word = _topk_pick(logits, cols, cols < R, TOPK, KP, RPH, RP, True)
         rq = qt * RQ + rows
         slots = tl.arange(0, KP)
-        out_ok = (rq < R)[:, None] & (slots[None, :] < TOPK) & (h == 0)
         tl.store(IDX + (b * R + rq[:, None]) * TOPK + slots[None, :], _topk_index(top_key, RP).to(tl.int64),
-                 mask=out_ok)
-        tl.store(WORDS + (b * R + rq) * 2, word, mask=(rq < R) & (h == 0))
-        tl.store(WORDS + (b * R + rq) * 2 + 1, tl.zeros([RQ], tl.int64), mask=(rq < R) & (h == 0))
-        # each query token carries its region's word: (RQ, T) broadcast, flattened in region order
-        word_m = tl.reshape(tl.broadcast_to(word[:, None], (RQ, T)), (BLOCK_M,))
-        m_ok, qr, qy2, qx2 = _region_order_tile(qt * BLOCK_M, BLOCK_M, R, T, RH, RW, NW)
-        q = _load_rows(Q, b, h, qy2, qx2, m_ok, sqb, sqy, sqx, sqh, tl.arange(0, D), D_REAL)
-        _dense_fwd_attend(Q, K, V, O, LSE, q, word_m, 0 * b, IDX + (b * R + qr[:, None]) * TOPK, m_ok, qy2, qx2,
-                          b, h, b * HEADS + h, skb, sky, skx, skh, svb, svy, svx, svh, 1, sob, soy, sox, soh,
-                          W, NTOK, scale_log2, D_REAL, DV_REAL, RH, RW, NW, T, R, TOPK, BLOCK_M, BLOCK_N, D, DV,
-                          PREC, UPCAST)
+                 mask=r_ok[:, None] & (slots[None, :] < TOPK))
+        tl.store(WORDS + (b * R + rq) * 2, word, mask=r_ok)
+        tl.store(WORDS + (b * R + rq) * 2 + 1, tl.zeros([RPH], tl.int64), mask=r_ok)
 
 
 @triton.jit
@@ -750,10 +732,12 @@ INVERSE_KEYS_PER_PROGRAM = 8
 # region routes to at least this fraction of the regions (BiFormer stage 3 at 224: 16 of 49); tile sizes
 # and warps per program of those kernels (benchmarks/sparse.py times the alternatives).
 DENSE_MIN_ROUTED_FRACTION = 0.25
-DENSE_BLOCK_M = 64
+DENSE_BLOCK_M = 64  # backward (dq) query tiles
+DENSE_FWD_BLOCK_M = 128  # forward query tiles: 128 measured 10% faster than 64 (H100, stage 3 at 224)
 DENSE_BLOCK_N = 32  # forward key tiles
 DENSE_BWD_BLOCK_N = 64  # dk/dv key tiles (and dq's key steps): 32 measured 1.9x slower in dk/dv
 DENSE_WARPS = 4
+DENSE_STAGES = 3
 
 
 def _dense_tiles(r: int, t: int, topk: int, backward: bool = False) -> dict | None:
@@ -763,7 +747,22 @@ def _dense_tiles(r: int, t: int, topk: int, backward: bool = False) -> dict | No
     block_n = max(DENSE_BLOCK_N, DENSE_BWD_BLOCK_N)  # the larger key tile must fit one field (both paths agree)
     if (block_n + t - 2) // t > 30:  # a key tile's regions must fit one 31-bit field of a routing word
         return None
-    return dict(BLOCK_M=DENSE_BLOCK_M, BLOCK_N=DENSE_BWD_BLOCK_N if backward else DENSE_BLOCK_N)
+    if backward:
+        return dict(BLOCK_M=DENSE_BLOCK_M, BLOCK_N=DENSE_BWD_BLOCK_N)
+    return dict(BLOCK_M=DENSE_FWD_BLOCK_M, BLOCK_N=DENSE_BLOCK_N)
+
+
+def _dense_forward(q, k, v, idx, words, out, lse, nh, nw, scale, tiles) -> None:
+    """Launch the dense region-masked forward; the routing from ``words`` (B, R, 2) when given, else ``idx``."""
+    b, h, w, heads, dqk = q.shape
+    dv = v.shape[-1]
+    t = (h // nh) * (w // nw)
+    _routed_dense_fwd[(triton.cdiv(nh * nw * t, tiles["BLOCK_M"]), b * heads)](
+        q, k, v, idx, idx if words is None else words, out, lse, *_strides(q), *_strides(k), *_strides(v),
+        *_index_strides(idx), *_strides(out), w, h * w, heads, scale * _LOG2E, dqk, dv,
+        RH=h // nh, RW=w // nw, NW=nw, T=t, R=nh * nw, TOPK=idx.shape[-1], D=max(16, _pow2(dqk)),
+        DV=max(16, _pow2(dv)), WORDS_IN=words is not None, **_prec(q.dtype), num_warps=DENSE_WARPS,
+        num_stages=DENSE_STAGES, **tiles)
 
 
 def _warps(t: int) -> int:
@@ -797,11 +796,7 @@ class _RoutedAttention(torch.autograd.Function):
         lse = torch.empty(b, heads, h * w, device=q.device, dtype=torch.float32)
         dense = _dense_tiles(nh * nw, t, topk)
         if dense is not None:
-            _routed_dense_fwd[(triton.cdiv(nh * nw * t, dense["BLOCK_M"]), b * heads)](
-                q, k, v, idx, out, lse, *_strides(q), *_strides(k), *_strides(v), *_index_strides(idx),
-                *_strides(out), w, h * w, heads, scale * _LOG2E, dqk, dv,
-                RH=rh, RW=rw, NW=nw, T=t, R=nh * nw, TOPK=topk, D=max(16, _pow2(dqk)),
-                DV=max(16, _pow2(dv)), **_prec(q.dtype), num_warps=DENSE_WARPS, **dense)
+            _dense_forward(q, k, v, idx, None, out, lse, nh, nw, scale, dense)
             ctx.save_for_backward(q, k, v, idx, out, lse)
             ctx.geometry = (nh, nw, scale)
             return out
@@ -885,14 +880,15 @@ def routed_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
 
 # ---------------------------------------------------------------- routing + attention in one launch
 
-# Whether the fused bi-level kernel runs as one launch with its group barrier (else two launches, as under
-# the CPU interpreter; benchmarks/sparse.py times both).
-BRA_ONE_LAUNCH = True
+# Whether the routing-words kernel runs as one launch with its group barrier (else two launches, as under
+# the CPU interpreter; benchmarks/sparse.py times both), and its warps per program.
+ROUTING_WORDS_ONE_LAUNCH = True
+ROUTING_WORDS_WARPS = 1
 _SYNC_BUFFERS: dict[tuple[int, int], torch.Tensor] = {}
 
 
 def _sync_buffer(device: torch.device, size: int) -> torch.Tensor:
-    """Zeroed int32 counters for _bra_dense_fwd, one buffer per (device, stream): the kernel leaves them zero,
+    """Zeroed int32 counters for _routing_words, one buffer per (device, stream): the kernel leaves them zero,
     and launches on one stream never overlap."""
     key = (device.index if device.index is not None else torch.cuda.current_device(),
            torch.cuda.current_stream(device).cuda_stream)
@@ -903,39 +899,44 @@ def _sync_buffer(device: torch.device, size: int) -> torch.Tensor:
 
 
 def bra_fused_supported(r: int, t: int, topk: int) -> bool:
-    """Whether :func:`bilevel_routing_attention_triton` fuses the routing into the dense kernels: the dense
-    geometry (see ``_dense_tiles``) with regions of 1, 2 or 4 tokens (a query tile holds whole regions, at
-    least 16 of them)."""
-    return _dense_tiles(r, t, topk) is not None and t in (1, 2, 4)
+    """Whether :func:`bilevel_routing_attention_triton` applies: the dense kernels' geometry (at most 64
+    regions of under 16 tokens, enough of them routed), where the routing fits one 64-bit word per region."""
+    return _dense_tiles(r, t, topk) is not None
+
+
+def routing_words(q: torch.Tensor, k: torch.Tensor, nh: int, nw: int, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing of (B, H, W, heads, d) q and k over all heads' channels as (index (B, R, topk) int64 in decreasing
+    affinity, words (B, R, 2) int64: bit s of [..., 0] set = key region s routed, [..., 1] = 0 (no repeats))."""
+    b, h, w, heads, dqk = q.shape
+    r, t = nh * nw, (h // nh) * (w // nw)
+    rq = 16
+    qt = triton.cdiv(r, rq)
+    rp = max(16, _pow2(r))
+    nprog = b * qt * heads
+    index = torch.empty(b, r, topk, device=q.device, dtype=torch.int64)
+    words = torch.empty(b, r, 2, device=q.device, dtype=torch.int64)
+    partial = torch.empty(b * qt * heads, rq, rp, device=q.device, dtype=torch.float32)
+    one_launch = ROUTING_WORDS_ONE_LAUNCH and q.is_cuda and not triton_interpreting()
+    sync = _sync_buffer(q.device, 1 + b * qt) if one_launch else partial
+    args = (q, k, index, words, partial, sync, *_strides(q), *_strides(k), heads, qt, nprog, dqk)
+    consts = dict(RH=h // nh, RW=w // nw, NW=nw, T=t, TP=_pow2(t), R=r, TOPK=topk, KP=_pow2(topk), RQ=rq, RP=rp,
+                  RPH=_pow2(triton.cdiv(rq, heads)), D=max(16, _pow2(dqk)),
+                  RPREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=ROUTING_WORDS_WARPS)
+    for phase in ((0,) if one_launch else (1, 2)):
+        _routing_words[(nprog,)](*args, PHASE=phase, **consts)
+    return index, words
 
 
 class _BilevelRoutedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, nh, nw, topk, scale):
         q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
-        b, h, w, heads, dqk = q.shape
-        dv = v.shape[-1]
-        r, rh, rw = nh * nw, h // nh, w // nw
-        t = rh * rw
-        tiles = _dense_tiles(r, t, topk)
-        rq = tiles["BLOCK_M"] // t
-        qt = triton.cdiv(r, rq)
-        rp = max(16, _pow2(r))
-        nprog = b * qt * heads
-        out = torch.empty(b, h, w, heads, dv, device=q.device, dtype=q.dtype)
+        b, h, w, heads, _ = q.shape
+        index, words = routing_words(q, k, nh, nw, topk)
+        out = torch.empty(b, h, w, heads, v.shape[-1], device=q.device, dtype=q.dtype)
         lse = torch.empty(b, heads, h * w, device=q.device, dtype=torch.float32)
-        index = torch.empty(b, r, topk, device=q.device, dtype=torch.int64)
-        words = torch.empty(b, r, 2, device=q.device, dtype=torch.int64)
-        partial = torch.empty(b * qt * heads, rq, rp, device=q.device, dtype=torch.float32)
-        one_launch = BRA_ONE_LAUNCH and q.is_cuda and not triton_interpreting()
-        sync = _sync_buffer(q.device, 1 + b * qt) if one_launch else partial
-        args = (q, k, v, out, lse, index, words, partial, sync, *_strides(q), *_strides(k), *_strides(v),
-                *_strides(out), w, h * w, heads, qt, nprog, scale * _LOG2E, dqk, dv)
-        consts = dict(RH=rh, RW=rw, NW=nw, T=t, R=r, TOPK=topk, KP=_pow2(topk), RP=rp, D=max(16, _pow2(dqk)),
-                      DV=max(16, _pow2(dv)), RPREC="ieee" if q.dtype == torch.float32 else "tf32",
-                      **_prec(q.dtype), num_warps=DENSE_WARPS, **tiles)
-        for phase in ((0,) if one_launch else (1, 2)):
-            _bra_dense_fwd[(nprog,)](*args, PHASE=phase, **consts)
+        _dense_forward(q, k, v, index, words, out, lse, nh, nw, scale, _dense_tiles(nh * nw, (h // nh) * (w // nw),
+                                                                                      topk))
         ctx.save_for_backward(q, k, v, index, out, lse)
         ctx.geometry = (nh, nw, scale)
         ctx.words = words
@@ -950,7 +951,7 @@ class _BilevelRoutedAttention(torch.autograd.Function):
 
 def bilevel_routing_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nh: int, nw: int,
                                      topk: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Routing and routed attention in one launch (validated inputs, :func:`bra_fused_supported` geometry;
-    see :func:`attnzoo.kernels.bilevel_routing_attention`): (out, index)."""
+    """Routing words, then the dense region-masked attention reading them (validated inputs,
+    :func:`bra_fused_supported` geometry; see :func:`attnzoo.kernels.bilevel_routing_attention`): (out, index)."""
     return _BilevelRoutedAttention.apply(q, k, v, nh, nw, topk, scale)
 

@@ -322,13 +322,15 @@ def bilevel_routing_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         gets no gradient, as in BiFormer); index (batch, nh*nw, topk) int64, the chosen key regions in
         decreasing affinity (ties to the lower region id).
 
-    Backends: on the triton backend, for maps of at most 64 regions of 1, 2 or 4 tokens with at least 1/4 of
-    them routed (BiFormer stage 3 at 224), one kernel does both stages: each (batch, query tile, head)
-    program computes its head's share of the region affinity, the heads of a query tile combine their shares
-    (a counter in global memory), pick the top-k and attend; the backward is the dense region-masked one of
-    :func:`routed_attention`. Its affinity is accumulated in fp32 per head (tf32 dots for half inputs), so in
-    bf16 it may pick differently from ``region_routing`` among regions whose affinities nearly tie. Elsewhere
-    (other geometries, other backends, under ``torch.compile``) the two functions run one after the other.
+    Backends: on the triton backend, for maps of at most 64 regions of under 16 tokens with at least 1/4 of
+    them routed (BiFormer stage 3 at 224), the routing runs as one kernel that writes a 64-bit routing word per
+    query region (its (batch, 16 query regions, head) programs each compute one head's share of the region
+    affinity; the heads of a group combine their shares through a counter in global memory and take the
+    top-k), and the dense region-masked attention kernel reads one word per query instead of topk indices;
+    the backward is the dense one of :func:`routed_attention`, also reading the words. The affinity is
+    accumulated in fp32 per head (tf32 dots for half inputs), so in bf16 it may pick differently from the
+    torch formulation of ``region_routing`` among regions whose affinities nearly tie. Elsewhere (other
+    geometries, other backends, under ``torch.compile``) the two functions run one after the other.
 
     Example:
         >>> q, k, v = (torch.randn(2, 14, 14, 8, 32) for _ in range(3))
@@ -346,11 +348,11 @@ def bilevel_routing_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
         t = (h // nh) * (w // nw)
         if bra_fused_supported(nh * nw, t, topk):
-            log_once(logger, "bilevel_routing_attention: routing fused into the attention kernel")
+            log_once(logger, "bilevel_routing_attention: routing-words kernel + dense region-masked attention")
             return bilevel_routing_attention_triton(q, k, v, nh, nw, topk, scale)
         log_once(logger, f"bilevel_routing_attention: {nh}x{nw} regions of {t} tokens, topk {topk}: routing "
-                         "kernel, then routed_attention (the fused kernel covers <= 64 regions of 1, 2 or 4 "
-                         "tokens with topk >= regions / 4)")
+                         "kernel, then routed_attention (routing words cover <= 64 regions of < 16 tokens with "
+                         "topk >= regions / 4)")
     _, index = region_routing(q.detach().flatten(3), k.detach().flatten(3), (nh, nw), topk)
     return routed_attention(q, k, v, index, (nh, nw), scale), index
 
