@@ -533,74 +533,54 @@ def _routed_dense_fwd(Q, K, V, IDX, WORDS, O, LSE,
 
 
 @triton.jit
-def _routing_words(Q, K, IDX, WORDS, PARTIAL, SYNC,
-                   sqb, sqy, sqx, sqh, skb, sky, skx, skh, HEADS, QT, NPROG, D_REAL,
-                   RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, TP: tl.constexpr,
-                   R: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, RQ: tl.constexpr, RP: tl.constexpr,
-                   RPH: tl.constexpr, D: tl.constexpr, RPREC: tl.constexpr, PHASE: tl.constexpr):
-    """BiFormer's routing for maps of at most 64 regions, as routing words: WORDS[b, r] = (bit s set = key
-    region s among query region r's top-k, 0) and IDX[b, r, :] the top-k in decreasing affinity.
-
-    Program (b, group of RQ query regions, head h). Each adds up its head's channels of the query and key
-    region sums (the top-k ignores a positive scale, so sums stand for means) and writes the group's partial
-    affinity with every key region; once all HEADS partials of its group are written, each program sums them
-    in head order for RPH of the group's rows and takes their top-k. So the affinity's channel reduction is
-    spread over HEADS programs and no program reads more than one head of the map.
-
-    PHASE 0: one launch; programs take tickets from SYNC[0] in the order they start, so a group's programs
-    start together and a waiting program only waits for programs already running (no deadlock whatever the
-    hardware's dispatch order); a group waits on the counter SYNC[1 + group], which its last program to leave
-    resets (as the last ticket resets SYNC[0]), so SYNC is all zeros again after every launch.
-    PHASE 1 / 2: the partials, then the top-k, as two launches (the CPU interpreter runs programs one by one).
-    """
-    if PHASE == 0:
-        item = tl.atomic_add(SYNC, 1)
-        if item == NPROG - 1:
-            tl.atomic_xchg(SYNC, 0)
-    else:
-        item = tl.program_id(0)
+def _routing_partials(Q, K, PARTIAL, sqb, sqy, sqx, sqh, skb, sky, skx, skh, HEADS, QT, D_REAL,
+                      RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, TP: tl.constexpr,
+                      R: tl.constexpr, RQ: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, RPREC: tl.constexpr):
+    """Program (b, group of RQ query regions, head h): PARTIAL[b, group, h] = (RQ, RP) affinity of the group's
+    query regions with every key region over head h's channels, from region sums (the top-k ignores a positive
+    scale, so sums stand for means). Spreading the channel reduction over the heads keeps every program to one
+    head's slice of the map: with BiFormer stage 3 at 224, 1024 one-warp programs instead of 128 that each
+    read a whole batch element."""
+    item = tl.program_id(0)
     h = item % HEADS
     g = item // HEADS
     b = g // QT
-    qt = g % QT
+    rows = tl.arange(0, RQ)
     cols = tl.arange(0, RP)
-    if PHASE != 2:
-        rows = tl.arange(0, RQ)
-        rq = qt * RQ + rows
-        tok = tl.arange(0, TP)
-        offs_d = tl.arange(0, D)[None, None, :]
-        d_ok = offs_d < D_REAL
-        qy, qx = _tile_coords(rq[:, None], tok[None, :], RH, RW, NW)
-        qs = tl.load(Q + b * sqb + (qy * sqy + qx * sqx)[:, :, None] + h * sqh + offs_d,
-                     mask=((rq < R)[:, None] & (tok < T)[None, :])[:, :, None] & d_ok, other=0.0)
-        ky, kx = _tile_coords(cols[:, None], tok[None, :], RH, RW, NW)
-        ks = tl.load(K + b * skb + (ky * sky + kx * skx)[:, :, None] + h * skh + offs_d,
-                     mask=((cols < R)[:, None] & (tok < T)[None, :])[:, :, None] & d_ok, other=0.0)
-        part = tl.dot(tl.sum(qs.to(tl.float32), 1), tl.trans(tl.sum(ks.to(tl.float32), 1)), input_precision=RPREC)
-        tl.store(PARTIAL + ((g * HEADS + h) * RQ + rows[:, None]) * RP + cols[None, :], part)
-    if PHASE == 0:
-        tl.debug_barrier()  # every thread's partial is written before the release below
-        tl.atomic_add(SYNC + 1 + g, 1, sem="release")
-        while tl.atomic_add(SYNC + 1 + g, 0, sem="acquire") < HEADS:
-            pass
-    if PHASE != 1:
-        rows = h * RPH + tl.arange(0, RPH)  # this program's rows of the group
-        r_ok = (rows < RQ) & (qt * RQ + rows < R)
-        logits = tl.zeros([RPH, RP], tl.float32)
-        for hh in range(0, HEADS):
-            logits += tl.load(PARTIAL + ((g * HEADS + hh) * RQ + rows[:, None]) * RP + cols[None, :],
-                              mask=r_ok[:, None], other=0.0, cache_modifier=".cg")
-        if PHASE == 0:
-            # leave: the group's last program resets its counter (HEADS arrivals + HEADS departures)
-            if tl.atomic_add(SYNC + 1 + g, 1, sem="relaxed") == 2 * HEADS - 1:
-                tl.atomic_xchg(SYNC + 1 + g, 0)
-        top_key, word = _topk_pick(logits, cols, cols < R, TOPK, KP, RPH, RP, True)
-        rq = qt * RQ + rows
-        slots = tl.arange(0, KP)
-        tl.store(IDX + (b * R + rq[:, None]) * TOPK + slots[None, :], _topk_index(top_key, RP).to(tl.int64),
-                 mask=r_ok[:, None] & (slots[None, :] < TOPK))
-        tl.store(WORDS + (b * R + rq) * 2, word, mask=r_ok)
-        tl.store(WORDS + (b * R + rq) * 2 + 1, tl.zeros([RPH], tl.int64), mask=r_ok)
+    rq = (g % QT) * RQ + rows
+    tok = tl.arange(0, TP)
+    offs_d = tl.arange(0, D)[None, None, :]
+    d_ok = offs_d < D_REAL
+    qy, qx = _tile_coords(rq[:, None], tok[None, :], RH, RW, NW)
+    qs = tl.load(Q + b * sqb + (qy * sqy + qx * sqx)[:, :, None] + h * sqh + offs_d,
+                 mask=((rq < R)[:, None] & (tok < T)[None, :])[:, :, None] & d_ok, other=0.0)
+    ky, kx = _tile_coords(cols[:, None], tok[None, :], RH, RW, NW)
+    ks = tl.load(K + b * skb + (ky * sky + kx * skx)[:, :, None] + h * skh + offs_d,
+                 mask=((cols < R)[:, None] & (tok < T)[None, :])[:, :, None] & d_ok, other=0.0)
+    part = tl.dot(tl.sum(qs.to(tl.float32), 1), tl.trans(tl.sum(ks.to(tl.float32), 1)), input_precision=RPREC)
+    tl.store(PARTIAL + (item * RQ + rows[:, None]) * RP + cols[None, :], part)
+
+
+@triton.jit
+def _routing_topk_words(PARTIAL, IDX, WORDS, HEADS, QT, NROWS,
+                        R: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, RQ: tl.constexpr, RP: tl.constexpr,
+                        RB: tl.constexpr):
+    """RB routing rows (b * R + r) per program: the heads' partial affinities summed in head order, their
+    top-k as IDX[b, r, :] (decreasing) and as the routing word WORDS[b, r] = (bit s set = key region s, 0)."""
+    rows = tl.program_id(0) * RB + tl.arange(0, RB)
+    ok = rows < NROWS
+    b, r = rows // R, rows % R
+    base = ((b * QT + r // RQ) * HEADS * RQ + r % RQ) * RP  # PARTIAL[b, group, head 0, row, 0]
+    cols = tl.arange(0, RP)
+    logits = tl.zeros([RB, RP], tl.float32)
+    for hh in range(0, HEADS):
+        logits += tl.load(PARTIAL + base[:, None] + hh * RQ * RP + cols[None, :], mask=ok[:, None], other=0.0)
+    top_key, word = _topk_pick(logits, cols, cols < R, TOPK, KP, RB, RP, True)
+    slots = tl.arange(0, KP)
+    tl.store(IDX + rows[:, None] * TOPK + slots[None, :], _topk_index(top_key, RP).to(tl.int64),
+             mask=ok[:, None] & (slots[None, :] < TOPK))
+    tl.store(WORDS + rows * 2, word, mask=ok)
+    tl.store(WORDS + rows * 2 + 1, tl.zeros([RB], tl.int64), mask=ok)
 
 
 @triton.jit
@@ -880,22 +860,9 @@ def routed_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
 
 # ---------------------------------------------------------------- routing + attention in one launch
 
-# Whether the routing-words kernel runs as one launch with its group barrier (else two launches, as under
-# the CPU interpreter; benchmarks/sparse.py times both), and its warps per program.
-ROUTING_WORDS_ONE_LAUNCH = True
-ROUTING_WORDS_WARPS = 1
-_SYNC_BUFFERS: dict[tuple[int, int], torch.Tensor] = {}
-
-
-def _sync_buffer(device: torch.device, size: int) -> torch.Tensor:
-    """Zeroed int32 counters for _routing_words, one buffer per (device, stream): the kernel leaves them zero,
-    and launches on one stream never overlap."""
-    key = (device.index if device.index is not None else torch.cuda.current_device(),
-           torch.cuda.current_stream(device).cuda_stream)
-    buf = _SYNC_BUFFERS.get(key)
-    if buf is None or buf.numel() < size:
-        buf = _SYNC_BUFFERS[key] = torch.zeros(max(size, 1024), device=device, dtype=torch.int32)
-    return buf
+# Routing rows per program of the top-k kernel of routing_words (2 measured fastest with one warp, H100,
+# BiFormer stage 3 at 224; benchmarks/sparse.py times 4).
+ROUTING_WORDS_ROWS = 2
 
 
 def bra_fused_supported(r: int, t: int, topk: int) -> bool:
@@ -912,18 +879,16 @@ def routing_words(q: torch.Tensor, k: torch.Tensor, nh: int, nw: int, topk: int)
     rq = 16
     qt = triton.cdiv(r, rq)
     rp = max(16, _pow2(r))
-    nprog = b * qt * heads
     index = torch.empty(b, r, topk, device=q.device, dtype=torch.int64)
     words = torch.empty(b, r, 2, device=q.device, dtype=torch.int64)
     partial = torch.empty(b * qt * heads, rq, rp, device=q.device, dtype=torch.float32)
-    one_launch = ROUTING_WORDS_ONE_LAUNCH and q.is_cuda and not triton_interpreting()
-    sync = _sync_buffer(q.device, 1 + b * qt) if one_launch else partial
-    args = (q, k, index, words, partial, sync, *_strides(q), *_strides(k), heads, qt, nprog, dqk)
-    consts = dict(RH=h // nh, RW=w // nw, NW=nw, T=t, TP=_pow2(t), R=r, TOPK=topk, KP=_pow2(topk), RQ=rq, RP=rp,
-                  RPH=_pow2(triton.cdiv(rq, heads)), D=max(16, _pow2(dqk)),
-                  RPREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=ROUTING_WORDS_WARPS)
-    for phase in ((0,) if one_launch else (1, 2)):
-        _routing_words[(nprog,)](*args, PHASE=phase, **consts)
+    # one warp per program: the tiles are small, and reductions within a warp need no shared memory
+    _routing_partials[(b * qt * heads,)](
+        q, k, partial, *_strides(q), *_strides(k), heads, qt, dqk, RH=h // nh, RW=w // nw, NW=nw, T=t, TP=_pow2(t),
+        R=r, RQ=rq, RP=rp, D=max(16, _pow2(dqk)), RPREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=1)
+    _routing_topk_words[(triton.cdiv(b * r, ROUTING_WORDS_ROWS),)](
+        partial, index, words, heads, qt, b * r, R=r, TOPK=topk, KP=_pow2(topk), RQ=rq, RP=rp, RB=ROUTING_WORDS_ROWS,
+        num_warps=1)
     return index, words
 
 

@@ -323,12 +323,12 @@ def bilevel_routing_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         decreasing affinity (ties to the lower region id).
 
     Backends: on the triton backend, for maps of at most 64 regions of under 16 tokens with at least 1/4 of
-    them routed (BiFormer stage 3 at 224), the routing runs as one kernel that writes a 64-bit routing word per
-    query region (its (batch, 16 query regions, head) programs each compute one head's share of the region
-    affinity; the heads of a group combine their shares through a counter in global memory and take the
-    top-k), and the dense region-masked attention kernel reads one word per query instead of topk indices;
-    the backward is the dense one of :func:`routed_attention`, also reading the words. The affinity is
-    accumulated in fp32 per head (tf32 dots for half inputs), so in bf16 it may pick differently from the
+    them routed (BiFormer stage 3 at 224), the routing runs as two small kernels that write a 64-bit routing
+    word per query region (one-warp programs per (batch, 16 query regions, head) each compute one head's
+    share of the region affinity; then one-warp programs per two routing rows sum the heads' shares and take
+    the top-k), and the dense region-masked attention kernel reads one word per query instead of topk
+    indices; the backward is the dense one of :func:`routed_attention`, also reading the words. The affinity
+    is accumulated in fp32 per head (tf32 dots for half inputs), so in bf16 it may pick differently from the
     torch formulation of ``region_routing`` among regions whose affinities nearly tie. Elsewhere (other
     geometries, other backends, under ``torch.compile``) the two functions run one after the other.
 
