@@ -349,9 +349,11 @@ def ours_alternatives(m: int, c: int, n_win: int, topk: int) -> dict[str, dict]:
         if rt.FUSED_ROUTING_WARPS != 8:
             out["ours, routing kernel with 8 warps"] = dict(FUSED_ROUTING_WARPS=8)
     if rt.bra_fused_supported(r, t, topk):
-        out["ours, routing top-k in a second kernel"] = dict(ROUTING_TOPK_IN_PARTIALS=False)
+        out["ours, routing top-k 4 rows per program"] = dict(ROUTING_WORDS_ROWS=4)
         out["ours, forward query tiles 64"] = dict(DENSE_FWD_BLOCK_M=64)
         out["ours, backward query tiles 128"] = dict(DENSE_BLOCK_M=128)
+        out["ours, dense kernels with 8 warps"] = dict(DENSE_WARPS=8)
+        out["ours, forward 2 stages"] = dict(DENSE_STAGES=2)
     if rt._dense_tiles(r, t, topk) is not None:
         out["ours, sparse kernels"] = dict(DENSE_MIN_ROUTED_FRACTION=2.0)
         for bn, bwd_bn in ((64, 64), (32, 32)):

@@ -533,16 +533,14 @@ def _routed_dense_fwd(Q, K, V, IDX, WORDS, O, LSE,
 
 
 @triton.jit
-def _routing_partials(Q, K, PARTIAL, COUNT, IDX, WORDS, sqb, sqy, sqx, sqh, skb, sky, skx, skh, HEADS, QT, D_REAL,
+def _routing_partials(Q, K, PARTIAL, sqb, sqy, sqx, sqh, skb, sky, skx, skh, HEADS, QT, D_REAL,
                       RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, TP: tl.constexpr,
-                      R: tl.constexpr, RQ: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, RPREC: tl.constexpr,
-                      TOPK: tl.constexpr, KP: tl.constexpr, TOPK_HERE: tl.constexpr):
+                      R: tl.constexpr, RQ: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, RPREC: tl.constexpr):
     """Program (b, group of RQ query regions, head h): PARTIAL[b, group, h] = (RQ, RP) affinity of the group's
     query regions with every key region over head h's channels, from region sums (the top-k ignores a positive
     scale, so sums stand for means). Spreading the channel reduction over the heads keeps every program to one
     head's slice of the map: with BiFormer stage 3 at 224, 1024 one-warp programs instead of 128 that each
-    read a whole batch element. With TOPK_HERE the group's last program also takes its top-k (else
-    _routing_topk_words does, in a second launch)."""
+    read a whole batch element."""
     item = tl.program_id(0)
     h = item % HEADS
     g = item // HEADS
@@ -561,42 +559,28 @@ def _routing_partials(Q, K, PARTIAL, COUNT, IDX, WORDS, sqb, sqy, sqx, sqh, skb,
                  mask=((cols < R)[:, None] & (tok < T)[None, :])[:, :, None] & d_ok, other=0.0)
     part = tl.dot(tl.sum(qs.to(tl.float32), 1), tl.trans(tl.sum(ks.to(tl.float32), 1)), input_precision=RPREC)
     tl.store(PARTIAL + (item * RQ + rows[:, None]) * RP + cols[None, :], part)
-    if TOPK_HERE:
-        # The group's last program to finish its partial takes the group's top-k (nobody waits: the counter
-        # tells each program whether it is last; the last one resets it, so COUNT is zero after every launch).
-        tl.debug_barrier()  # the whole partial is written before the release below
-        if tl.atomic_add(COUNT + g, 1, sem="acq_rel") == HEADS - 1:
-            tl.atomic_xchg(COUNT + g, 0)
-            _routing_topk_rows(PARTIAL, IDX, WORDS, b * R + rq, rq < R, HEADS, QT, R, TOPK, KP, RQ, RP, RQ)
-
-
-@triton.jit
-def _routing_topk_rows(PARTIAL, IDX, WORDS, rows, ok, HEADS, QT, R: tl.constexpr, TOPK: tl.constexpr,
-                       KP: tl.constexpr, RQ: tl.constexpr, RP: tl.constexpr, RB: tl.constexpr):
-    """RB routing rows (b * R + r): the heads' partial affinities summed in head order, their top-k as
-    IDX[b, r, :] (decreasing) and as the routing word WORDS[b, r] = (bit s set = key region s, 0)."""
-    b, r = rows // R, rows % R
-    base = ((b * QT + r // RQ) * HEADS * RQ + r % RQ) * RP  # PARTIAL[b, group, head 0, row, 0]
-    cols = tl.arange(0, RP)
-    logits = tl.zeros([RB, RP], tl.float32)
-    for hh in range(0, HEADS):
-        logits += tl.load(PARTIAL + base[:, None] + hh * RQ * RP + cols[None, :], mask=ok[:, None], other=0.0,
-                          cache_modifier=".cg")  # L2: written by other programs of this launch
-    top_key, word = _topk_pick(logits, cols, cols < R, TOPK, KP, RB, RP, True)
-    slots = tl.arange(0, KP)
-    tl.store(IDX + rows[:, None] * TOPK + slots[None, :], _topk_index(top_key, RP).to(tl.int64),
-             mask=ok[:, None] & (slots[None, :] < TOPK))
-    tl.store(WORDS + rows * 2, word, mask=ok)
-    tl.store(WORDS + rows * 2 + 1, tl.zeros([RB], tl.int64), mask=ok)
 
 
 @triton.jit
 def _routing_topk_words(PARTIAL, IDX, WORDS, HEADS, QT, NROWS,
                         R: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, RQ: tl.constexpr, RP: tl.constexpr,
                         RB: tl.constexpr):
-    """RB routing rows per program (see :func:`_routing_topk_rows`), after :func:`_routing_partials`."""
+    """RB routing rows (b * R + r) per program: the heads' partial affinities summed in head order, their
+    top-k as IDX[b, r, :] (decreasing) and as the routing word WORDS[b, r] = (bit s set = key region s, 0)."""
     rows = tl.program_id(0) * RB + tl.arange(0, RB)
-    _routing_topk_rows(PARTIAL, IDX, WORDS, rows, rows < NROWS, HEADS, QT, R, TOPK, KP, RQ, RP, RB)
+    ok = rows < NROWS
+    b, r = rows // R, rows % R
+    base = ((b * QT + r // RQ) * HEADS * RQ + r % RQ) * RP  # PARTIAL[b, group, head 0, row, 0]
+    cols = tl.arange(0, RP)
+    logits = tl.zeros([RB, RP], tl.float32)
+    for hh in range(0, HEADS):
+        logits += tl.load(PARTIAL + base[:, None] + hh * RQ * RP + cols[None, :], mask=ok[:, None], other=0.0)
+    top_key, word = _topk_pick(logits, cols, cols < R, TOPK, KP, RB, RP, True)
+    slots = tl.arange(0, KP)
+    tl.store(IDX + rows[:, None] * TOPK + slots[None, :], _topk_index(top_key, RP).to(tl.int64),
+             mask=ok[:, None] & (slots[None, :] < TOPK))
+    tl.store(WORDS + rows * 2, word, mask=ok)
+    tl.store(WORDS + rows * 2 + 1, tl.zeros([RB], tl.int64), mask=ok)
 
 
 @triton.jit
@@ -876,21 +860,9 @@ def routed_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
 
 # ---------------------------------------------------------------- routing + attention in one launch
 
-# routing_words: the top-k in the partials kernel (by each group's last program) or in a second kernel with
-# this many rows per program (benchmarks/sparse.py times the alternatives).
-ROUTING_TOPK_IN_PARTIALS = True
+# Routing rows per program of the top-k kernel of routing_words (2 measured fastest with one warp, H100,
+# BiFormer stage 3 at 224; benchmarks/sparse.py times 4).
 ROUTING_WORDS_ROWS = 2
-_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
-
-
-def _group_counters(device: torch.device, size: int) -> torch.Tensor:
-    """Zeroed int32 counters for _routing_partials, one buffer per (device, stream): the kernel leaves them
-    zero, and launches on one stream never overlap."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    buf = _COUNTERS.get((device, stream))
-    if buf is None or buf.numel() < size:
-        buf = _COUNTERS[(device, stream)] = torch.zeros(max(size, 1024), device=device, dtype=torch.int32)
-    return buf
 
 
 def bra_fused_supported(r: int, t: int, topk: int) -> bool:
@@ -911,17 +883,12 @@ def routing_words(q: torch.Tensor, k: torch.Tensor, nh: int, nw: int, topk: int)
     words = torch.empty(b, r, 2, device=q.device, dtype=torch.int64)
     partial = torch.empty(b * qt * heads, rq, rp, device=q.device, dtype=torch.float32)
     # one warp per program: the tiles are small, and reductions within a warp need no shared memory
-    here = ROUTING_TOPK_IN_PARTIALS
-    counters = _group_counters(q.device, b * qt) if here else partial
     _routing_partials[(b * qt * heads,)](
-        q, k, partial, counters, index, words, *_strides(q), *_strides(k), heads, qt, dqk, RH=h // nh, RW=w // nw,
-        NW=nw, T=t, TP=_pow2(t), R=r, RQ=rq, RP=rp, D=max(16, _pow2(dqk)),
-        RPREC="ieee" if q.dtype == torch.float32 else "tf32", TOPK=topk, KP=_pow2(topk), TOPK_HERE=here,
+        q, k, partial, *_strides(q), *_strides(k), heads, qt, dqk, RH=h // nh, RW=w // nw, NW=nw, T=t, TP=_pow2(t),
+        R=r, RQ=rq, RP=rp, D=max(16, _pow2(dqk)), RPREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=1)
+    _routing_topk_words[(triton.cdiv(b * r, ROUTING_WORDS_ROWS),)](
+        partial, index, words, heads, qt, b * r, R=r, TOPK=topk, KP=_pow2(topk), RQ=rq, RP=rp, RB=ROUTING_WORDS_ROWS,
         num_warps=1)
-    if not here:
-        _routing_topk_words[(triton.cdiv(b * r, ROUTING_WORDS_ROWS),)](
-            partial, index, words, heads, qt, b * r, R=r, TOPK=topk, KP=_pow2(topk), RQ=rq, RP=rp,
-            RB=ROUTING_WORDS_ROWS, num_warps=1)
     return index, words
 
 
