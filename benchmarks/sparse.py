@@ -349,7 +349,7 @@ def ours_alternatives(m: int, c: int, n_win: int, topk: int) -> dict[str, dict]:
         if rt.FUSED_ROUTING_WARPS != 8:
             out["ours, routing kernel with 8 warps"] = dict(FUSED_ROUTING_WARPS=8)
     if rt.bra_fused_supported(r, t, topk):
-        out["ours, routing top-k 4 rows per program"] = dict(ROUTING_WORDS_ROWS=4)
+        out["ours, without programmatic dependent launch"] = dict(ROUTED_PDL=False)
         out["ours, forward query tiles 64"] = dict(DENSE_FWD_BLOCK_M=64)
         out["ours, backward query tiles 128"] = dict(DENSE_BLOCK_M=128)
         out["ours, dense kernels with 8 warps"] = dict(DENSE_WARPS=8)

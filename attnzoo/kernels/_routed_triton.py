@@ -23,11 +23,18 @@ takes about eight.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from ._backend import triton_interpreting
+
+try:  # programmatic dependent launch (sm_90+): Triton >= 3.3
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton: the kernels run without it (PDL=False)
+    gdc_launch_dependents = gdc_wait = None
 
 _LOG2E = 1.4426950408889634
 
@@ -499,11 +506,13 @@ def _routed_dense_fwd(Q, K, V, IDX, WORDS, O, LSE,
                       RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
                       TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                      WORDS_IN: tl.constexpr):
+                      WORDS_IN: tl.constexpr, PDL: tl.constexpr):
     pid, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // HEADS, bh % HEADS
     m_ok, qr, qy, qx = _region_order_tile(pid * BLOCK_M, BLOCK_M, R, T, RH, RW, NW)  # query tokens in region order
     offs_d, offs_dv = tl.arange(0, D), tl.arange(0, DV)
+    if PDL:
+        gdc_wait()  # the routing words (everything above is index arithmetic)
     q = _load_rows(Q, b, h, qy, qx, m_ok, sqb, sqy, sqx, sqh, offs_d, D_REAL)
     if WORDS_IN:  # written by the routing kernel (_routing_words): one load instead of TOPK
         word = tl.load(WORDS + (b * R + qr) * 2, mask=m_ok, other=0)
@@ -535,12 +544,16 @@ def _routed_dense_fwd(Q, K, V, IDX, WORDS, O, LSE,
 @triton.jit
 def _routing_partials(Q, K, PARTIAL, sqb, sqy, sqx, sqh, skb, sky, skx, skh, HEADS, QT, D_REAL,
                       RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, TP: tl.constexpr,
-                      R: tl.constexpr, RQ: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, RPREC: tl.constexpr):
+                      R: tl.constexpr, RQ: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, RPREC: tl.constexpr,
+                      PDL: tl.constexpr):
     """Program (b, group of RQ query regions, head h): PARTIAL[b, group, h] = (RQ, RP) affinity of the group's
     query regions with every key region over head h's channels, from region sums (the top-k ignores a positive
     scale, so sums stand for means). Spreading the channel reduction over the heads keeps every program to one
     head's slice of the map: with BiFormer stage 3 at 224, 1024 one-warp programs instead of 128 that each
-    read a whole batch element."""
+    read a whole batch element. PDL: launched as a programmatic dependent launch (see :func:`_pdl`)."""
+    if PDL:
+        gdc_launch_dependents()  # the top-k kernel may launch now; it waits for this grid before reading
+        gdc_wait()  # q and k come from the previous kernel
     item = tl.program_id(0)
     h = item % HEADS
     g = item // HEADS
@@ -564,7 +577,7 @@ def _routing_partials(Q, K, PARTIAL, sqb, sqy, sqx, sqh, skb, sky, skx, skh, HEA
 @triton.jit
 def _routing_topk_words(PARTIAL, IDX, WORDS, HEADS, QT, NROWS,
                         R: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, RQ: tl.constexpr, RP: tl.constexpr,
-                        RB: tl.constexpr):
+                        RB: tl.constexpr, PDL: tl.constexpr):
     """RB routing rows (b * R + r) per program: the heads' partial affinities summed in head order, their
     top-k as IDX[b, r, :] (decreasing) and as the routing word WORDS[b, r] = (bit s set = key region s, 0)."""
     rows = tl.program_id(0) * RB + tl.arange(0, RB)
@@ -572,6 +585,9 @@ def _routing_topk_words(PARTIAL, IDX, WORDS, HEADS, QT, NROWS,
     b, r = rows // R, rows % R
     base = ((b * QT + r // RQ) * HEADS * RQ + r % RQ) * RP  # PARTIAL[b, group, head 0, row, 0]
     cols = tl.arange(0, RP)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()  # the partials
     logits = tl.zeros([RB, RP], tl.float32)
     for hh in range(0, HEADS):
         logits += tl.load(PARTIAL + base[:, None] + hh * RQ * RP + cols[None, :], mask=ok[:, None], other=0.0)
@@ -732,6 +748,20 @@ def _dense_tiles(r: int, t: int, topk: int, backward: bool = False) -> dict | No
     return dict(BLOCK_M=DENSE_FWD_BLOCK_M, BLOCK_N=DENSE_BLOCK_N)
 
 
+def _pdl(x: torch.Tensor, enable: bool = True) -> dict:
+    """Launch options for programmatic dependent launch (Hopper and later): a kernel of the routing chain may
+    start while the previous one drains, and waits (``gdc_wait``) before reading what that one wrote, which
+    hides a launch gap per kernel. Off under the interpreter, before sm_90, or with ROUTED_PDL False."""
+    on = (enable and ROUTED_PDL and gdc_wait is not None and x.is_cuda and not triton_interpreting()
+          and _capability_major(x.device.index if x.device.index is not None else torch.cuda.current_device()) >= 9)
+    return dict(PDL=True, launch_pdl=True) if on else dict(PDL=False)
+
+
+@functools.cache
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
 def _dense_forward(q, k, v, idx, words, out, lse, nh, nw, scale, tiles) -> None:
     """Launch the dense region-masked forward; the routing from ``words`` (B, R, 2) when given, else ``idx``."""
     b, h, w, heads, dqk = q.shape
@@ -742,7 +772,7 @@ def _dense_forward(q, k, v, idx, words, out, lse, nh, nw, scale, tiles) -> None:
         *_index_strides(idx), *_strides(out), w, h * w, heads, scale * _LOG2E, dqk, dv,
         RH=h // nh, RW=w // nw, NW=nw, T=t, R=nh * nw, TOPK=idx.shape[-1], D=max(16, _pow2(dqk)),
         DV=max(16, _pow2(dv)), WORDS_IN=words is not None, **_prec(q.dtype), num_warps=DENSE_WARPS,
-        num_stages=DENSE_STAGES, **tiles)
+        num_stages=DENSE_STAGES, **tiles, **_pdl(q, words is not None))
 
 
 def _warps(t: int) -> int:
@@ -863,6 +893,8 @@ def routed_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
 # Routing rows per program of the top-k kernel of routing_words (2 measured fastest with one warp, H100,
 # BiFormer stage 3 at 224; benchmarks/sparse.py times 4).
 ROUTING_WORDS_ROWS = 2
+# Programmatic dependent launch for the three kernels of bilevel_routing_attention's forward (see _pdl).
+ROUTED_PDL = True
 
 
 def bra_fused_supported(r: int, t: int, topk: int) -> bool:
@@ -885,10 +917,11 @@ def routing_words(q: torch.Tensor, k: torch.Tensor, nh: int, nw: int, topk: int)
     # one warp per program: the tiles are small, and reductions within a warp need no shared memory
     _routing_partials[(b * qt * heads,)](
         q, k, partial, *_strides(q), *_strides(k), heads, qt, dqk, RH=h // nh, RW=w // nw, NW=nw, T=t, TP=_pow2(t),
-        R=r, RQ=rq, RP=rp, D=max(16, _pow2(dqk)), RPREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=1)
+        R=r, RQ=rq, RP=rp, D=max(16, _pow2(dqk)), RPREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=1,
+        **_pdl(q))
     _routing_topk_words[(triton.cdiv(b * r, ROUTING_WORDS_ROWS),)](
         partial, index, words, heads, qt, b * r, R=r, TOPK=topk, KP=_pow2(topk), RQ=rq, RP=rp, RB=ROUTING_WORDS_ROWS,
-        num_warps=1)
+        num_warps=1, **_pdl(q))
     return index, words
 
 
