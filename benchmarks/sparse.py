@@ -351,7 +351,7 @@ def ours_alternatives(m: int, c: int, n_win: int, topk: int) -> dict[str, dict]:
     if rt.bra_fused_supported(r, t, topk):
         out["ours, without programmatic dependent launch"] = dict(ROUTED_PDL=False)
         out["ours, forward query tiles 64"] = dict(DENSE_FWD_BLOCK_M=64)
-        out["ours, backward query tiles 128"] = dict(DENSE_BLOCK_M=128)
+        out["ours, backward query tiles 64"] = dict(DENSE_BLOCK_M=64)
         out["ours, dense kernels with 8 warps"] = dict(DENSE_WARPS=8)
         out["ours, forward 2 stages"] = dict(DENSE_STAGES=2)
     if rt._dense_tiles(r, t, topk) is not None:

@@ -39,7 +39,7 @@ from timm.layers import ClassifierHead, DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs
 from timm.models._features import feature_take_indices
 
-from ..kernels import region_routing, routed_attention
+from ..kernels import bilevel_routing_attention
 from ._registry import register_model
 
 __all__ = ["BiFormer", "BiLevelRoutingAttention", "FullAttentionLePE", "checkpoint_filter_fn"]
@@ -49,7 +49,8 @@ class BiLevelRoutingAttention(nn.Module):
     """Bi-level routing attention on a channels-last map (official ``BiLevelRoutingAttention``, identity kv).
 
     Each of the ``n_win x n_win`` regions routes to the ``topk`` regions whose mean key best matches its
-    mean query; its tokens then attend to all tokens of those regions (:func:`attnzoo.kernels.routed_attention`).
+    mean query; its tokens then attend to all tokens of those regions
+    (:func:`attnzoo.kernels.bilevel_routing_attention`: the routing, then :func:`~attnzoo.kernels.routed_attention`).
 
     Args:
         dim: channels of the input and output (q, k and v all have ``dim`` channels).
@@ -92,11 +93,11 @@ class BiLevelRoutingAttention(nn.Module):
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
         hp, wp = height + pad_b, width + pad_r
         q, k, v = self.qkv(x).chunk(3, dim=-1)
-        # The routing sees detached region means; its softmax weights are unused in the official model.
-        _, region_index = region_routing(q.detach(), k.detach(), self.n_win, self.topk, scale=self.scale)
+        # Routing on detached region means over all channels (its softmax weights are unused in the official
+        # model), then attention over the routed regions; one call, fused kernels where the map allows.
         heads = (batch, hp, wp, self.num_heads, channels // self.num_heads)
-        out = routed_attention(q.reshape(heads), k.reshape(heads), v.reshape(heads), region_index, self.n_win,
-                               scale=self.scale)
+        out, _ = bilevel_routing_attention(q.reshape(heads), k.reshape(heads), v.reshape(heads), self.n_win,
+                                           self.topk, scale=self.scale)
         lepe = self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         out = self.proj(out.reshape(batch, hp, wp, channels) + lepe)
         if pad_b or pad_r:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import assert_close
 
-from attnzoo.kernels import region_routing, routed_attention, use_backend
+from attnzoo.kernels import bilevel_routing_attention, region_routing, routed_attention, use_backend
 from attnzoo.kernels.reference import routed_attention_reference
 
 BACKENDS = ["torch", "flex", "triton"]
@@ -270,3 +270,56 @@ def test_region_routing_triton_half_inputs_and_ties(rng):
     with use_backend("triton"):
         _, index = region_routing(flat, -flat, 2, 3)
     assert index.tolist() == [[[0, 1, 2]] * 4]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize(("b", "h", "w", "heads", "nreg", "topk"), [
+    (2, 14, 14, 3, 7, 16),        # BiFormer stage 3 at 224 (2x2-token regions): the routing-words path
+    (1, 9, 12, 12, (3, 4), 4),    # 3x3-token regions, more heads than a group's rows: routing words
+    (1, 7, 7, 2, 7, 13),          # 1-token regions: routing kernel, then routed_attention
+    (2, 8, 8, 2, 2, 1),           # 16-token regions, topk 1
+])
+def test_bilevel_routing_attention(rng, backend, b, h, w, heads, nreg, topk):
+    """Both stages in one call: the index equals region_routing's on the detached q, k over all heads'
+    channels (in order), and out and the gradients equal the float64 reference on that index."""
+    q, k, v = _inputs(rng, b, h, w, heads, 16, 16)
+    _, want_index = region_routing(q.detach().flatten(3), k.detach().flatten(3), nreg, topk)
+    with use_backend(backend):
+        out, index = bilevel_routing_attention(q, k, v, nreg, topk, scale=0.3)
+    assert index.dtype == torch.int64 and not index.requires_grad
+    torch.testing.assert_close(index, want_index)
+    ref = routed_attention_reference(q, k, v, index, nreg, scale=0.3)
+    assert_close(out, ref, dtype=q.dtype, msg=f"forward, {backend}")
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    for name, g, r in zip("qkv", got, want):
+        assert_close(g, r, dtype=q.dtype, scale=4.0, msg=f"d{name}, {backend}")
+
+
+def test_bilevel_routing_words_kernels(rng):
+    """The routing-words kernels: bit s of a query region's word is set exactly for the regions of its top-k,
+    the index is in decreasing affinity, bf16 inputs pick the fp32 torch ops' regions on the same values."""
+    from attnzoo.kernels._routed_triton import routing_words
+
+    q = torch.randn(2, 14, 14, 4, 16, generator=rng).bfloat16()
+    k = torch.randn(2, 14, 14, 4, 16, generator=rng).bfloat16()
+    index, words = routing_words(q, k, 7, 7, 16)
+    _, want = region_routing(q.float().flatten(3), k.float().flatten(3), 7, 16)
+    torch.testing.assert_close(index, want)
+    bits = torch.zeros(2, 49, 64, dtype=torch.int64).scatter_(2, index, 1)
+    assert torch.equal(words[..., 0], (bits << torch.arange(64)).sum(-1))
+    assert torch.equal(words[..., 1], torch.zeros_like(words[..., 1]))
+
+
+def test_bilevel_routing_attention_half_and_errors(rng):
+    """bf16 on the routing-words path against float64 on its own index; shape errors name the fix."""
+    q, k, v = _inputs(rng, 1, 14, 14, 2, 32, 32, dtype=torch.bfloat16)
+    with use_backend("triton"):
+        out, index = bilevel_routing_attention(q, k, v, 7, 16)
+    ref = routed_attention_reference(q.double(), k.double(), v.double(), index, 7)
+    assert_close(out, ref, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="pad it by 1"):
+        bilevel_routing_attention(q[:, :13], k[:, :13], v[:, :13], 7, 16)
+    with pytest.raises(ValueError, match=r"topk 50 must lie in \[1, 49\]"):
+        bilevel_routing_attention(q, k, v, 7, 50)
