@@ -104,13 +104,13 @@ def check_small(dev: torch.device, backends: tuple[str, ...], halo: bool = True)
                                  for _ in range(2)])
             rows.append(dict(op="routed", backend=backend, dtype=str(dtype),
                              rel_err_out_dq_dk_dv=_routed_errors(dev, backend, dtype, (q, k, v), index, 3)))
-            # routed with 2x2-token regions (BiFormer stage 3), 12x8 map; the fused kernels with 2 and 4 warps
+            # routed with 2x2-token regions (BiFormer stage 3), 12x8 map; the fused kernels with 1 and 2 warps
             from attnzoo.kernels import _routed_triton
 
             q, k, v = (torch.randn(2, 12, 8, 2, 32, generator=gen) for _ in range(3))
             index = torch.stack([torch.stack([torch.randperm(24, generator=gen)[:5] for _ in range(24)])
                                  for _ in range(2)])
-            for warps in (2, 4) if backend == "triton" else (2,):
+            for warps in (1, 2) if backend == "triton" else (1,):
                 previous, _routed_triton.SMALL_REGION_WARPS = _routed_triton.SMALL_REGION_WARPS, warps
                 try:
                     errs = _routed_errors(dev, backend, dtype, (q, k, v), index, (6, 4))
@@ -348,6 +348,11 @@ def ours_alternatives(m: int, c: int, n_win: int, topk: int) -> dict[str, dict]:
         out["ours, routing in two kernels"] = dict(FUSED_ROUTING_MAX_ELEMENTS=0)
         if rt.FUSED_ROUTING_WARPS != 8:
             out["ours, routing kernel with 8 warps"] = dict(FUSED_ROUTING_WARPS=8)
+    if t < 16 and rt._dense_tiles(r, t, topk) is None:
+        out["ours, small-region kernels with 2 warps"] = dict(SMALL_REGION_WARPS=2)
+        out["ours, small-region kernels with 64 keys per step"] = dict(SMALL_REGION_KEYS=64)
+    if not rt.fused_routing(m * m * c, r, t):
+        out["ours, without programmatic dependent launch"] = dict(ROUTED_PDL=False)
     if rt.bra_fused_supported(r, t, topk):
         out["ours, without programmatic dependent launch"] = dict(ROUTED_PDL=False)
         out["ours, forward query tiles 64"] = dict(DENSE_FWD_BLOCK_M=64)

@@ -113,49 +113,63 @@ def _dkdv_step(dk, dv, pt, q, do, v, delta, PREC: tl.constexpr, UPCAST: tl.const
 
 
 @triton.jit
-def _region_means(Q, K, MEANS, sqb, sqy, sqx, skb, sky, skx, B, R, C, inv_t,
-                  RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr,
-                  TB: tl.constexpr, CB: tl.constexpr):
-    """MEANS[0 / 1, b, r, :] = mean over region r's tokens of q / k (fp32 sums)."""
-    r, b = tl.program_id(0), tl.program_id(1)
-    offs_t = tl.arange(0, TB)
-    for c0 in range(0, C, CB):
-        offs_c = c0 + tl.arange(0, CB)
-        c_ok = offs_c < C
-        q_sum = tl.zeros([CB], tl.float32)
-        k_sum = tl.zeros([CB], tl.float32)
-        for t0 in range(0, T, TB):
-            tok = t0 + offs_t
-            ok = (tok < T)[:, None] & c_ok[None, :]
-            y, x = _tile_coords(r, tok, RH, RW, NW)
-            q = tl.load(Q + b * sqb + y[:, None] * sqy + x[:, None] * sqx + offs_c[None, :], mask=ok, other=0.0)
-            k = tl.load(K + b * skb + y[:, None] * sky + x[:, None] * skx + offs_c[None, :], mask=ok, other=0.0)
-            q_sum += tl.sum(q.to(tl.float32), 0)
-            k_sum += tl.sum(k.to(tl.float32), 0)
-        row = b * R + r
-        tl.store(MEANS + row * C + offs_c, q_sum * inv_t, mask=c_ok)
-        tl.store(MEANS + (B * R + row) * C + offs_c, k_sum * inv_t, mask=c_ok)
+def _region_sums(Q, K, SUMS, sqb, sqy, sqx, skb, sky, skx, B, R, C,
+                 RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, TP: tl.constexpr,
+                 RB: tl.constexpr, CB: tl.constexpr, PDL: tl.constexpr):
+    """SUMS[0 / 1, b, r, c] = sum over region r's tokens of q / k (fp32), program (RB regions, CB channels, b)."""
+    pr, pc, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    regs = pr * RB + tl.arange(0, RB)
+    tok = tl.arange(0, TP)
+    offs_c = pc * CB + tl.arange(0, CB)
+    y, x = _tile_coords(regs[:, None], tok[None, :], RH, RW, NW)
+    ok = ((regs < R)[:, None] & (tok < T)[None, :])[:, :, None] & (offs_c < C)[None, None, :]
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()  # q and k come from the previous kernel
+    qs = tl.sum(tl.load(Q + b * sqb + (y * sqy + x * sqx)[:, :, None] + offs_c[None, None, :], mask=ok,
+                        other=0.0).to(tl.float32), 1)
+    ks = tl.sum(tl.load(K + b * skb + (y * sky + x * skx)[:, :, None] + offs_c[None, None, :], mask=ok,
+                        other=0.0).to(tl.float32), 1)
+    dst = (b * R + regs[:, None]) * C + offs_c[None, :]
+    st_ok = (regs < R)[:, None] & (offs_c < C)[None, :]
+    tl.store(SUMS + dst, qs, mask=st_ok)
+    tl.store(SUMS + B * R * C + dst, ks, mask=st_ok)
 
 
 @triton.jit
-def _region_topk(MEANS, IDX, WEIGHT, B, R, C, scale,
-                 TOPK: tl.constexpr, KP: tl.constexpr, RB: tl.constexpr, RP: tl.constexpr, CB: tl.constexpr,
-                 PREC: tl.constexpr):
-    """Affinity of RB query regions with all key regions, then its top-k (decreasing; ties to the lower id)."""
-    pid, b = tl.program_id(0), tl.program_id(1)
-    rows = pid * RB + tl.arange(0, RB)
+def _region_affinity(SUMS, LOGITS, B, R, C, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     PREC: tl.constexpr, PDL: tl.constexpr):
+    """LOGITS[b] = q region sums (R, C) @ k region sums (R, C)^T, fp32 accumulation, (BM, BN) tiles."""
+    pm, pn, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pm * BM + tl.arange(0, BM)
+    rn = pn * BN + tl.arange(0, BN)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    acc = tl.zeros([BM, BN], tl.float32)
+    for k0 in range(0, C, BK):
+        kk = k0 + tl.arange(0, BK)
+        a = tl.load(SUMS + (b * R + rm[:, None]) * C + kk[None, :], mask=(rm < R)[:, None] & (kk < C)[None, :],
+                    other=0.0)
+        bt = tl.load(SUMS + B * R * C + (b * R + rn[None, :]) * C + kk[:, None],
+                     mask=(rn < R)[None, :] & (kk < C)[:, None], other=0.0)
+        acc += tl.dot(a, bt, input_precision=PREC)
+    tl.store(LOGITS + (b * R + rm[:, None]) * R + rn[None, :], acc, mask=(rm < R)[:, None] & (rn < R)[None, :])
+
+
+@triton.jit
+def _region_topk_rows(LOGITS, IDX, WEIGHT, NROWS, R, scale, TOPK: tl.constexpr, KP: tl.constexpr,
+                      RB: tl.constexpr, RP: tl.constexpr, PDL: tl.constexpr):
+    """Top-k and kept-logit softmax of RB affinity rows (b * R + r) per program (logits times scale)."""
+    rows = tl.program_id(0) * RB + tl.arange(0, RB)
     cols = tl.arange(0, RP)
-    r_ok, s_ok = rows < R, cols < R
-    logits = tl.zeros([RB, RP], tl.float32)
-    for c0 in range(0, C, CB):
-        offs_c = c0 + tl.arange(0, CB)
-        c_ok = offs_c < C
-        qm = tl.load(MEANS + (b * R + rows[:, None]) * C + offs_c[None, :], mask=r_ok[:, None] & c_ok[None, :],
-                     other=0.0)
-        km = tl.load(MEANS + ((B + b) * R + cols[None, :]) * C + offs_c[:, None], mask=s_ok[None, :] & c_ok[:, None],
-                     other=0.0)  # (CB, RP)
-        logits += tl.dot(qm, km, input_precision=PREC)
-    _topk_softmax_store(logits * scale, rows, cols, r_ok, s_ok, IDX, WEIGHT, b, R, TOPK, KP, RB, RP)
+    ok = rows < NROWS
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    logits = tl.load(LOGITS + rows[:, None] * R + cols[None, :], mask=ok[:, None] & (cols < R)[None, :], other=0.0)
+    # rows of all batch elements are contiguous: batch element 0 with row ids b * R + r
+    _topk_softmax_store(logits * scale, rows, cols, ok, cols < R, IDX, WEIGHT, 0, R, TOPK, KP, RB, RP)
 
 
 @triton.jit
@@ -267,13 +281,22 @@ def region_routing_triton(q: torch.Tensor, k: torch.Tensor, nh: int, nw: int, to
             r, c, 1.0 / t, scale, RH=rh, RW=rw, NW=nw, T=t, TP=tp, TOPK=topk, KP=_pow2(topk), RB=16, RP=rp, CB=cb,
             PREC=prec, num_warps=FUSED_ROUTING_WARPS)
         return weight, index
-    means = torch.empty(2, b, r, c, device=q.device, dtype=torch.float32)
-    _region_means[(r, b)](q, k, means, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                          b, r, c, 1.0 / t, RH=rh, RW=rw, NW=nw, T=t, TB=min(_pow2(t), 64),
-                          CB=min(_pow2(c), 64), num_warps=4)
-    # Few warps: the top-k is a chain of row reductions, cheapest within a warp.
-    _region_topk[(triton.cdiv(r, 16), b)](means, index, weight, b, r, c, scale, TOPK=topk, KP=_pow2(topk), RB=16,
-                                          RP=rp, CB=32, PREC=prec, num_warps=min(8, max(2, rp // 32)))
+    # region sums, their affinity (a small batched GEMM), the top-k of each row: three launches with enough
+    # programs each to fill the GPU, chained by programmatic dependent launch
+    tp = _pow2(t)
+    cb = min(_pow2(c), 32)
+    rb = max(1, min(16, 4096 // (tp * cb)))
+    sums = torch.empty(2, b, r, c, device=q.device, dtype=torch.float32)
+    logits = torch.empty(b, r, r, device=q.device, dtype=torch.float32)
+    _region_sums[(triton.cdiv(r, rb), triton.cdiv(c, cb), b)](
+        q, k, sums, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), b, r, c,
+        RH=rh, RW=rw, NW=nw, T=t, TP=tp, RB=rb, CB=cb, num_warps=1, **_pdl(q))
+    bm = min(64, max(16, _pow2(r)))
+    _region_affinity[(triton.cdiv(r, bm), triton.cdiv(r, bm), b)](
+        sums, logits, b, r, c, BM=bm, BN=bm, BK=min(64, max(16, _pow2(c))), PREC=prec, num_warps=4, **_pdl(q))
+    _region_topk_rows[(triton.cdiv(b * r, ROUTING_TOPK_ROWS),)](
+        logits, index, weight, b * r, r, scale / (t * t), TOPK=topk, KP=_pow2(topk), RB=ROUTING_TOPK_ROWS, RP=rp,
+        num_warps=1, **_pdl(q))
     return weight, index
 
 
@@ -287,7 +310,7 @@ def _routed_fwd(Q, K, V, IDX, O, LSE,
                 W, NTOK, HEADS, scale_log2, D_REAL, DV_REAL,
                 RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, MT: tl.constexpr,
                 TOPK: tl.constexpr, BLOCK_M: tl.constexpr, KT: tl.constexpr, KR: tl.constexpr,
-                D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
     pid, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // HEADS, bh % HEADS
     r, mt = pid // MT, pid % MT
@@ -296,6 +319,8 @@ def _routed_fwd(Q, K, V, IDX, O, LSE,
     qy, qx = _tile_coords(r, offs_m, RH, RW, NW)
     offs_d, offs_dv = tl.arange(0, D), tl.arange(0, DV)
     offs_n = tl.arange(0, KR * KT)
+    if PDL:
+        gdc_wait()  # the routing (everything above is index arithmetic)
     q = _load_rows(Q, b, h, qy, qx, m_ok, sqb, sqy, sqx, sqh, offs_d, D_REAL)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -692,10 +717,11 @@ def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 def _tiles(t: int, topk: int) -> dict:
-    """Tile sizes: query chunks of up to 64 tokens; key tiles of >= 16 and up to 64 lanes, packing
-    several small regions (KR x KT) so tl.dot always has a legal shape."""
+    """Tile sizes: query chunks of up to 64 tokens; key tiles of >= 16 and up to 64 lanes (SMALL_REGION_KEYS
+    for regions under 16 tokens), packing several small regions (KR x KT) so tl.dot always has a legal shape."""
     kt = min(_pow2(t), 64)
-    kr = max(16 // kt, min(64 // kt, _pow2(topk)), 1)
+    lanes = SMALL_REGION_KEYS if t < 16 else 64
+    kr = max(16 // kt, min(lanes // kt, _pow2(topk)), 1)
     block_m = max(16, min(_pow2(t), 64))
     return dict(BLOCK_M=block_m, KT=kt, KR=kr)
 
@@ -714,10 +740,14 @@ def fused_routing(elements: int, r: int, t: int) -> bool:
     return elements <= FUSED_ROUTING_MAX_ELEMENTS and _pow2(t) * max(16, _pow2(r)) <= 512
 
 
-# Warps per program of the attention kernels for regions under 16 tokens, whose tiles are 16 rows (mostly
-# padding). 2 measured 5-15% faster than 4 at BiFormer stage 3 (H100, bf16; docs/benchmarks.md);
-# benchmarks/sparse.py times 2 against this value.
-SMALL_REGION_WARPS = 2
+# Warps per program of the sparse attention kernels for regions under 16 tokens, whose tiles are 16 rows
+# (mostly padding), and key lanes per step of their loops. One warp with 32 keys measured 1.5x faster than
+# two with 64 at BiFormer stage 3 at 512 (H100, bf16, .scratch sweep; docs/benchmarks.md); benchmarks/sparse.py
+# times the alternatives.
+SMALL_REGION_WARPS = 1
+SMALL_REGION_KEYS = 32
+# Affinity rows per program of the top-k kernel of the three-kernel routing (one warp each).
+ROUTING_TOPK_ROWS = 2
 
 
 # Key regions per program of the inverse-routing-table kernel (benchmarks/sparse.py times 32 against it).
@@ -748,11 +778,13 @@ def _dense_tiles(r: int, t: int, topk: int, backward: bool = False) -> dict | No
     return dict(BLOCK_M=DENSE_FWD_BLOCK_M, BLOCK_N=DENSE_BLOCK_N)
 
 
-def _pdl(x: torch.Tensor, enable: bool = True) -> dict:
-    """Launch options for programmatic dependent launch (Hopper and later): a kernel of the routing chain may
-    start while the previous one drains, and waits (``gdc_wait``) before reading what that one wrote, which
-    hides a launch gap per kernel. Off under the interpreter, before sm_90, or with ROUTED_PDL False."""
-    on = (enable and ROUTED_PDL and gdc_wait is not None and x.is_cuda and not triton_interpreting()
+def _pdl(x: torch.Tensor) -> dict:
+    """Launch options for programmatic dependent launch (Hopper and later) of the forward's kernels (routing,
+    attention): a kernel may start while the previous one drains; it runs only index arithmetic until
+    ``gdc_wait`` (the previous grid complete, its writes visible), so neither its reads nor its writes can
+    race that grid. Hides a launch gap per kernel. Off under the interpreter, before sm_90, or with ROUTED_PDL
+    False."""
+    on = (ROUTED_PDL and gdc_wait is not None and x.is_cuda and not triton_interpreting()
           and _capability_major(x.device.index if x.device.index is not None else torch.cuda.current_device()) >= 9)
     return dict(PDL=True, launch_pdl=True) if on else dict(PDL=False)
 
@@ -772,7 +804,7 @@ def _dense_forward(q, k, v, idx, words, out, lse, nh, nw, scale, tiles) -> None:
         *_index_strides(idx), *_strides(out), w, h * w, heads, scale * _LOG2E, dqk, dv,
         RH=h // nh, RW=w // nw, NW=nw, T=t, R=nh * nw, TOPK=idx.shape[-1], D=max(16, _pow2(dqk)),
         DV=max(16, _pow2(dv)), WORDS_IN=words is not None, **_prec(q.dtype), num_warps=DENSE_WARPS,
-        num_stages=DENSE_STAGES, **tiles, **_pdl(q, words is not None))
+        num_stages=DENSE_STAGES, **tiles, **_pdl(q))
 
 
 def _warps(t: int) -> int:
@@ -816,7 +848,7 @@ class _RoutedAttention(torch.autograd.Function):
             q, k, v, idx, out, lse, *_strides(q), *_strides(k), *_strides(v), *_index_strides(idx),
             *_strides(out), w, h * w, heads, scale * _LOG2E, dqk, dv,
             RH=rh, RW=rw, NW=nw, T=t, MT=mt, TOPK=topk, D=max(16, _pow2(dqk)), DV=max(16, _pow2(dv)),
-            **_prec(q.dtype), num_warps=_warps(t), **tiles)
+            **_prec(q.dtype), num_warps=_warps(t), **tiles, **_pdl(q))
         ctx.save_for_backward(q, k, v, idx, out, lse)
         ctx.geometry = (nh, nw, scale)
         return out
