@@ -115,7 +115,7 @@ def _dkdv_step(dk, dv, pt, q, do, v, delta, PREC: tl.constexpr, UPCAST: tl.const
 @triton.jit
 def _region_sums(Q, K, SUMS, sqb, sqy, sqx, skb, sky, skx, B, R, C,
                  RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, TP: tl.constexpr,
-                 RB: tl.constexpr, CB: tl.constexpr, PDL: tl.constexpr):
+                 RB: tl.constexpr, CB: tl.constexpr):
     """SUMS[0 / 1, b, r, c] = sum over region r's tokens of q / k (fp32), program (RB regions, CB channels, b)."""
     pr, pc, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     regs = pr * RB + tl.arange(0, RB)
@@ -123,9 +123,6 @@ def _region_sums(Q, K, SUMS, sqb, sqy, sqx, skb, sky, skx, B, R, C,
     offs_c = pc * CB + tl.arange(0, CB)
     y, x = _tile_coords(regs[:, None], tok[None, :], RH, RW, NW)
     ok = ((regs < R)[:, None] & (tok < T)[None, :])[:, :, None] & (offs_c < C)[None, None, :]
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()  # q and k come from the previous kernel
     qs = tl.sum(tl.load(Q + b * sqb + (y * sqy + x * sqx)[:, :, None] + offs_c[None, None, :], mask=ok,
                         other=0.0).to(tl.float32), 1)
     ks = tl.sum(tl.load(K + b * skb + (y * sky + x * skx)[:, :, None] + offs_c[None, None, :], mask=ok,
@@ -138,14 +135,11 @@ def _region_sums(Q, K, SUMS, sqb, sqy, sqx, skb, sky, skx, B, R, C,
 
 @triton.jit
 def _region_affinity(SUMS, LOGITS, B, R, C, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                     PREC: tl.constexpr, PDL: tl.constexpr):
+                     PREC: tl.constexpr):
     """LOGITS[b] = q region sums (R, C) @ k region sums (R, C)^T, fp32 accumulation, (BM, BN) tiles."""
     pm, pn, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pm * BM + tl.arange(0, BM)
     rn = pn * BN + tl.arange(0, BN)
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
     acc = tl.zeros([BM, BN], tl.float32)
     for k0 in range(0, C, BK):
         kk = k0 + tl.arange(0, BK)
@@ -159,14 +153,11 @@ def _region_affinity(SUMS, LOGITS, B, R, C, BM: tl.constexpr, BN: tl.constexpr, 
 
 @triton.jit
 def _region_topk_rows(LOGITS, IDX, WEIGHT, NROWS, R, scale, TOPK: tl.constexpr, KP: tl.constexpr,
-                      RB: tl.constexpr, RP: tl.constexpr, PDL: tl.constexpr):
+                      RB: tl.constexpr, RP: tl.constexpr):
     """Top-k and kept-logit softmax of RB affinity rows (b * R + r) per program (logits times scale)."""
     rows = tl.program_id(0) * RB + tl.arange(0, RB)
     cols = tl.arange(0, RP)
     ok = rows < NROWS
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
     logits = tl.load(LOGITS + rows[:, None] * R + cols[None, :], mask=ok[:, None] & (cols < R)[None, :], other=0.0)
     # rows of all batch elements are contiguous: batch element 0 with row ids b * R + r
     _topk_softmax_store(logits * scale, rows, cols, ok, cols < R, IDX, WEIGHT, 0, R, TOPK, KP, RB, RP)
@@ -212,32 +203,24 @@ def _region_routing_fused(Q, K, IDX, WEIGHT, sqb, sqy, sqx, skb, sky, skx, R, C,
 def _topk_pick(logits, cols, s_ok, TOPK: tl.constexpr, KP: tl.constexpr, RB: tl.constexpr, RP: tl.constexpr,
                WORDS: tl.constexpr):
     """Top-k of each row of logits (RB, RP), columns past s_ok excluded (decreasing; ties to the lower id).
-    Returns (top_key (RB, KP) int64 as built below, picks in slots 0 .. TOPK-1; the routing word (RB,) int64
-    with bit c set for each picked column c when WORDS (RP <= 64), else 0)."""
-    # One int64 key per logit: an order-preserving integer image of the fp32 value in the high half, the
-    # reversed column in the low half, so that one max per pick gives the best logit and, among equal
-    # ones, the lowest region id (one reduction per pick instead of two).
-    bits = logits.to(tl.int32, bitcast=True)
-    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    key = (ordered.to(tl.int64) << 32) | (RP - 1 - cols[None, :]).to(tl.int64)
-    lowest = tl.full([RB, RP], -9223372036854775808, tl.int64)
-    key = tl.where(s_ok[None, :], key, lowest)
+    Returns (columns (RB, KP) int32 and values (RB, KP) fp32, picks in slots 0 .. TOPK-1; the routing word
+    (RB,) int64 with bit c set for each picked column c when WORDS (RP <= 64), else 0)."""
+    # One pick = a row maximum, then the lowest column holding it (two 32-bit reductions: cheaper than one
+    # reduction over 64-bit (value, column) keys); the picked column leaves the row.
+    vals = tl.where(s_ok[None, :], logits, float("-inf"))
     slots = tl.arange(0, KP)
-    top_key = tl.full([RB, KP], -9223372036854775808, tl.int64)
+    top_col = tl.zeros([RB, KP], tl.int32)
+    top_val = tl.zeros([RB, KP], tl.float32)
     word = tl.zeros([RB], tl.int64)
     for j in range(TOPK):
-        best = tl.max(key, 1)
-        top_key = tl.where(slots[None, :] == j, best[:, None], top_key)
-        key = tl.where(key == best[:, None], lowest, key)  # keys are unique within a row
+        best = tl.max(vals, 1)
+        col = tl.min(tl.where(vals == best[:, None], cols[None, :], RP), 1)
+        top_col = tl.where(slots[None, :] == j, col[:, None], top_col)
+        top_val = tl.where(slots[None, :] == j, best[:, None], top_val)
+        vals = tl.where(cols[None, :] == col[:, None], float("-inf"), vals)
         if WORDS:
-            word = word | (tl.full([RB], 1, tl.int64) << (RP - 1 - (best & 0xFFFFFFFF)))
-    return top_key, word
-
-
-@triton.jit
-def _topk_index(top_key, RP: tl.constexpr):
-    """Region ids (int32) of the keys from :func:`_topk_pick`."""
-    return RP - 1 - (top_key & 0xFFFFFFFF).to(tl.int32)
+            word = word | (tl.full([RB], 1, tl.int64) << col.to(tl.int64))
+    return top_col, top_val, word
 
 
 @triton.jit
@@ -245,10 +228,7 @@ def _topk_softmax_store(logits, rows, cols, r_ok, s_ok, IDX, WEIGHT, b, R,
                         TOPK: tl.constexpr, KP: tl.constexpr, RB: tl.constexpr, RP: tl.constexpr):
     """Top-k of each row of logits (RB, RP) (decreasing; ties to the lower id), then the softmax of the kept
     logits; stores rows ``rows`` of the index (int64) and weight of batch element b."""
-    top_key, _ = _topk_pick(logits, cols, s_ok, TOPK, KP, RB, RP, False)
-    top_idx = _topk_index(top_key, RP)
-    top_ordered = (top_key >> 32).to(tl.int32)
-    top_val = tl.where(top_ordered >= 0, top_ordered, top_ordered ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+    top_idx, top_val, _ = _topk_pick(logits, cols, s_ok, TOPK, KP, RB, RP, False)
     # softmax of the kept logits; the first kept one is the row maximum
     slots = tl.arange(0, KP)
     kept = slots[None, :] < TOPK
@@ -282,7 +262,7 @@ def region_routing_triton(q: torch.Tensor, k: torch.Tensor, nh: int, nw: int, to
             PREC=prec, num_warps=FUSED_ROUTING_WARPS)
         return weight, index
     # region sums, their affinity (a small batched GEMM), the top-k of each row: three launches with enough
-    # programs each to fill the GPU, chained by programmatic dependent launch
+    # programs each to fill the GPU (programmatic dependent launch measured 5-20% slower here)
     tp = _pow2(t)
     cb = min(_pow2(c), 32)
     rb = max(1, min(16, 4096 // (tp * cb)))
@@ -290,13 +270,13 @@ def region_routing_triton(q: torch.Tensor, k: torch.Tensor, nh: int, nw: int, to
     logits = torch.empty(b, r, r, device=q.device, dtype=torch.float32)
     _region_sums[(triton.cdiv(r, rb), triton.cdiv(c, cb), b)](
         q, k, sums, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), b, r, c,
-        RH=rh, RW=rw, NW=nw, T=t, TP=tp, RB=rb, CB=cb, num_warps=1, **_pdl(q))
+        RH=rh, RW=rw, NW=nw, T=t, TP=tp, RB=rb, CB=cb, num_warps=1)
     bm = min(64, max(16, _pow2(r)))
     _region_affinity[(triton.cdiv(r, bm), triton.cdiv(r, bm), b)](
-        sums, logits, b, r, c, BM=bm, BN=bm, BK=min(64, max(16, _pow2(c))), PREC=prec, num_warps=4, **_pdl(q))
+        sums, logits, b, r, c, BM=bm, BN=bm, BK=min(64, max(16, _pow2(c))), PREC=prec, num_warps=4)
     _region_topk_rows[(triton.cdiv(b * r, ROUTING_TOPK_ROWS),)](
         logits, index, weight, b * r, r, scale / (t * t), TOPK=topk, KP=_pow2(topk), RB=ROUTING_TOPK_ROWS, RP=rp,
-        num_warps=1, **_pdl(q))
+        num_warps=1)
     return weight, index
 
 
@@ -310,7 +290,7 @@ def _routed_fwd(Q, K, V, IDX, O, LSE,
                 W, NTOK, HEADS, scale_log2, D_REAL, DV_REAL,
                 RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, MT: tl.constexpr,
                 TOPK: tl.constexpr, BLOCK_M: tl.constexpr, KT: tl.constexpr, KR: tl.constexpr,
-                D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
+                D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // HEADS, bh % HEADS
     r, mt = pid // MT, pid % MT
@@ -319,8 +299,6 @@ def _routed_fwd(Q, K, V, IDX, O, LSE,
     qy, qx = _tile_coords(r, offs_m, RH, RW, NW)
     offs_d, offs_dv = tl.arange(0, D), tl.arange(0, DV)
     offs_n = tl.arange(0, KR * KT)
-    if PDL:
-        gdc_wait()  # the routing (everything above is index arithmetic)
     q = _load_rows(Q, b, h, qy, qx, m_ok, sqb, sqy, sqx, sqh, offs_d, D_REAL)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -616,9 +594,9 @@ def _routing_topk_words(PARTIAL, IDX, WORDS, HEADS, QT, NROWS,
     logits = tl.zeros([RB, RP], tl.float32)
     for hh in range(0, HEADS):
         logits += tl.load(PARTIAL + base[:, None] + hh * RQ * RP + cols[None, :], mask=ok[:, None], other=0.0)
-    top_key, word = _topk_pick(logits, cols, cols < R, TOPK, KP, RB, RP, True)
+    top_idx, _, word = _topk_pick(logits, cols, cols < R, TOPK, KP, RB, RP, True)
     slots = tl.arange(0, KP)
-    tl.store(IDX + rows[:, None] * TOPK + slots[None, :], _topk_index(top_key, RP).to(tl.int64),
+    tl.store(IDX + rows[:, None] * TOPK + slots[None, :], top_idx.to(tl.int64),
              mask=ok[:, None] & (slots[None, :] < TOPK))
     tl.store(WORDS + rows * 2, word, mask=ok)
     tl.store(WORDS + rows * 2 + 1, tl.zeros([RB], tl.int64), mask=ok)
@@ -746,6 +724,7 @@ def fused_routing(elements: int, r: int, t: int) -> bool:
 # times the alternatives.
 SMALL_REGION_WARPS = 1
 SMALL_REGION_KEYS = 32
+SMALL_REGION_DKDV_WARPS = 2  # the dk/dv kernel's (keys, 64 queries) tiles: 1 warp measured 9% slower
 # Affinity rows per program of the top-k kernel of the three-kernel routing (one warp each).
 ROUTING_TOPK_ROWS = 2
 
@@ -778,13 +757,14 @@ def _dense_tiles(r: int, t: int, topk: int, backward: bool = False) -> dict | No
     return dict(BLOCK_M=DENSE_FWD_BLOCK_M, BLOCK_N=DENSE_BLOCK_N)
 
 
-def _pdl(x: torch.Tensor) -> dict:
-    """Launch options for programmatic dependent launch (Hopper and later) of the forward's kernels (routing,
-    attention): a kernel may start while the previous one drains; it runs only index arithmetic until
-    ``gdc_wait`` (the previous grid complete, its writes visible), so neither its reads nor its writes can
-    race that grid. Hides a launch gap per kernel. Off under the interpreter, before sm_90, or with ROUTED_PDL
-    False."""
-    on = (ROUTED_PDL and gdc_wait is not None and x.is_cuda and not triton_interpreting()
+def _pdl(x: torch.Tensor, enable: bool = True) -> dict:
+    """Launch options for programmatic dependent launch (Hopper and later) of bilevel_routing_attention's
+    forward kernels (routing words, attention): a kernel may start while the previous one drains; it runs
+    only index arithmetic until ``gdc_wait`` (the previous grid complete, its writes visible), so neither its
+    reads nor its writes can race that grid. Hides a launch gap per kernel (4% at BiFormer stage 3 at 224;
+    on the larger grids of the three-kernel routing it measured 5-20% slower, so it is not used there). Off
+    under the interpreter, before sm_90, or with ROUTED_PDL False."""
+    on = (enable and ROUTED_PDL and gdc_wait is not None and x.is_cuda and not triton_interpreting()
           and _capability_major(x.device.index if x.device.index is not None else torch.cuda.current_device()) >= 9)
     return dict(PDL=True, launch_pdl=True) if on else dict(PDL=False)
 
@@ -804,11 +784,13 @@ def _dense_forward(q, k, v, idx, words, out, lse, nh, nw, scale, tiles) -> None:
         *_index_strides(idx), *_strides(out), w, h * w, heads, scale * _LOG2E, dqk, dv,
         RH=h // nh, RW=w // nw, NW=nw, T=t, R=nh * nw, TOPK=idx.shape[-1], D=max(16, _pow2(dqk)),
         DV=max(16, _pow2(dv)), WORDS_IN=words is not None, **_prec(q.dtype), num_warps=DENSE_WARPS,
-        num_stages=DENSE_STAGES, **tiles, **_pdl(q))
+        num_stages=DENSE_STAGES, **tiles, **_pdl(q, words is not None))
 
 
-def _warps(t: int) -> int:
-    return SMALL_REGION_WARPS if t < 16 else 4
+def _warps(t: int, dkdv: bool = False) -> int:
+    if t >= 16:
+        return 4
+    return SMALL_REGION_DKDV_WARPS if dkdv else SMALL_REGION_WARPS
 
 
 def _prec(dtype: torch.dtype) -> dict:
@@ -848,7 +830,7 @@ class _RoutedAttention(torch.autograd.Function):
             q, k, v, idx, out, lse, *_strides(q), *_strides(k), *_strides(v), *_index_strides(idx),
             *_strides(out), w, h * w, heads, scale * _LOG2E, dqk, dv,
             RH=rh, RW=rw, NW=nw, T=t, MT=mt, TOPK=topk, D=max(16, _pow2(dqk)), DV=max(16, _pow2(dv)),
-            **_prec(q.dtype), num_warps=_warps(t), **tiles, **_pdl(q))
+            **_prec(q.dtype), num_warps=_warps(t), **tiles)
         ctx.save_for_backward(q, k, v, idx, out, lse)
         ctx.geometry = (nh, nw, scale)
         return out
@@ -910,7 +892,7 @@ class _RoutedAttention(torch.autograd.Function):
         _routed_bwd_dkdv[(r * nt, b * heads)](
             q, k, v, dout, lse, delta, starts, counts, qlist, dk, dv, *_strides(q), *_strides(k), *_strides(v),
             *_strides(dout), w, h * w, heads, r, scale * _LOG2E, scale, dqk, dv_dim,
-            NT=nt, BLOCK_N=block_n, QT=qt, QE=max(1, 64 // qt), **common)
+            NT=nt, BLOCK_N=block_n, QT=qt, QE=max(1, 64 // qt), **{**common, "num_warps": _warps(t, dkdv=True)})
         return dq, dk, dv, None, None, None, None
 
 
