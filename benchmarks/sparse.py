@@ -351,8 +351,9 @@ def ours_alternatives(m: int, c: int, n_win: int, topk: int) -> dict[str, dict]:
     if t < 16 and rt._dense_tiles(r, t, topk) is None:
         out["ours, small-region kernels with 2 warps"] = dict(SMALL_REGION_WARPS=2)
         out["ours, small-region dk/dv with 4 warps"] = dict(SMALL_REGION_DKDV_WARPS=4)
-        out["ours, inverse table 4 keys per program"] = dict(INVERSE_KEYS_PER_PROGRAM=4)
-        out["ours, small-region kernels with 64 keys per step"] = dict(SMALL_REGION_KEYS=64)
+        out["ours, inverse table 16 keys per program"] = dict(INVERSE_KEYS_PER_PROGRAM=16)
+        out["ours, small-region forward with 32 keys per step"] = dict(SMALL_REGION_KEYS=32)
+        out["ours, small-region dq with 64 keys per step"] = dict(SMALL_REGION_DQ_KEYS=64)
     if not rt.fused_routing(m * m * c, r, t):
         out["ours, without programmatic dependent launch"] = dict(ROUTED_PDL=False)
     if rt.bra_fused_supported(r, t, topk):

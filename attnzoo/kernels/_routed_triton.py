@@ -362,41 +362,48 @@ def _routed_bwd_dq(Q, K, V, IDX, DO, O, LSE, DELTA, DQ,
 
 
 @triton.jit
+def _inverse_hits(IDX, b, rows, keys, sib, sir, sis, R, TOPK: tl.constexpr, KP: tl.constexpr):
+    """(routing rows, key regions) counts: how often each row of the tile names each key region; and the
+    tile's entries naming a region below keys[0]."""
+    slots = tl.arange(0, KP)
+    tile = tl.load(IDX + b * sib + rows[:, None] * sir + slots[None, :] * sis,
+                   mask=(rows < R)[:, None] & (slots < TOPK)[None, :], other=-1).to(tl.int32)
+    hits = tl.sum((tile[:, :, None] == keys[None, None, :]).to(tl.int32), 1)
+    below = tl.sum(tl.sum(((tile >= 0) & (tile < tl.min(keys, 0))).to(tl.int32), 1), 0)
+    return hits, below
+
+
+@triton.jit
 def _routed_inverse(IDX, STARTS, COUNTS, QLIST, sib, sir, sis, R,
                     TOPK: tl.constexpr, KP: tl.constexpr, SB: tl.constexpr, RQ: tl.constexpr):
     """Inverse routing table of one batch element, for SB key regions: the query regions that chose each one
     (a region chosen twice by one query region is listed twice), stored contiguously in key-region order
     in the batch's segment QLIST[b * R * TOPK:], with STARTS / COUNTS per (batch, key region). The routing
-    table is read in (RQ, topk) tiles, one load per tile: this kernel is bound by load latency."""
+    table is read in (RQ, topk) tiles; where one tile holds it all (R <= RQ) counts and places come from
+    one read, else a counting pass precedes the placing pass."""
     pid, b = tl.program_id(0), tl.program_id(1)
     s0 = pid * SB
     keys = s0 + tl.arange(0, SB)
     keys_ok = keys < R
-    offs_r, slots = tl.arange(0, RQ), tl.arange(0, KP)
+    offs_r = tl.arange(0, RQ)
     before = 0  # entries naming a key region before this chunk: where the chunk's lists start
     counts = tl.zeros([SB], tl.int32)
-    for r0 in range(0, R, RQ):  # pass 1: how often each key region is named
-        rows = r0 + offs_r
-        tile = tl.load(IDX + b * sib + rows[:, None] * sir + slots[None, :] * sis,
-                       mask=(rows < R)[:, None] & (slots < TOPK)[None, :], other=-1).to(tl.int32)
-        before += tl.sum(tl.sum(((tile >= 0) & (tile < s0)).to(tl.int32), 1), 0)
-        hits = tl.zeros([RQ, SB], tl.int32)
-        for j in range(TOPK):
-            col = tl.sum(tl.where(slots[None, :] == j, tile, 0), 1)
-            hits += (col[:, None] == keys[None, :]).to(tl.int32)
-        counts += tl.sum(hits, 0)
+    if RQ < R:
+        for r0 in range(0, R, RQ):  # pass 1: how often each key region is named
+            hits, below = _inverse_hits(IDX, b, r0 + offs_r, keys, sib, sir, sis, R, TOPK, KP)
+            before += below
+            counts += tl.sum(hits, 0)
+    else:
+        hits, before = _inverse_hits(IDX, b, offs_r, keys, sib, sir, sis, R, TOPK, KP)
+        counts = tl.sum(hits, 0)
     starts = b * R * TOPK + before + tl.cumsum(counts, 0) - counts
     tl.store(STARTS + b * R + keys, starts, mask=keys_ok)
     tl.store(COUNTS + b * R + keys, counts, mask=keys_ok)
     filled = tl.zeros([SB], tl.int32)
-    for r0 in range(0, R, RQ):  # pass 2: write each query region at its place in each list, in row order
+    for r0 in range(0, R, RQ):  # write each query region at its place in each list, in row order
         rows = r0 + offs_r
-        tile = tl.load(IDX + b * sib + rows[:, None] * sir + slots[None, :] * sis,
-                       mask=(rows < R)[:, None] & (slots < TOPK)[None, :], other=-1).to(tl.int32)
-        hits = tl.zeros([RQ, SB], tl.int32)
-        for j in range(TOPK):
-            col = tl.sum(tl.where(slots[None, :] == j, tile, 0), 1)
-            hits += (col[:, None] == keys[None, :]).to(tl.int32)
+        if RQ < R:
+            hits, _ = _inverse_hits(IDX, b, rows, keys, sib, sir, sis, R, TOPK, KP)
         pos = starts[None, :] + filled[None, :] + tl.cumsum(hits, 0) - hits
         for c in range(0, tl.max(tl.max(hits, 1), 0)):  # a region named c+1 times by a row gets c+1 entries
             tl.store(QLIST + pos + c, rows[:, None] + tl.zeros([RQ, SB], tl.int32), mask=hits > c)
@@ -694,11 +701,12 @@ def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _tiles(t: int, topk: int) -> dict:
-    """Tile sizes: query chunks of up to 64 tokens; key tiles of >= 16 and up to 64 lanes (SMALL_REGION_KEYS
-    for regions under 16 tokens), packing several small regions (KR x KT) so tl.dot always has a legal shape."""
+def _tiles(t: int, topk: int, backward: bool = False) -> dict:
+    """Tile sizes: query chunks of up to 64 tokens; key tiles of >= 16 and up to 64 lanes (for regions under
+    16 tokens SMALL_REGION_KEYS, SMALL_REGION_DQ_KEYS in the dq pass), packing several small regions (KR x KT)
+    so tl.dot always has a legal shape."""
     kt = min(_pow2(t), 64)
-    lanes = SMALL_REGION_KEYS if t < 16 else 64
+    lanes = (SMALL_REGION_DQ_KEYS if backward else SMALL_REGION_KEYS) if t < 16 else 64
     kr = max(16 // kt, min(lanes // kt, _pow2(topk)), 1)
     block_m = max(16, min(_pow2(t), 64))
     return dict(BLOCK_M=block_m, KT=kt, KR=kr)
@@ -719,11 +727,12 @@ def fused_routing(elements: int, r: int, t: int) -> bool:
 
 
 # Warps per program of the sparse attention kernels for regions under 16 tokens, whose tiles are 16 rows
-# (mostly padding), and key lanes per step of their loops. One warp with 32 keys measured 1.5x faster than
-# two with 64 at BiFormer stage 3 at 512 (H100, bf16, .scratch sweep; docs/benchmarks.md); benchmarks/sparse.py
-# times the alternatives.
+# (mostly padding), and key lanes per step of their loops. One warp measured 1.5x faster than two at BiFormer
+# stage 3 at 512 (H100, bf16; docs/benchmarks.md), 64 keys per step 4-6% faster than 32 in the forward and
+# 2-4% slower in dq; benchmarks/sparse.py times the alternatives.
 SMALL_REGION_WARPS = 1
-SMALL_REGION_KEYS = 32
+SMALL_REGION_KEYS = 64
+SMALL_REGION_DQ_KEYS = 32
 SMALL_REGION_DKDV_WARPS = 2  # the dk/dv kernel's (keys, 64 queries) tiles: 1 warp measured 9% slower
 # Affinity rows per program of the top-k kernel of the three-kernel routing (one warp each).
 ROUTING_TOPK_ROWS = 2
@@ -870,7 +879,7 @@ class _RoutedAttention(torch.autograd.Function):
                 *_index_strides(idx), *_strides(dout), w, h * w, heads, scale * _LOG2E, scale, dqk, dv_dim,
                 **common)
             return dq, dk, dv, None, None, None, None
-        tiles = _tiles(t, topk)
+        tiles = _tiles(t, topk, backward=True)
         mt = triton.cdiv(t, tiles["BLOCK_M"])
         _routed_bwd_dq[(r * mt, b * heads)](
             q, k, v, idx, dout, out, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v),

@@ -209,17 +209,19 @@ def test_routed_triton_path_choice():
     assert _dense_tiles(49, 1, 16) is None          # 1-token regions: a key tile spans too many regions
 
 
-def test_routed_inverse_table(rng):
-    """The inverse routing table kernel against a plain loop: many regions (several key chunks and row
-    chunks per batch element) and repeated regions."""
+@pytest.mark.parametrize("r", [300, 200])
+def test_routed_inverse_table(rng, r):
+    """The inverse routing table kernel against a plain loop: many regions (several key chunks; 300 rows:
+    a counting pass over two row tiles, 200: one tile, read once) and repeated regions."""
     from attnzoo.kernels._routed_triton import _routed_inverse
 
-    b, r, topk = 2, 300, 4
+    b, topk = 2, 4
     idx = torch.randint(0, r, (b, r, topk), generator=rng)
     idx[1, 7, 1:] = 3  # region 3 named three times by query region 7
     starts, counts = torch.empty(b, r, dtype=torch.int32), torch.empty(b, r, dtype=torch.int32)
     qlist = torch.empty(b * r * topk, dtype=torch.int32)
-    _routed_inverse[(10, b)](idx, starts, counts, qlist, *idx.stride(), r, TOPK=topk, KP=topk, SB=32, RQ=256)
+    _routed_inverse[(-(-r // 32), b)](idx, starts, counts, qlist, *idx.stride(), r, TOPK=topk, KP=topk,
+                                             SB=32, RQ=256)
     for bi in range(b):
         for s in range(r):
             want = (idx[bi] == s).nonzero()[:, 0].tolist()  # query regions in order, one per choice
