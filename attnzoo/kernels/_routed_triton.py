@@ -375,12 +375,12 @@ def _inverse_hits(IDX, b, rows, keys, sib, sir, sis, R, TOPK: tl.constexpr, KP: 
 
 @triton.jit
 def _routed_inverse(IDX, STARTS, COUNTS, QLIST, sib, sir, sis, R,
-                    TOPK: tl.constexpr, KP: tl.constexpr, SB: tl.constexpr, RQ: tl.constexpr):
+                    TOPK: tl.constexpr, KP: tl.constexpr, SB: tl.constexpr, RQ: tl.constexpr, ONE_TILE: tl.constexpr):
     """Inverse routing table of one batch element, for SB key regions: the query regions that chose each one
     (a region chosen twice by one query region is listed twice), stored contiguously in key-region order
     in the batch's segment QLIST[b * R * TOPK:], with STARTS / COUNTS per (batch, key region). The routing
-    table is read in (RQ, topk) tiles; where one tile holds it all (R <= RQ) counts and places come from
-    one read, else a counting pass precedes the placing pass."""
+    table is read in (RQ, topk) tiles; where one tile holds it all (ONE_TILE: R <= RQ) counts and places come
+    from one read, else a counting pass precedes the placing pass."""
     pid, b = tl.program_id(0), tl.program_id(1)
     s0 = pid * SB
     keys = s0 + tl.arange(0, SB)
@@ -388,7 +388,7 @@ def _routed_inverse(IDX, STARTS, COUNTS, QLIST, sib, sir, sis, R,
     offs_r = tl.arange(0, RQ)
     before = 0  # entries naming a key region before this chunk: where the chunk's lists start
     counts = tl.zeros([SB], tl.int32)
-    if RQ < R:
+    if not ONE_TILE:
         for r0 in range(0, R, RQ):  # pass 1: how often each key region is named
             hits, below = _inverse_hits(IDX, b, r0 + offs_r, keys, sib, sir, sis, R, TOPK, KP)
             before += below
@@ -402,7 +402,7 @@ def _routed_inverse(IDX, STARTS, COUNTS, QLIST, sib, sir, sis, R,
     filled = tl.zeros([SB], tl.int32)
     for r0 in range(0, R, RQ):  # write each query region at its place in each list, in row order
         rows = r0 + offs_r
-        if RQ < R:
+        if not ONE_TILE:
             hits, _ = _inverse_hits(IDX, b, rows, keys, sib, sir, sis, R, TOPK, KP)
         pos = starts[None, :] + filled[None, :] + tl.cumsum(hits, 0) - hits
         for c in range(0, tl.max(tl.max(hits, 1), 0)):  # a region named c+1 times by a row gets c+1 entries
@@ -892,7 +892,7 @@ class _RoutedAttention(torch.autograd.Function):
         sb = min(_pow2(r), INVERSE_KEYS_PER_PROGRAM)
         _routed_inverse[(triton.cdiv(r, sb), b)](
             idx, starts, counts, qlist, *_index_strides(idx), r, TOPK=topk, KP=_pow2(topk), SB=sb,
-            RQ=min(_pow2(r), 256), num_warps=4)
+            RQ=min(_pow2(r), 256), ONE_TILE=r <= 256, num_warps=4)
         dk = torch.empty(b, h, w, heads, dqk, device=q.device, dtype=q.dtype)
         dv = torch.empty(b, h, w, heads, dv_dim, device=q.device, dtype=v.dtype)
         block_n = max(16, min(_pow2(t), 64))

@@ -221,7 +221,7 @@ def test_routed_inverse_table(rng, r):
     starts, counts = torch.empty(b, r, dtype=torch.int32), torch.empty(b, r, dtype=torch.int32)
     qlist = torch.empty(b * r * topk, dtype=torch.int32)
     _routed_inverse[(-(-r // 32), b)](idx, starts, counts, qlist, *idx.stride(), r, TOPK=topk, KP=topk,
-                                             SB=32, RQ=256)
+                                             SB=32, RQ=256, ONE_TILE=r <= 256)
     for bi in range(b):
         for s in range(r):
             want = (idx[bi] == s).nonzero()[:, 0].tolist()  # query regions in order, one per choice
