@@ -1,7 +1,7 @@
 """Routed (BiFormer) and halo (HaloNet) attention on the GPU: correctness, then every formulation side by side.
 
 Run on a CUDA machine: ``python benchmarks/sparse.py [--out DIR] [--only SUBSTR ...] [--no-flex] [--skip-halo]
-[--variants NAME ...]``.
+[--variants NAME ...] [--no-alternatives]``.
 
 1. Correctness: the triton, flex and torch backends against the float64 reference on small random shapes,
    forward and backward, fp32 and bf16; then the triton backend against the fp32 torch backend at a real
@@ -10,8 +10,11 @@ Run on a CUDA machine: ``python benchmarks/sparse.py [--out DIR] [--only SUBSTR 
    - routed, at BiFormer-T/S (same attention shapes) and BiFormer-B stages 1-3, at 224 (batch 32, n_win 7)
      and 512 (batch 8, n_win 16, the dense-prediction setting): the attention core *including* routing
      (region means, affinity, top-k) for ``official`` (BiFormer's gather + matmul + softmax, as in
-     ops/bra_legacy.py), ``gather+sdpa`` (our torch backend), ``flex`` (per-call block mask) and ``ours``;
-     ``dense sdpa`` is full attention over the stage without routing.
+     ops/bra_legacy.py), ``gather+sdpa`` (our torch backend), ``flex`` (per-call block mask), ``ours``
+     (``bilevel_routing_attention``, what the BiFormer model runs) and ``ours, routing kernel then
+     routed_attention`` (the two public functions one after the other); ``dense sdpa`` is full attention over
+     the stage without routing. Unless ``--no-alternatives``, ours is also timed with each tuning
+     alternative of its kernels' module constants (``ours_alternatives``).
    - halo, at halonet26t / halonet50ts stage shapes (batch 32, input 256): the attention core from the q /
      kv projections to the output: ``timm`` (HaloAttn.forward with its convolutions replaced by the
      precomputed projections, so exactly timm's code path), ``flex``, ``unfold`` (our torch backend),
@@ -350,8 +353,7 @@ def ours_alternatives(m: int, c: int, n_win: int, topk: int) -> dict[str, dict]:
             out["ours, routing kernel with 8 warps"] = dict(FUSED_ROUTING_WARPS=8)
     if t < 16 and rt._dense_tiles(r, t, topk) is None:
         out["ours, small-region kernels with 2 warps"] = dict(SMALL_REGION_WARPS=2)
-        out["ours, small-region dk/dv with 4 warps"] = dict(SMALL_REGION_DKDV_WARPS=4)
-        out["ours, inverse table 16 keys per program"] = dict(INVERSE_KEYS_PER_PROGRAM=16)
+        out["ours, small-region dk/dv with 128 query rows per step"] = dict(SMALL_REGION_DKDV_ROWS=128)
         out["ours, small-region forward with 32 keys per step"] = dict(SMALL_REGION_KEYS=32)
         out["ours, small-region dq with 64 keys per step"] = dict(SMALL_REGION_DQ_KEYS=64)
     if not rt.fused_routing(m * m * c, r, t):
@@ -388,7 +390,8 @@ class _Given(torch.nn.Module):
         return self.value
 
 
-def bench_routed(name, cfg, dev, flex: bool, only_flex: bool = False, keep: set[str] | None = None) -> list[dict]:
+def bench_routed(name, cfg, dev, flex: bool, only_flex: bool = False, keep: set[str] | None = None,
+                 alternatives: bool = True) -> list[dict]:
     b, m, dim, heads, n_win, topk = cfg
     d = dim // heads
     scale = dim ** -0.5
@@ -407,9 +410,11 @@ def bench_routed(name, cfg, dev, flex: bool, only_flex: bool = False, keep: set[
         variants = {"flex": variants["flex"]} if flex else {}
     if keep is not None:
         variants = {key: fn for key, fn in variants.items()
-                    if key in keep or ("ours" in keep and key.startswith("ours"))}
+                    if key in keep or (alternatives and "ours" in keep and key.startswith("ours"))}
+    elif not alternatives:
+        variants.pop("ours, routing kernel then routed_attention")
     constants = {}
-    if "ours" in variants:
+    if "ours" in variants and alternatives:
         constants = ours_alternatives(m, dim, n_win, topk)
         variants.update({name: variants["ours"] for name in constants})
     rows = []
@@ -535,6 +540,8 @@ def main() -> None:
     parser.add_argument("--only-flex", action="store_true", help="check and time only the flex variants")
     parser.add_argument("--profile", action="store_true", help="print kernel times of ours vs official first")
     parser.add_argument("--skip-halo", action="store_true", help="routed checks and rows only")
+    parser.add_argument("--no-alternatives", action="store_true",
+                        help="time ours only as configured (no tuning alternatives)")
     parser.add_argument("--variants", nargs="*", default=None,
                         help="routed variants to time (official, gather+sdpa, ours, dense sdpa, flex)")
     args = parser.parse_args()
@@ -567,7 +574,8 @@ def main() -> None:
         t0 = time.time()
         result["rows"] += bench_routed(name, cfg, dev, flex=not args.no_flex and name in FLEX_ROUTED,
                                        only_flex=args.only_flex,
-                                       keep=set(args.variants) if args.variants else None)
+                                       keep=set(args.variants) if args.variants else None,
+                                       alternatives=not args.no_alternatives)
         save()
         print(f"{name} done in {time.time() - t0:.1f}s", flush=True)
     for name, cfg in HALO.items():

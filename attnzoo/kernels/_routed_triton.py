@@ -362,48 +362,41 @@ def _routed_bwd_dq(Q, K, V, IDX, DO, O, LSE, DELTA, DQ,
 
 
 @triton.jit
-def _inverse_hits(IDX, b, rows, keys, sib, sir, sis, R, TOPK: tl.constexpr, KP: tl.constexpr):
-    """(routing rows, key regions) counts: how often each row of the tile names each key region; and the
-    tile's entries naming a region below keys[0]."""
-    slots = tl.arange(0, KP)
-    tile = tl.load(IDX + b * sib + rows[:, None] * sir + slots[None, :] * sis,
-                   mask=(rows < R)[:, None] & (slots < TOPK)[None, :], other=-1).to(tl.int32)
-    hits = tl.sum((tile[:, :, None] == keys[None, None, :]).to(tl.int32), 1)
-    below = tl.sum(tl.sum(((tile >= 0) & (tile < tl.min(keys, 0))).to(tl.int32), 1), 0)
-    return hits, below
-
-
-@triton.jit
 def _routed_inverse(IDX, STARTS, COUNTS, QLIST, sib, sir, sis, R,
-                    TOPK: tl.constexpr, KP: tl.constexpr, SB: tl.constexpr, RQ: tl.constexpr, ONE_TILE: tl.constexpr):
+                    TOPK: tl.constexpr, KP: tl.constexpr, SB: tl.constexpr, RQ: tl.constexpr):
     """Inverse routing table of one batch element, for SB key regions: the query regions that chose each one
     (a region chosen twice by one query region is listed twice), stored contiguously in key-region order
     in the batch's segment QLIST[b * R * TOPK:], with STARTS / COUNTS per (batch, key region). The routing
-    table is read in (RQ, topk) tiles; where one tile holds it all (ONE_TILE: R <= RQ) counts and places come
-    from one read, else a counting pass precedes the placing pass."""
+    table is read in (RQ, topk) tiles, one load per tile: this kernel is bound by load latency."""
     pid, b = tl.program_id(0), tl.program_id(1)
     s0 = pid * SB
     keys = s0 + tl.arange(0, SB)
     keys_ok = keys < R
-    offs_r = tl.arange(0, RQ)
+    offs_r, slots = tl.arange(0, RQ), tl.arange(0, KP)
     before = 0  # entries naming a key region before this chunk: where the chunk's lists start
     counts = tl.zeros([SB], tl.int32)
-    if not ONE_TILE:
-        for r0 in range(0, R, RQ):  # pass 1: how often each key region is named
-            hits, below = _inverse_hits(IDX, b, r0 + offs_r, keys, sib, sir, sis, R, TOPK, KP)
-            before += below
-            counts += tl.sum(hits, 0)
-    else:
-        hits, before = _inverse_hits(IDX, b, offs_r, keys, sib, sir, sis, R, TOPK, KP)
-        counts = tl.sum(hits, 0)
+    for r0 in range(0, R, RQ):  # pass 1: how often each key region is named
+        rows = r0 + offs_r
+        tile = tl.load(IDX + b * sib + rows[:, None] * sir + slots[None, :] * sis,
+                       mask=(rows < R)[:, None] & (slots < TOPK)[None, :], other=-1).to(tl.int32)
+        before += tl.sum(tl.sum(((tile >= 0) & (tile < s0)).to(tl.int32), 1), 0)
+        hits = tl.zeros([RQ, SB], tl.int32)
+        for j in range(TOPK):
+            col = tl.sum(tl.where(slots[None, :] == j, tile, 0), 1)
+            hits += (col[:, None] == keys[None, :]).to(tl.int32)
+        counts += tl.sum(hits, 0)
     starts = b * R * TOPK + before + tl.cumsum(counts, 0) - counts
     tl.store(STARTS + b * R + keys, starts, mask=keys_ok)
     tl.store(COUNTS + b * R + keys, counts, mask=keys_ok)
     filled = tl.zeros([SB], tl.int32)
-    for r0 in range(0, R, RQ):  # write each query region at its place in each list, in row order
+    for r0 in range(0, R, RQ):  # pass 2: write each query region at its place in each list, in row order
         rows = r0 + offs_r
-        if not ONE_TILE:
-            hits, _ = _inverse_hits(IDX, b, rows, keys, sib, sir, sis, R, TOPK, KP)
+        tile = tl.load(IDX + b * sib + rows[:, None] * sir + slots[None, :] * sis,
+                       mask=(rows < R)[:, None] & (slots < TOPK)[None, :], other=-1).to(tl.int32)
+        hits = tl.zeros([RQ, SB], tl.int32)
+        for j in range(TOPK):
+            col = tl.sum(tl.where(slots[None, :] == j, tile, 0), 1)
+            hits += (col[:, None] == keys[None, :]).to(tl.int32)
         pos = starts[None, :] + filled[None, :] + tl.cumsum(hits, 0) - hits
         for c in range(0, tl.max(tl.max(hits, 1), 0)):  # a region named c+1 times by a row gets c+1 entries
             tl.store(QLIST + pos + c, rows[:, None] + tl.zeros([RQ, SB], tl.int32), mask=hits > c)
@@ -734,6 +727,7 @@ SMALL_REGION_WARPS = 1
 SMALL_REGION_KEYS = 64
 SMALL_REGION_DQ_KEYS = 32
 SMALL_REGION_DKDV_WARPS = 2  # the dk/dv kernel's (keys, 64 queries) tiles: 1 warp measured 9% slower
+SMALL_REGION_DKDV_ROWS = 64  # query rows per step of the dk/dv kernel (region tokens x query regions)
 # Affinity rows per program of the top-k kernel of the three-kernel routing (one warp each).
 ROUTING_TOPK_ROWS = 2
 
@@ -892,7 +886,7 @@ class _RoutedAttention(torch.autograd.Function):
         sb = min(_pow2(r), INVERSE_KEYS_PER_PROGRAM)
         _routed_inverse[(triton.cdiv(r, sb), b)](
             idx, starts, counts, qlist, *_index_strides(idx), r, TOPK=topk, KP=_pow2(topk), SB=sb,
-            RQ=min(_pow2(r), 256), ONE_TILE=r <= 256, num_warps=4)
+            RQ=min(_pow2(r), 256), num_warps=4)
         dk = torch.empty(b, h, w, heads, dqk, device=q.device, dtype=q.dtype)
         dv = torch.empty(b, h, w, heads, dv_dim, device=q.device, dtype=v.dtype)
         block_n = max(16, min(_pow2(t), 64))
@@ -901,7 +895,8 @@ class _RoutedAttention(torch.autograd.Function):
         _routed_bwd_dkdv[(r * nt, b * heads)](
             q, k, v, dout, lse, delta, starts, counts, qlist, dk, dv, *_strides(q), *_strides(k), *_strides(v),
             *_strides(dout), w, h * w, heads, r, scale * _LOG2E, scale, dqk, dv_dim,
-            NT=nt, BLOCK_N=block_n, QT=qt, QE=max(1, 64 // qt), **{**common, "num_warps": _warps(t, dkdv=True)})
+            NT=nt, BLOCK_N=block_n, QT=qt, QE=max(1, SMALL_REGION_DKDV_ROWS // qt) if t < 16 else max(1, 64 // qt),
+            **{**common, "num_warps": _warps(t, dkdv=True)})
         return dq, dk, dv, None, None, None, None
 
 

@@ -211,8 +211,8 @@ def test_routed_triton_path_choice():
 
 @pytest.mark.parametrize("r", [300, 200])
 def test_routed_inverse_table(rng, r):
-    """The inverse routing table kernel against a plain loop: many regions (several key chunks; 300 rows:
-    a counting pass over two row tiles, 200: one tile, read once) and repeated regions."""
+    """The inverse routing table kernel against a plain loop: many regions (several key chunks; 300 rows: two
+    row tiles, 200: one) and repeated regions."""
     from attnzoo.kernels._routed_triton import _routed_inverse
 
     b, topk = 2, 4
@@ -221,7 +221,7 @@ def test_routed_inverse_table(rng, r):
     starts, counts = torch.empty(b, r, dtype=torch.int32), torch.empty(b, r, dtype=torch.int32)
     qlist = torch.empty(b * r * topk, dtype=torch.int32)
     _routed_inverse[(-(-r // 32), b)](idx, starts, counts, qlist, *idx.stride(), r, TOPK=topk, KP=topk,
-                                             SB=32, RQ=256, ONE_TILE=r <= 256)
+                                             SB=32, RQ=256)
     for bi in range(b):
         for s in range(r):
             want = (idx[bi] == s).nonzero()[:, 0].tolist()  # query regions in order, one per choice
