@@ -362,41 +362,51 @@ def _routed_bwd_dq(Q, K, V, IDX, DO, O, LSE, DELTA, DQ,
 
 
 @triton.jit
+def _inverse_hits(IDX, b, rows, keys, sib, sir, sis, R, TOPK: tl.constexpr, KP: tl.constexpr):
+    """(rows, key regions) counts of how often each routing row of the tile names each key region, and the
+    tile's entries naming a region below keys[0]."""
+    slots = tl.arange(0, KP)
+    tile = tl.load(IDX + b * sib + rows[:, None] * sir + slots[None, :] * sis,
+                   mask=(rows < R)[:, None] & (slots < TOPK)[None, :], other=-1).to(tl.int32)
+    hits = tl.zeros([rows.shape[0], keys.shape[0]], tl.int32)
+    for j in range(TOPK):
+        col = tl.sum(tl.where(slots[None, :] == j, tile, 0), 1)
+        hits += (col[:, None] == keys[None, :]).to(tl.int32)
+    below = tl.sum(tl.sum(((tile >= 0) & (tile < tl.min(keys, 0))).to(tl.int32), 1), 0)
+    return hits, below
+
+
+@triton.jit
 def _routed_inverse(IDX, STARTS, COUNTS, QLIST, sib, sir, sis, R,
-                    TOPK: tl.constexpr, KP: tl.constexpr, SB: tl.constexpr, RQ: tl.constexpr):
+                    TOPK: tl.constexpr, KP: tl.constexpr, SB: tl.constexpr, RQ: tl.constexpr,
+                    ONE_TILE: tl.constexpr):
     """Inverse routing table of one batch element, for SB key regions: the query regions that chose each one
     (a region chosen twice by one query region is listed twice), stored contiguously in key-region order
     in the batch's segment QLIST[b * R * TOPK:], with STARTS / COUNTS per (batch, key region). The routing
-    table is read in (RQ, topk) tiles, one load per tile: this kernel is bound by load latency."""
+    table is read in (RQ, topk) tiles: one read where one tile holds it all (ONE_TILE: R <= RQ), else a
+    counting pass, then a placing pass. Bound by load latency."""
     pid, b = tl.program_id(0), tl.program_id(1)
-    s0 = pid * SB
-    keys = s0 + tl.arange(0, SB)
+    keys = pid * SB + tl.arange(0, SB)
     keys_ok = keys < R
-    offs_r, slots = tl.arange(0, RQ), tl.arange(0, KP)
-    before = 0  # entries naming a key region before this chunk: where the chunk's lists start
-    counts = tl.zeros([SB], tl.int32)
-    for r0 in range(0, R, RQ):  # pass 1: how often each key region is named
-        rows = r0 + offs_r
-        tile = tl.load(IDX + b * sib + rows[:, None] * sir + slots[None, :] * sis,
-                       mask=(rows < R)[:, None] & (slots < TOPK)[None, :], other=-1).to(tl.int32)
-        before += tl.sum(tl.sum(((tile >= 0) & (tile < s0)).to(tl.int32), 1), 0)
-        hits = tl.zeros([RQ, SB], tl.int32)
-        for j in range(TOPK):
-            col = tl.sum(tl.where(slots[None, :] == j, tile, 0), 1)
-            hits += (col[:, None] == keys[None, :]).to(tl.int32)
-        counts += tl.sum(hits, 0)
+    offs_r = tl.arange(0, RQ)
+    if ONE_TILE:
+        hits, before = _inverse_hits(IDX, b, offs_r, keys, sib, sir, sis, R, TOPK, KP)
+        counts = tl.sum(hits, 0)
+    else:
+        before = 0  # entries naming a key region before this chunk: where the chunk's lists start
+        counts = tl.zeros([SB], tl.int32)
+        for r0 in range(0, R, RQ):  # counting pass
+            hits, below = _inverse_hits(IDX, b, r0 + offs_r, keys, sib, sir, sis, R, TOPK, KP)
+            before += below
+            counts += tl.sum(hits, 0)
     starts = b * R * TOPK + before + tl.cumsum(counts, 0) - counts
     tl.store(STARTS + b * R + keys, starts, mask=keys_ok)
     tl.store(COUNTS + b * R + keys, counts, mask=keys_ok)
     filled = tl.zeros([SB], tl.int32)
-    for r0 in range(0, R, RQ):  # pass 2: write each query region at its place in each list, in row order
+    for r0 in range(0, R, RQ):  # place each query region in each list it belongs to, in row order
         rows = r0 + offs_r
-        tile = tl.load(IDX + b * sib + rows[:, None] * sir + slots[None, :] * sis,
-                       mask=(rows < R)[:, None] & (slots < TOPK)[None, :], other=-1).to(tl.int32)
-        hits = tl.zeros([RQ, SB], tl.int32)
-        for j in range(TOPK):
-            col = tl.sum(tl.where(slots[None, :] == j, tile, 0), 1)
-            hits += (col[:, None] == keys[None, :]).to(tl.int32)
+        if not ONE_TILE:
+            hits, _ = _inverse_hits(IDX, b, rows, keys, sib, sir, sis, R, TOPK, KP)
         pos = starts[None, :] + filled[None, :] + tl.cumsum(hits, 0) - hits
         for c in range(0, tl.max(tl.max(hits, 1), 0)):  # a region named c+1 times by a row gets c+1 entries
             tl.store(QLIST + pos + c, rows[:, None] + tl.zeros([RQ, SB], tl.int32), mask=hits > c)
@@ -409,19 +419,28 @@ def _routed_bwd_dkdv(Q, K, V, DO, LSE, DELTA, STARTS, COUNTS, QLIST, DK, DV_OUT,
                      sdob, sdoy, sdox, sdoh,
                      W, NTOK, HEADS, R, scale_log2, scale, D_REAL, DV_REAL,
                      RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, NT: tl.constexpr,
-                     BLOCK_N: tl.constexpr, QT: tl.constexpr, QE: tl.constexpr,
+                     BLOCK_N: tl.constexpr, QT: tl.constexpr, QE: tl.constexpr, G: tl.constexpr,
                      D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """dk, dv of G consecutive key regions (G > 1 only for tiny regions: G * T = BLOCK_N, so no key row is
+    padding), or of one BLOCK_N chunk of one region. Their inverse lists lie back to back in QLIST, so the
+    program walks one range of entries, QE per step; an entry's pairs count only against the key rows of the
+    region whose list it belongs to."""
     pid, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // HEADS, bh % HEADS
-    kr, nt = pid // NT, pid % NT
+    kr0, nt = (pid // NT) * G, pid % NT
     offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < T
-    ky, kx = _tile_coords(kr, offs_n, RH, RW, NW)
+    row_region = offs_n // T  # 0 .. G-1: which of the program's key regions a key row belongs to
+    n_ok = (row_region < G) & (kr0 + row_region < R)
+    ky, kx = _tile_coords(kr0 + row_region, offs_n % T, RH, RW, NW)
     offs_d, offs_dv = tl.arange(0, D), tl.arange(0, DV)
     offs_m = tl.arange(0, QE * QT)
-    # the query regions that routed to this key region (one entry per choice, repeats included)
-    start = tl.load(STARTS + b * R + kr)
-    end = start + tl.load(COUNTS + b * R + kr)
+    # the query regions that routed to these key regions (one entry per choice, repeats included)
+    last = tl.minimum(kr0 + G, R) - 1
+    start = tl.load(STARTS + b * R + kr0)
+    end = tl.load(STARTS + b * R + last) + tl.load(COUNTS + b * R + last)
+    if G > 1:
+        offs_g = tl.arange(0, G)
+        list_starts = tl.load(STARTS + b * R + kr0 + offs_g, mask=(kr0 + offs_g < R) & (offs_g > 0), other=end)
     k = _load_rows(K, b, h, ky, kx, n_ok, skb, sky, skx, skh, offs_d, D_REAL)
     v = _load_rows(V, b, h, ky, kx, n_ok, svb, svy, svx, svh, offs_dv, DV_REAL)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
@@ -439,7 +458,11 @@ def _routed_bwd_dkdv(Q, K, V, DO, LSE, DELTA, STARTS, COUNTS, QLIST, DK, DV_OUT,
             lse = tl.load(LSE + bh * NTOK + qy * W + qx, mask=m_ok, other=0.0)
             delta = tl.load(DELTA + bh * NTOK + qy * W + qx, mask=m_ok, other=0.0)
             st = _dot(k, tl.trans(q), PREC, UPCAST) * scale_log2  # (N, M)
-            pt = tl.where(m_ok[None, :], tl.exp2(st - lse[None, :]), 0.0)
+            keep = m_ok[None, :]
+            if G > 1:  # the entry's list: how many of the later lists start at or before it
+                owner = tl.sum((entry[:, None] >= list_starts[None, :]).to(tl.int32), 1)
+                keep = keep & (row_region[:, None] == owner[None, :])
+            pt = tl.where(keep, tl.exp2(st - lse[None, :]), 0.0)
             dk, dv = _dkdv_step(dk, dv, pt, q, do, v, delta, PREC, UPCAST)
     # DK, DV_OUT are contiguous (B, H, W, heads, d)
     tok_off = ((b * (NTOK // W) + ky) * W + kx) * HEADS + h
@@ -728,6 +751,7 @@ SMALL_REGION_KEYS = 64
 SMALL_REGION_DQ_KEYS = 32
 SMALL_REGION_DKDV_WARPS = 2  # the dk/dv kernel's (keys, 64 queries) tiles: 1 warp measured 9% slower
 SMALL_REGION_DKDV_ROWS = 64  # query rows per step of the dk/dv kernel (region tokens x query regions)
+SMALL_REGION_DKDV_GROUPED = True  # dk/dv programs of 16 / T key regions where T divides 16
 # Affinity rows per program of the top-k kernel of the three-kernel routing (one warp each).
 ROUTING_TOPK_ROWS = 2
 
@@ -886,16 +910,19 @@ class _RoutedAttention(torch.autograd.Function):
         sb = min(_pow2(r), INVERSE_KEYS_PER_PROGRAM)
         _routed_inverse[(triton.cdiv(r, sb), b)](
             idx, starts, counts, qlist, *_index_strides(idx), r, TOPK=topk, KP=_pow2(topk), SB=sb,
-            RQ=min(_pow2(r), 256), num_warps=4)
+            RQ=min(_pow2(r), 256), ONE_TILE=r <= 256, num_warps=4)
         dk = torch.empty(b, h, w, heads, dqk, device=q.device, dtype=q.dtype)
         dv = torch.empty(b, h, w, heads, dv_dim, device=q.device, dtype=v.dtype)
         block_n = max(16, min(_pow2(t), 64))
         qt = min(_pow2(t), 64)
         nt = triton.cdiv(t, block_n)
-        _routed_bwd_dkdv[(r * nt, b * heads)](
+        # tiny regions of 2^k tokens: several key regions per program fill the 16 key rows
+        g = block_n // t if (SMALL_REGION_DKDV_GROUPED and block_n % t == 0) else 1
+        _routed_bwd_dkdv[(triton.cdiv(r, g) * nt, b * heads)](
             q, k, v, dout, lse, delta, starts, counts, qlist, dk, dv, *_strides(q), *_strides(k), *_strides(v),
             *_strides(dout), w, h * w, heads, r, scale * _LOG2E, scale, dqk, dv_dim,
-            NT=nt, BLOCK_N=block_n, QT=qt, QE=max(1, SMALL_REGION_DKDV_ROWS // qt) if t < 16 else max(1, 64 // qt),
+            NT=nt, BLOCK_N=block_n, QT=qt, G=g,
+            QE=max(1, SMALL_REGION_DKDV_ROWS // qt) if t < 16 else max(1, 64 // qt),
             **{**common, "num_warps": _warps(t, dkdv=True)})
         return dq, dk, dv, None, None, None, None
 

@@ -167,6 +167,9 @@ def small_region_path(request, monkeypatch):
     (1, 6, 4, (3, 2), 6),     # 2x2-token regions, topk = all regions
     (1, 4, 12, (2, 2), 3),    # 2x6-token regions: several regions per key tile
     (1, 6, 9, (2, 3), 4),     # 3x3-token regions: key tiles start inside a region
+    (1, 5, 6, (5, 3), 4),     # 1x2-token regions: sparse dk/dv programs of 8 key regions, the last group short
+    (1, 4, 5, (4, 5), 3),     # 1-token regions: dk/dv programs of 16 key regions
+    (1, 8, 8, (4, 2), 3),     # 2x4-token regions: dk/dv programs of 2 key regions
 ])
 def test_routed_triton_small_regions(rng, small_region_path, b, h, w, nreg, topk):
     q, k, v = _inputs(rng, b, h, w, 2, 16, 8)
@@ -211,8 +214,8 @@ def test_routed_triton_path_choice():
 
 @pytest.mark.parametrize("r", [300, 200])
 def test_routed_inverse_table(rng, r):
-    """The inverse routing table kernel against a plain loop: many regions (several key chunks; 300 rows: two
-    row tiles, 200: one) and repeated regions."""
+    """The inverse routing table kernel against a plain loop: many regions (several key chunks; 300 rows: a
+    counting pass over two row tiles, then a placing pass; 200: one tile, read once) and repeated regions."""
     from attnzoo.kernels._routed_triton import _routed_inverse
 
     b, topk = 2, 4
@@ -221,7 +224,7 @@ def test_routed_inverse_table(rng, r):
     starts, counts = torch.empty(b, r, dtype=torch.int32), torch.empty(b, r, dtype=torch.int32)
     qlist = torch.empty(b * r * topk, dtype=torch.int32)
     _routed_inverse[(-(-r // 32), b)](idx, starts, counts, qlist, *idx.stride(), r, TOPK=topk, KP=topk,
-                                             SB=32, RQ=256)
+                                             SB=32, RQ=256, ONE_TILE=r <= 256)
     for bi in range(b):
         for s in range(r):
             want = (idx[bi] == s).nonzero()[:, 0].tolist()  # query regions in order, one per choice
