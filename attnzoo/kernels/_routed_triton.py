@@ -284,38 +284,63 @@ def region_routing_triton(q: torch.Tensor, k: torch.Tensor, nh: int, nw: int, to
 
 
 @triton.jit
+def _group_rows(pid, R, MT: tl.constexpr, BLOCK_M: tl.constexpr, T: tl.constexpr, G: tl.constexpr,
+                RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr):
+    """Query rows of a sparse-kernel program: chunk pid % MT of region pid // MT (G = 1), or G consecutive
+    query regions of tiny regions stacked in one tile (MT = 1, row i in region r0 + i // T). Returns (first
+    region r0, each row's region offset 0 .. G-1, rows in range, row, col)."""
+    r0 = (pid // MT) * G
+    offs_m = (pid % MT) * BLOCK_M + tl.arange(0, BLOCK_M)
+    grp = offs_m // T
+    m_ok = (grp < G) & (r0 + grp < R)
+    qy, qx = _tile_coords(r0 + grp, offs_m % T, RH, RW, NW)
+    return r0, grp, m_ok, qy, qx
+
+
+@triton.jit
+def _group_keys(IDX, b, r0, s0, t0, offs_n, R, sib, sir, sis, TOPK: tl.constexpr, T: tl.constexpr,
+                KR: tl.constexpr, KT: tl.constexpr, G: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
+                NW: tl.constexpr):
+    """Key columns of one step: for each of the G query regions (column block c // (KR * KT)), KR of its
+    routed regions (slots s0 ..) x KT tokens (t0 ..). Returns (each column's query-region offset, in range,
+    row, col)."""
+    kgrp = offs_n // (KR * KT)
+    slot = s0 + (offs_n // KT) % KR
+    tok = t0 + offs_n % KT
+    slot_ok = (slot < TOPK) & (r0 + kgrp < R)
+    reg = tl.load(IDX + b * sib + (r0 + kgrp) * sir + slot * sis, mask=slot_ok, other=0).to(tl.int32)
+    ky, kx = _tile_coords(reg, tok, RH, RW, NW)
+    return kgrp, slot_ok & (tok < T), ky, kx
+
+
+@triton.jit
 def _routed_fwd(Q, K, V, IDX, O, LSE,
                 sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh,
                 sib, sir, sis, sob, soy, sox, soh,
-                W, NTOK, HEADS, scale_log2, D_REAL, DV_REAL,
+                W, NTOK, HEADS, R, scale_log2, D_REAL, DV_REAL,
                 RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, MT: tl.constexpr,
-                TOPK: tl.constexpr, BLOCK_M: tl.constexpr, KT: tl.constexpr, KR: tl.constexpr,
+                TOPK: tl.constexpr, BLOCK_M: tl.constexpr, KT: tl.constexpr, KR: tl.constexpr, G: tl.constexpr,
                 D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // HEADS, bh % HEADS
-    r, mt = pid // MT, pid % MT
-    offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < T
-    qy, qx = _tile_coords(r, offs_m, RH, RW, NW)
+    r0, grp, m_ok, qy, qx = _group_rows(pid, R, MT, BLOCK_M, T, G, RH, RW, NW)
     offs_d, offs_dv = tl.arange(0, D), tl.arange(0, DV)
-    offs_n = tl.arange(0, KR * KT)
+    offs_n = tl.arange(0, G * KR * KT)
     q = _load_rows(Q, b, h, qy, qx, m_ok, sqb, sqy, sqx, sqh, offs_d, D_REAL)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    # finite start: with G > 1 a row may see no key of its own in a step
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV], tl.float32)
     for s0 in range(0, TOPK, KR):
-        slot = s0 + offs_n // KT
-        slot_ok = slot < TOPK
-        reg = tl.load(IDX + b * sib + r * sir + slot * sis, mask=slot_ok, other=0).to(tl.int32)
         for t0 in range(0, T, KT):
-            tok = t0 + offs_n % KT
-            n_ok = slot_ok & (tok < T)
-            ky, kx = _tile_coords(reg, tok, RH, RW, NW)
+            kgrp, n_ok, ky, kx = _group_keys(IDX, b, r0, s0, t0, offs_n, R, sib, sir, sis, TOPK, T, KR, KT, G,
+                                             RH, RW, NW)
             kt = _load_cols(K, b, h, ky, kx, n_ok, skb, sky, skx, skh, offs_d, D_REAL)  # (D, N)
             s = _dot(q, kt, PREC, UPCAST) * scale_log2
-            s = tl.where(n_ok[None, :], s, float("-inf"))
+            s = tl.where(n_ok[None, :] & (grp[:, None] == kgrp[None, :]), s, float("-inf"))
             vt = _load_rows(V, b, h, ky, kx, n_ok, svb, svy, svx, svh, offs_dv, DV_REAL)  # (N, DV)
             m_i, l_i, acc = _softmax_step(s, vt, m_i, l_i, acc, PREC, UPCAST)
+    l_i = tl.where(m_ok, l_i, 1.0)  # padding rows: nothing accumulated
     acc = acc / l_i[:, None]
     _store_rows(O, acc, b, h, qy, qx, m_ok, sob, soy, sox, soh, offs_dv, DV_REAL)
     # LSE: (B, heads, H*W) float32, base 2
@@ -326,18 +351,15 @@ def _routed_fwd(Q, K, V, IDX, O, LSE,
 def _routed_bwd_dq(Q, K, V, IDX, DO, O, LSE, DELTA, DQ,
                    sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh,
                    sib, sir, sis, sdob, sdoy, sdox, sdoh, sob, soy, sox, soh,
-                   W, NTOK, HEADS, scale_log2, scale, D_REAL, DV_REAL,
+                   W, NTOK, HEADS, R, scale_log2, scale, D_REAL, DV_REAL,
                    RH: tl.constexpr, RW: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, MT: tl.constexpr,
-                   TOPK: tl.constexpr, BLOCK_M: tl.constexpr, KT: tl.constexpr,
-                   KR: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                   TOPK: tl.constexpr, BLOCK_M: tl.constexpr, KT: tl.constexpr, KR: tl.constexpr, G: tl.constexpr,
+                   D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // HEADS, bh % HEADS
-    r, mt = pid // MT, pid % MT
-    offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < T
-    qy, qx = _tile_coords(r, offs_m, RH, RW, NW)
+    r0, grp, m_ok, qy, qx = _group_rows(pid, R, MT, BLOCK_M, T, G, RH, RW, NW)
     offs_d, offs_dv = tl.arange(0, D), tl.arange(0, DV)
-    offs_n = tl.arange(0, KR * KT)
+    offs_n = tl.arange(0, G * KR * KT)
     q = _load_rows(Q, b, h, qy, qx, m_ok, sqb, sqy, sqx, sqh, offs_d, D_REAL)
     do = _load_rows(DO, b, h, qy, qx, m_ok, sdob, sdoy, sdox, sdoh, offs_dv, DV_REAL)
     o = _load_rows(O, b, h, qy, qx, m_ok, sob, soy, sox, soh, offs_dv, DV_REAL)
@@ -346,17 +368,13 @@ def _routed_bwd_dq(Q, K, V, IDX, DO, O, LSE, DELTA, DQ,
     lse = tl.load(LSE + bh * NTOK + qy * W + qx, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     for s0 in range(0, TOPK, KR):
-        slot = s0 + offs_n // KT
-        slot_ok = slot < TOPK
-        reg = tl.load(IDX + b * sib + r * sir + slot * sis, mask=slot_ok, other=0).to(tl.int32)
         for t0 in range(0, T, KT):
-            tok = t0 + offs_n % KT
-            n_ok = slot_ok & (tok < T)
-            ky, kx = _tile_coords(reg, tok, RH, RW, NW)
+            kgrp, n_ok, ky, kx = _group_keys(IDX, b, r0, s0, t0, offs_n, R, sib, sir, sis, TOPK, T, KR, KT, G,
+                                             RH, RW, NW)
             k = _load_rows(K, b, h, ky, kx, n_ok, skb, sky, skx, skh, offs_d, D_REAL)  # (N, D)
             v = _load_rows(V, b, h, ky, kx, n_ok, svb, svy, svx, svh, offs_dv, DV_REAL)  # (N, DV)
             s = _dot(q, tl.trans(k), PREC, UPCAST) * scale_log2
-            p = tl.where(n_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+            p = tl.where(n_ok[None, :] & (grp[:, None] == kgrp[None, :]), tl.exp2(s - lse[:, None]), 0.0)
             dq = _dq_step(dq, p, do, k, v, delta, PREC, UPCAST)
     _store_rows(DQ, (dq * scale), b, h, qy, qx, m_ok, sqb, sqy, sqx, sqh, offs_d, D_REAL)
 
@@ -718,14 +736,16 @@ def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 def _tiles(t: int, topk: int, backward: bool = False) -> dict:
-    """Tile sizes: query chunks of up to 64 tokens; key tiles of >= 16 and up to 64 lanes (for regions under
-    16 tokens SMALL_REGION_KEYS, SMALL_REGION_DQ_KEYS in the dq pass), packing several small regions (KR x KT)
-    so tl.dot always has a legal shape."""
+    """Tile sizes: query chunks of up to 64 tokens, or G query regions of tiny regions stacked in one 16-row
+    tile (SMALL_REGION_QUERY_GROUP where G * T fits); key tiles of >= 16 and up to 64 lanes (for regions under
+    16 tokens SMALL_REGION_KEYS, SMALL_REGION_DQ_KEYS in the dq pass) per query region group, packing several
+    small regions (KR x KT) so tl.dot always has a legal shape."""
     kt = min(_pow2(t), 64)
-    lanes = (SMALL_REGION_DQ_KEYS if backward else SMALL_REGION_KEYS) if t < 16 else 64
-    kr = max(16 // kt, min(lanes // kt, _pow2(topk)), 1)
     block_m = max(16, min(_pow2(t), 64))
-    return dict(BLOCK_M=block_m, KT=kt, KR=kr)
+    g = max(1, min(SMALL_REGION_QUERY_GROUP, block_m // t)) if t < 16 else 1
+    lanes = (SMALL_REGION_DQ_KEYS if backward else SMALL_REGION_KEYS) if t < 16 else 64
+    kr = max(16 // (kt * g), min(lanes // (kt * g), _pow2(topk)), 1)
+    return dict(BLOCK_M=block_m, KT=kt, KR=kr, G=g)
 
 
 # One routing kernel (every program recomputes its batch element's key-region means) where the map holds at
@@ -749,6 +769,7 @@ def fused_routing(elements: int, r: int, t: int) -> bool:
 SMALL_REGION_WARPS = 1
 SMALL_REGION_KEYS = 64
 SMALL_REGION_DQ_KEYS = 32
+SMALL_REGION_QUERY_GROUP = 2  # query regions per forward / dq program (G x T rows of a 16-row tile)
 SMALL_REGION_DKDV_WARPS = 2  # the dk/dv kernel's (keys, 64 queries) tiles: 1 warp measured 9% slower
 SMALL_REGION_DKDV_ROWS = 64  # query rows per step of the dk/dv kernel (region tokens x query regions)
 SMALL_REGION_DKDV_GROUPED = True  # dk/dv programs of 16 / T key regions where T divides 16
@@ -853,9 +874,9 @@ class _RoutedAttention(torch.autograd.Function):
             return out
         tiles = _tiles(t, topk)
         mt = triton.cdiv(t, tiles["BLOCK_M"])
-        _routed_fwd[(nh * nw * mt, b * heads)](
+        _routed_fwd[(triton.cdiv(nh * nw, tiles["G"]) * mt, b * heads)](
             q, k, v, idx, out, lse, *_strides(q), *_strides(k), *_strides(v), *_index_strides(idx),
-            *_strides(out), w, h * w, heads, scale * _LOG2E, dqk, dv,
+            *_strides(out), w, h * w, heads, nh * nw, scale * _LOG2E, dqk, dv,
             RH=rh, RW=rw, NW=nw, T=t, MT=mt, TOPK=topk, D=max(16, _pow2(dqk)), DV=max(16, _pow2(dv)),
             **_prec(q.dtype), num_warps=_warps(t), **tiles)
         ctx.save_for_backward(q, k, v, idx, out, lse)
@@ -899,9 +920,9 @@ class _RoutedAttention(torch.autograd.Function):
             return dq, dk, dv, None, None, None, None
         tiles = _tiles(t, topk, backward=True)
         mt = triton.cdiv(t, tiles["BLOCK_M"])
-        _routed_bwd_dq[(r * mt, b * heads)](
+        _routed_bwd_dq[(triton.cdiv(r, tiles["G"]) * mt, b * heads)](
             q, k, v, idx, dout, out, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v),
-            *_index_strides(idx), *_strides(dout), *_strides(out), w, h * w, heads, scale * _LOG2E, scale,
+            *_index_strides(idx), *_strides(dout), *_strides(out), w, h * w, heads, r, scale * _LOG2E, scale,
             dqk, dv_dim, MT=mt, TOPK=topk, **tiles, **common)
         # inverse routing table: for each (batch, key region) the query regions that chose it
         starts = torch.empty(b, r, device=q.device, dtype=torch.int32)
