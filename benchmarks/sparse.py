@@ -355,7 +355,8 @@ def ours_alternatives(m: int, c: int, n_win: int, topk: int) -> dict[str, dict]:
         out["ours, small-region kernels with 2 warps"] = dict(SMALL_REGION_WARPS=2)
         out["ours, small-region dk/dv with one key region per program"] = dict(SMALL_REGION_DKDV_GROUPED=False)
         out["ours, small-region forward/dq with one query region per program"] = dict(SMALL_REGION_QUERY_GROUP=1)
-        out["ours, small-region forward/dq with 4 query regions per program"] = dict(SMALL_REGION_QUERY_GROUP=4)
+        out["ours, small-region forward/dq with 2 query regions per program"] = dict(SMALL_REGION_QUERY_GROUP=2)
+        out["ours, small-region forward with 128 keys per step"] = dict(SMALL_REGION_KEYS=128)
         out["ours, small-region forward with 32 keys per step"] = dict(SMALL_REGION_KEYS=32)
         out["ours, small-region dq with 64 keys per step"] = dict(SMALL_REGION_DQ_KEYS=64)
     if not rt.fused_routing(m * m * c, r, t):

@@ -762,14 +762,14 @@ def fused_routing(elements: int, r: int, t: int) -> bool:
     return elements <= FUSED_ROUTING_MAX_ELEMENTS and _pow2(t) * max(16, _pow2(r)) <= 512
 
 
-# Warps per program of the sparse attention kernels for regions under 16 tokens, whose tiles are 16 rows
-# (mostly padding), and key lanes per step of their loops. One warp measured 1.5x faster than two at BiFormer
-# stage 3 at 512 (H100, bf16; docs/benchmarks.md), 64 keys per step 4-6% faster than 32 in the forward and
-# 2-4% slower in dq; benchmarks/sparse.py times the alternatives.
+# Sparse attention kernels for regions under 16 tokens (BiFormer stage 3 at 512: 2x2-token regions): warps per
+# program, key lanes per step (over the program's query regions), query regions stacked per 16-row tile. At
+# stage 3 at 512 (H100, bf16; docs/benchmarks.md) one warp measured 1.2-1.5x faster than two, 4 query regions
+# per program 5% faster than 2 and 10% faster than 1; benchmarks/sparse.py times the alternatives.
 SMALL_REGION_WARPS = 1
 SMALL_REGION_KEYS = 64
 SMALL_REGION_DQ_KEYS = 32
-SMALL_REGION_QUERY_GROUP = 2  # query regions per forward / dq program (G x T rows of a 16-row tile)
+SMALL_REGION_QUERY_GROUP = 4  # query regions per forward / dq program (G x T rows of a 16-row tile)
 SMALL_REGION_DKDV_WARPS = 2  # the dk/dv kernel's (keys, 64 queries) tiles: 1 warp measured 9% slower
 SMALL_REGION_DKDV_ROWS = 64  # query rows per step of the dk/dv kernel (region tokens x query regions)
 SMALL_REGION_DKDV_GROUPED = True  # dk/dv programs of 16 / T key regions where T divides 16
