@@ -163,7 +163,7 @@ def check_routing(dev: torch.device) -> list[dict]:
         q, k = (torch.randn(b, m, m, dim, device=dev) for _ in range(2))
         previous = _routed_triton.FUSED_ROUTING_MAX_ELEMENTS
         if fused is not None:
-            name += " (two kernels)"
+            name += " (three kernels)"
             _routed_triton.FUSED_ROUTING_MAX_ELEMENTS = fused
         with K.use_backend("triton"):
             w_ours, i_ours = region_routing(q, k, n_win, topk, scale=dim ** -0.5)
@@ -348,7 +348,7 @@ def ours_alternatives(m: int, c: int, n_win: int, topk: int) -> dict[str, dict]:
     r, t = n_win * n_win, (m // n_win) ** 2
     out = {}
     if rt.fused_routing(m * m * c, r, t):
-        out["ours, routing in two kernels"] = dict(FUSED_ROUTING_MAX_ELEMENTS=0)
+        out["ours, routing in three kernels"] = dict(FUSED_ROUTING_MAX_ELEMENTS=0)
         if rt.FUSED_ROUTING_WARPS != 8:
             out["ours, routing kernel with 8 warps"] = dict(FUSED_ROUTING_WARPS=8)
     if t < 16 and rt._dense_tiles(r, t, topk) is None:

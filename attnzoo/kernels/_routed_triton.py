@@ -1,24 +1,26 @@
 """Fused Triton kernels for routed (BiFormer) attention and its coarse routing. Imported lazily by routed.py.
 
 Layout: q, k (B, H, W, heads, d_qk), v (B, H, W, heads, d_v); regions are rh x rw token rectangles with
-row-major ids. Each attention program owns one (query region, query chunk, batch * head) and walks the
-routed key regions straight from k and v: a key tile packs KR regions x KT tokens, addresses computed from
-the region id read from the routing table, so no gathered copy ever exists. Online softmax in base 2 (the
-Triton fused-attention tutorial's scheme); saved for backward: output and log2-sum-exp only.
+row-major ids. Each attention program owns one (query region, query chunk, batch * head), or for tiny regions
+G query regions stacked in one 16-row tile (a block-diagonal mask keeps each row to its own region's keys),
+and walks the routed key regions straight from k and v: a key tile packs KR regions x KT tokens, addresses
+computed from the region id read from the routing table, so no gathered copy ever exists. Online softmax in
+base 2 (the Triton fused-attention tutorial's scheme); saved for backward: output and log2-sum-exp only.
 
 Backward: dq walks the same key tiles as the forward. dk/dv are key-centric: an inverse routing table (for
 every key region, the query regions that chose it, repeats included) built by one small kernel lets each
-program own one key chunk and accumulate over its queries, so nothing is written twice and no atomics are
-needed.
+program own one key chunk (or, for tiny regions, 16 / T consecutive key regions whose lists lie back to back)
+and accumulate over its queries, so nothing is written twice and no atomics are needed.
 
 Small maps of tiny regions (BiFormer stage 3 at 224) run dense region-masked kernels instead (see the
-section below): the routing becomes a bit mask per query region, keys are read once per query tile.
+section below): the routing becomes a bit mask per query region, keys are read once per query tile. There
+``bilevel_routing_attention`` computes the routing as those bit masks directly (``routing_words``: per-head
+partial affinities, then the top-k per row), and the attention kernels read one word per query.
 
-Routing (``region_routing`` on this backend): for small maps one kernel does it all (region sums as dots of a
-0/1 token-to-region matrix with map tiles, affinity, top-k); otherwise one kernel takes the region means of
-q and k (fp32), a second the region affinity (fp32 accumulation) and its top-k by repeated row maxima. Both
-write the index (int64) and the softmax of the kept logits: one or two launches where the torch formulation
-takes about eight.
+Routing (``region_routing`` on this backend): for small maps one kernel does it all (region sums, affinity,
+top-k); otherwise three: region sums of q and k (fp32), their affinity (a batched GEMM, fp32 accumulation),
+the top-k of each row by repeated row maxima. Both write the index (int64) and the softmax of the kept
+logits, in one or three launches where the torch formulation takes about eight.
 """
 
 from __future__ import annotations
