@@ -264,7 +264,7 @@ def region_routing_triton(q: torch.Tensor, k: torch.Tensor, nh: int, nw: int, to
             PREC=prec, num_warps=FUSED_ROUTING_WARPS)
         return weight, index
     # region sums, their affinity (a small batched GEMM), the top-k of each row: three launches with enough
-    # programs each to fill the GPU (programmatic dependent launch measured 5-20% slower here)
+    # programs each to fill the GPU (programmatic dependent launch measured 0-25% slower here)
     tp = _pow2(t)
     cb = min(_pow2(c), 32)
     rb = max(1, min(16, 4096 // (tp * cb)))
@@ -766,7 +766,7 @@ def fused_routing(elements: int, r: int, t: int) -> bool:
 
 # Sparse attention kernels for regions under 16 tokens (BiFormer stage 3 at 512: 2x2-token regions): warps per
 # program, key lanes per step (over the program's query regions), query regions stacked per 16-row tile. At
-# stage 3 at 512 (H100, bf16; docs/benchmarks.md) one warp measured 1.2-1.5x faster than two, 4 query regions
+# stage 3 at 512 (H100, bf16; docs/benchmarks.md) one warp measured 1.15-1.5x faster than two, 4 query regions
 # per program 5% faster than 2 and 10% faster than 1; benchmarks/sparse.py times the alternatives.
 SMALL_REGION_WARPS = 1
 SMALL_REGION_KEYS = 64
@@ -812,7 +812,7 @@ def _pdl(x: torch.Tensor, enable: bool = True) -> dict:
     forward kernels (routing words, attention): a kernel may start while the previous one drains; it runs
     only index arithmetic until ``gdc_wait`` (the previous grid complete, its writes visible), so neither its
     reads nor its writes can race that grid. Hides a launch gap per kernel (4% at BiFormer stage 3 at 224;
-    on the larger grids of the three-kernel routing it measured 5-20% slower, so it is not used there). Off
+    on the larger grids of the three-kernel routing it measured 0-25% slower, so it is not used there). Off
     under the interpreter, before sm_90, or with ROUTED_PDL False."""
     on = (enable and ROUTED_PDL and gdc_wait is not None and x.is_cuda and not triton_interpreting()
           and _capability_major(x.device.index if x.device.index is not None else torch.cuda.current_device()) >= 9)

@@ -66,9 +66,8 @@ def region_routing(q: torch.Tensor, k: torch.Tensor, num_regions: int | tuple[in
     torch and flex backends and wherever q or k needs a gradient. On the triton backend, when no gradient is
     needed (BiFormer's detached routing), fused kernels (one for small maps, else three: region sums,
     affinity, top-k) compute the same quantities with fp32 region sums and fp32-accumulated logits (fp32 dots
-    for fp32 inputs, tf32 for half
-    inputs; the torch ops round means and logits to q's dtype, so in bf16 the two may order or pick
-    differently among regions whose logits nearly tie); ties go to the lower region id.
+    for fp32 inputs, tf32 for half inputs; the torch ops round means and logits to q's dtype, so in bf16 the
+    two may order or pick differently among regions whose logits nearly tie); ties go to the lower region id.
     """
     if q.dim() != 4 or k.dim() != 4 or q.shape != k.shape:
         raise ValueError(f"q and k must both be (batch, H, W, C) of one shape, got {tuple(q.shape)} and "
