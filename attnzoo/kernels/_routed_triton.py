@@ -339,7 +339,10 @@ def _routed_fwd(Q, K, V, IDX, O, LSE,
                                              RH, RW, NW)
             kt = _load_cols(K, b, h, ky, kx, n_ok, skb, sky, skx, skh, offs_d, D_REAL)  # (D, N)
             s = _dot(q, kt, PREC, UPCAST) * scale_log2
-            s = tl.where(n_ok[None, :] & (grp[:, None] == kgrp[None, :]), s, float("-inf"))
+            keep = n_ok[None, :]
+            if G > 1:  # block-diagonal: each row sees its own query region's keys only
+                keep = keep & (grp[:, None] == kgrp[None, :])
+            s = tl.where(keep, s, float("-inf"))
             vt = _load_rows(V, b, h, ky, kx, n_ok, svb, svy, svx, svh, offs_dv, DV_REAL)  # (N, DV)
             m_i, l_i, acc = _softmax_step(s, vt, m_i, l_i, acc, PREC, UPCAST)
     l_i = tl.where(m_ok, l_i, 1.0)  # padding rows: nothing accumulated
@@ -376,7 +379,10 @@ def _routed_bwd_dq(Q, K, V, IDX, DO, O, LSE, DELTA, DQ,
             k = _load_rows(K, b, h, ky, kx, n_ok, skb, sky, skx, skh, offs_d, D_REAL)  # (N, D)
             v = _load_rows(V, b, h, ky, kx, n_ok, svb, svy, svx, svh, offs_dv, DV_REAL)  # (N, DV)
             s = _dot(q, tl.trans(k), PREC, UPCAST) * scale_log2
-            p = tl.where(n_ok[None, :] & (grp[:, None] == kgrp[None, :]), tl.exp2(s - lse[:, None]), 0.0)
+            keep = n_ok[None, :]
+            if G > 1:
+                keep = keep & (grp[:, None] == kgrp[None, :])
+            p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
             dq = _dq_step(dq, p, do, k, v, delta, PREC, UPCAST)
     _store_rows(DQ, (dq * scale), b, h, qy, qx, m_ok, sqb, sqy, sqx, sqh, offs_d, D_REAL)
 
