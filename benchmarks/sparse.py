@@ -361,7 +361,7 @@ def ours_alternatives(m: int, c: int, n_win: int, topk: int) -> dict[str, dict]:
         out["ours, small-region dq with 64 keys per step"] = dict(SMALL_REGION_DQ_KEYS=64)
     if not rt.fused_routing(m * m * c, r, t):
         out["ours, without programmatic dependent launch"] = dict(ROUTED_PDL=False)
-    if rt.bra_fused_supported(r, t, topk):
+    if rt.routing_words_supported(r, t, topk):
         out["ours, without programmatic dependent launch"] = dict(ROUTED_PDL=False)
         out["ours, forward query tiles 64"] = dict(DENSE_FWD_BLOCK_M=64)
         out["ours, backward query tiles 64"] = dict(DENSE_BLOCK_M=64)

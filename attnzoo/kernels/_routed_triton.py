@@ -670,7 +670,7 @@ def _routed_dense_bwd_dq(Q, K, V, IDX, DO, O, LSE, DELTA, WORDS, DQ,
     delta = _row_delta(do, o)  # reused by the dk/dv pass
     tl.store(DELTA + bh * NTOK + qy * W + qx, delta, mask=m_ok)
     lse = tl.load(LSE + bh * NTOK + qy * W + qx, mask=m_ok, other=0.0)
-    if WORDS_IN:  # written by the forward that routed (_bra_dense_fwd)
+    if WORDS_IN:  # written by the routing-words kernels (bilevel_routing_attention)
         word = tl.load(WORDS + (b * R + qr) * 2, mask=m_ok, other=0)
         rep = tl.load(WORDS + (b * R + qr) * 2 + 1, mask=m_ok, other=0).to(tl.int32)
     else:
@@ -971,7 +971,7 @@ ROUTING_WORDS_ROWS = 2
 ROUTED_PDL = True
 
 
-def bra_fused_supported(r: int, t: int, topk: int) -> bool:
+def routing_words_supported(r: int, t: int, topk: int) -> bool:
     """Whether :func:`bilevel_routing_attention_triton` applies: the dense kernels' geometry (at most 64
     regions of under 16 tokens, enough of them routed), where the routing fits one 64-bit word per region."""
     return _dense_tiles(r, t, topk) is not None
@@ -1024,6 +1024,6 @@ class _BilevelRoutedAttention(torch.autograd.Function):
 def bilevel_routing_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nh: int, nw: int,
                                      topk: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Routing words, then the dense region-masked attention reading them (validated inputs,
-    :func:`bra_fused_supported` geometry; see :func:`attnzoo.kernels.bilevel_routing_attention`): (out, index)."""
+    :func:`routing_words_supported` geometry; see :func:`attnzoo.kernels.bilevel_routing_attention`): (out, index)."""
     return _BilevelRoutedAttention.apply(q, k, v, nh, nw, topk, scale)
 

@@ -344,10 +344,10 @@ def bilevel_routing_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"topk {topk} must lie in [1, {nh * nw}] (the number of regions {nh}x{nw})")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if resolve_backend(q.device, "routed_attention") == "triton" and not torch.compiler.is_compiling():
-        from ._routed_triton import bilevel_routing_attention_triton, bra_fused_supported
+        from ._routed_triton import bilevel_routing_attention_triton, routing_words_supported
 
         t = (h // nh) * (w // nw)
-        if bra_fused_supported(nh * nw, t, topk):
+        if routing_words_supported(nh * nw, t, topk):
             log_once(logger, "bilevel_routing_attention: routing-words kernel + dense region-masked attention")
             return bilevel_routing_attention_triton(q, k, v, nh, nw, topk, scale)
         log_once(logger, f"bilevel_routing_attention: {nh}x{nw} regions of {t} tokens, topk {topk}: routing "
