@@ -90,6 +90,15 @@ def _softmax_step(s, vt, m_i, l_i, acc, PREC: tl.constexpr, UPCAST: tl.constexpr
 
 
 @triton.jit
+def _store_output(O, LSE, acc, m_i, l_i, m_ok, b, h, bh, qy, qx, W, NTOK, sob, soy, sox, soh, offs_dv, DV_REAL):
+    """A forward's epilogue: the output rows acc / l_i (padding rows, with nothing accumulated, divide by 1) and
+    LSE (B, heads, H*W) float32, base 2."""
+    l_i = tl.where(m_ok, l_i, 1.0)
+    _store_rows(O, acc / l_i[:, None], b, h, qy, qx, m_ok, sob, soy, sox, soh, offs_dv, DV_REAL)
+    tl.store(LSE + bh * NTOK + qy * W + qx, m_i + tl.log2(l_i), mask=m_ok)
+
+
+@triton.jit
 def _row_delta(do, o):
     """rowsum(dO * O) in float32, the softmax backward's correction term per query."""
     return tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
@@ -345,11 +354,7 @@ def _routed_fwd(Q, K, V, IDX, O, LSE,
             s = tl.where(keep, s, float("-inf"))
             vt = _load_rows(V, b, h, ky, kx, n_ok, svb, svy, svx, svh, offs_dv, DV_REAL)  # (N, DV)
             m_i, l_i, acc = _softmax_step(s, vt, m_i, l_i, acc, PREC, UPCAST)
-    l_i = tl.where(m_ok, l_i, 1.0)  # padding rows: nothing accumulated
-    acc = acc / l_i[:, None]
-    _store_rows(O, acc, b, h, qy, qx, m_ok, sob, soy, sox, soh, offs_dv, DV_REAL)
-    # LSE: (B, heads, H*W) float32, base 2
-    tl.store(LSE + bh * NTOK + qy * W + qx, m_i + tl.log2(l_i), mask=m_ok)
+    _store_output(O, LSE, acc, m_i, l_i, m_ok, b, h, bh, qy, qx, W, NTOK, sob, soy, sox, soh, offs_dv, DV_REAL)
 
 
 @triton.jit
@@ -587,10 +592,7 @@ def _routed_dense_fwd(Q, K, V, IDX, WORDS, O, LSE,
                          sis, TOPK)
         vt = _load_rows(V, b, h, ky, kx, n_ok, svb, svy, svx, svh, offs_dv, DV_REAL)  # (N, DV)
         m_i, l_i, acc = _softmax_step(s, vt, m_i, l_i, acc, PREC, UPCAST)
-    l_i = tl.where(m_ok, l_i, 1.0)  # padding rows: nothing accumulated
-    acc = acc / l_i[:, None]
-    _store_rows(O, acc, b, h, qy, qx, m_ok, sob, soy, sox, soh, offs_dv, DV_REAL)
-    tl.store(LSE + bh * NTOK + qy * W + qx, m_i + tl.log2(l_i), mask=m_ok)
+    _store_output(O, LSE, acc, m_i, l_i, m_ok, b, h, bh, qy, qx, W, NTOK, sob, soy, sox, soh, offs_dv, DV_REAL)
 
 
 @triton.jit
