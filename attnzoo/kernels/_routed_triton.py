@@ -99,6 +99,16 @@ def _store_output(O, LSE, acc, m_i, l_i, m_ok, b, h, bh, qy, qx, W, NTOK, sob, s
 
 
 @triton.jit
+def _store_dkdv(DK, DV_OUT, dk, dv, b, h, ky, kx, n_ok, W, NTOK, HEADS, offs_d, offs_dv, D_REAL, DV_REAL):
+    """A dk/dv program's key rows into DK, DV_OUT (contiguous (B, H, W, heads, d)), cast to their dtypes."""
+    tok_off = ((b * (NTOK // W) + ky) * W + kx) * HEADS + h
+    tl.store(DK + tok_off[:, None] * D_REAL + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=n_ok[:, None] & (offs_d[None, :] < D_REAL))
+    tl.store(DV_OUT + tok_off[:, None] * DV_REAL + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty),
+             mask=n_ok[:, None] & (offs_dv[None, :] < DV_REAL))
+
+
+@triton.jit
 def _row_delta(do, o):
     """rowsum(dO * O) in float32, the softmax backward's correction term per query."""
     return tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
@@ -495,12 +505,7 @@ def _routed_bwd_dkdv(Q, K, V, DO, LSE, DELTA, STARTS, COUNTS, QLIST, DK, DV_OUT,
                 keep = keep & (row_region[:, None] == owner[None, :])
             pt = tl.where(keep, tl.exp2(st - lse[None, :]), 0.0)
             dk, dv = _dkdv_step(dk, dv, pt, q, do, v, delta, PREC, UPCAST)
-    # DK, DV_OUT are contiguous (B, H, W, heads, d)
-    tok_off = ((b * (NTOK // W) + ky) * W + kx) * HEADS + h
-    tl.store(DK + tok_off[:, None] * D_REAL + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
-             mask=n_ok[:, None] & (offs_d[None, :] < D_REAL))
-    tl.store(DV_OUT + tok_off[:, None] * DV_REAL + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty),
-             mask=n_ok[:, None] & (offs_dv[None, :] < DV_REAL))
+    _store_dkdv(DK, DV_OUT, dk * scale, dv, b, h, ky, kx, n_ok, W, NTOK, HEADS, offs_d, offs_dv, D_REAL, DV_REAL)
 
 
 # ---------------------------------------------------------------- dense region-masked kernels (tiny regions)
@@ -729,12 +734,7 @@ def _routed_dense_bwd_dkdv(Q, K, V, IDX, DO, LSE, DELTA, WORDS, DK, DV_OUT,
                           kr[:, None], sis, TOPK)
         pt = tl.exp2(st - lse[None, :])
         dk, dv = _dkdv_step(dk, dv, pt, q, do, v, delta, PREC, UPCAST)
-    # DK, DV_OUT are contiguous (B, H, W, heads, d)
-    tok_off = ((b * (NTOK // W) + ky) * W + kx) * HEADS + h
-    tl.store(DK + tok_off[:, None] * D_REAL + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
-             mask=n_ok[:, None] & (offs_d[None, :] < D_REAL))
-    tl.store(DV_OUT + tok_off[:, None] * DV_REAL + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty),
-             mask=n_ok[:, None] & (offs_dv[None, :] < DV_REAL))
+    _store_dkdv(DK, DV_OUT, dk * scale, dv, b, h, ky, kx, n_ok, W, NTOK, HEADS, offs_d, offs_dv, D_REAL, DV_REAL)
 
 
 def _pow2(n: int) -> int:
