@@ -14,15 +14,16 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import timm  # noqa: E402
+from models import bench_ms  # noqa: E402
 
 import attnzoo.vision.biformer as biformer  # noqa: E402
 from attnzoo.kernels import region_routing, routed_attention, set_backend  # noqa: E402
@@ -32,19 +33,6 @@ def two_calls(q, k, v, num_regions, topk, scale=None):
     """The two public functions one after the other (the model's path before bilevel_routing_attention)."""
     _, index = region_routing(q.detach().flatten(3), k.detach().flatten(3), num_regions, topk)
     return routed_attention(q, k, v, index, num_regions, scale), index
-
-
-def median_seconds(fn: Callable[[], None], warm: int, reps: int) -> float:
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def measure_model(name: str, rounds: int, out: Path, paths: dict[str, Callable]) -> None:
@@ -70,9 +58,9 @@ def measure_model(name: str, rounds: int, out: Path, paths: dict[str, Callable])
             for path in list(paths) if r % 2 == 0 else list(paths)[::-1]:
                 biformer.bilevel_routing_attention = paths[path]
                 model.train()
-                train = 128 / median_seconds(step, 2, 6)
+                train = 128 / bench_ms(step, warmup=2, reps=6) * 1e3
                 model.eval()
-                inference = 128 / median_seconds(infer, 2, 8)
+                inference = 128 / bench_ms(infer, warmup=2, reps=8) * 1e3
                 row = dict(model=name, round=r, path=path, train_img_s=round(train, 1),
                            infer_img_s=round(inference, 1))
                 print(json.dumps(row), flush=True)
